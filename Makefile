@@ -1,0 +1,41 @@
+# The README's commands. Build output honours CARGO_TARGET_DIR.
+#
+# Every host build is `--workspace --all-targets`: cargo resolves dependency
+# features per selected package set, so `-p xtask` or `--bin keel` would
+# rebuild wasmtime with other features. One resolution, one build.
+.PHONY: run test guests build host bootstrap bench check fmt clippy
+
+CARGO ?= cargo
+TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
+KEEL := $(TARGET_DIR)/debug/keel
+XTASK := $(TARGET_DIR)/debug/xtask
+
+bootstrap:
+	@./scripts/bootstrap.sh
+
+host: bootstrap
+	$(CARGO) build --workspace --all-targets
+
+guests: host
+	$(XTASK) guests
+
+build: guests
+
+# Serve the example app (keel.toml) on the embedded single node at http://127.0.0.1:8080.
+run: build
+	env -u RUST_BACKTRACE $(KEEL) up --config keel.toml
+
+test: guests
+	env -u RUST_BACKTRACE $(CARGO) test --workspace --all-targets --no-fail-fast
+
+check: build
+	$(KEEL) check --config keel.toml
+
+bench: guests
+	./benches/http.sh
+
+fmt:
+	$(CARGO) fmt --all
+
+clippy:
+	$(CARGO) clippy --workspace --all-targets -- -D warnings

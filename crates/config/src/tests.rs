@@ -1,0 +1,111 @@
+use super::*;
+
+fn parse(text: &str) -> Result<KeelConfig, Diagnostics> {
+    let dir = tempfile_dir();
+    std::fs::write(dir.join("hello.wasm"), b"\0asm").unwrap();
+    KeelConfig::parse(&dir.join("keel.toml"), text)
+}
+
+fn tempfile_dir() -> PathBuf {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let d = std::env::temp_dir().join(format!(
+        "keel-config-test-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn minimal_component_gets_defaults() {
+    let c = parse("[components.hello]\nwasm = \"hello.wasm\"\nroute = \"/...\"\n").unwrap();
+    assert_eq!(c.components.len(), 1);
+    let h = &c.components[0];
+    assert_eq!(h.limits.memory, DEFAULT_MEMORY);
+    assert_eq!(h.limits.timeout, DEFAULT_TIMEOUT);
+    assert_eq!(h.location.line, 1);
+    assert_eq!(h.wasm_location.line, 2);
+    assert!(h.route.matches("/anything/at/all"));
+    assert_eq!(c.server.listen.port(), 8080);
+}
+
+#[test]
+fn unknown_key_names_line_and_key() {
+    let e = parse("[components.hello]\nwasm = \"hello.wasm\"\nroute = \"/\"\nmemroy = \"1MiB\"\n")
+        .unwrap_err();
+    let d = &e.0[0];
+    assert_eq!(d.location.line, 4, "{e}");
+    assert_eq!(d.key, "memroy");
+    assert!(d.message.contains("unknown field"), "{e}");
+}
+
+#[test]
+fn wrong_type_names_line() {
+    let e = parse("[server]\nworkers = \"two\"\n").unwrap_err();
+    assert_eq!(e.0[0].location.line, 2, "{e}");
+}
+
+#[test]
+fn missing_wasm_file_names_key() {
+    let e = parse("[components.a]\nwasm = \"nope.wasm\"\nroute = \"/a\"\n").unwrap_err();
+    let d = &e.0[0];
+    assert_eq!(d.key, "components.a.wasm");
+    assert_eq!(d.location.line, 2);
+    assert!(d.message.contains("not found"));
+}
+
+#[test]
+fn every_error_is_reported() {
+    let e = parse(
+        "[components.a]\nwasm = \"hello.wasm\"\nroute = \"a\"\n[components.a.limits]\nmemory = \"lots\"\ntimeout = \"1fortnight\"\n",
+    )
+    .unwrap_err();
+    let keys: Vec<_> = e.0.iter().map(|d| d.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        [
+            "components.a.route",
+            "components.a.limits.memory",
+            "components.a.limits.timeout"
+        ],
+        "{e}"
+    );
+}
+
+#[test]
+fn reserved_and_duplicate_routes_are_refused() {
+    let e = parse("[components.a]\nwasm = \"hello.wasm\"\nroute = \"/_keel/...\"\n").unwrap_err();
+    assert!(e.0[0].message.contains("reserved"), "{e}");
+    let e = parse(
+        "[components.a]\nwasm = \"hello.wasm\"\nroute = \"/x\"\n[components.b]\nwasm = \"hello.wasm\"\nroute = \"/x/\"\n",
+    )
+    .unwrap_err();
+    assert!(e.0[0].message.contains("already served"), "{e}");
+    assert_eq!(e.0[0].location.line, 4);
+}
+
+#[test]
+fn routes_match_prefixes_on_segment_boundaries() {
+    let r = Route::parse("/api/...").unwrap();
+    assert!(r.matches("/api"));
+    assert!(r.matches("/api/x/y"));
+    assert!(!r.matches("/apix"));
+    let exact = Route::parse("/hello").unwrap();
+    assert!(exact.matches("/hello"));
+    assert!(exact.matches("/hello/"));
+    assert!(!exact.matches("/hello/x"));
+    assert!(Route::parse("/a/*").is_err());
+}
+
+#[test]
+fn units() {
+    assert_eq!(parse_size("64MiB").unwrap(), 64 << 20);
+    assert_eq!(parse_size("100").unwrap(), 100);
+    assert!(parse_size("12 parsecs").is_err());
+    assert!(parse_size("99999999999999GiB").is_err());
+    assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+    assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
+    assert!(parse_duration("5").is_err());
+}

@@ -1,0 +1,343 @@
+//! The wasmtime side of Keel: one [`Engine`] per process, components compiled
+//! (or loaded from the on-disk artifact cache), linked deny-by-default
+//! against their grants, and instantiated fresh for every request.
+//!
+//! Invariants:
+//! - Every request gets a new `Store` and instance from a cached
+//!   `InstancePre`; nothing a guest does survives its request.
+//! - Limits are always on: memory (limiter + pool cap), epoch deadline,
+//!   instance/table counts, concurrent instances per component.
+//! - A component loads only if every import is either a WASI 0.2 interface
+//!   (linked with an empty capability context) or a granted, implemented
+//!   `keel:platform` interface.
+
+mod body;
+mod cache;
+mod engine;
+mod linking;
+mod state;
+
+pub use body::{BodyLimitFlag, LimitedBody};
+pub use linking::{IMPLEMENTED_INTERFACES, ImportProblem};
+pub use state::HostState;
+pub use wasmtime_wasi_http::Error as HttpError;
+pub use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
+
+use bytes::Bytes;
+use keel_config::{ComponentConfig, Diagnostic, Diagnostics, KeelConfig};
+use keel_telemetry::{ComponentMetrics, Metrics};
+use sha2::Digest as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use wasmtime::{Engine, Store, Trap};
+use wasmtime_wasi_http::WasiHttpView as _;
+use wasmtime_wasi_http::p2::bindings::ProxyPre;
+use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
+
+/// After the epoch deadline, how long the host waits for a guest that is
+/// blocked in a host call before dropping its store.
+const HARD_DEADLINE_GRACE: Duration = Duration::from_millis(50);
+
+/// The loaded runtime: engine plus every component of `keel.toml`.
+pub struct Runtime {
+    engine: Engine,
+    components: Vec<Arc<LoadedComponent>>,
+    _epoch: engine::EpochTicker,
+}
+
+/// One component, ready to serve.
+pub struct LoadedComponent {
+    pub config: ComponentConfig,
+    /// sha256 of the `.wasm` file.
+    pub digest: String,
+    pub imports: Vec<String>,
+    pub exports: Vec<String>,
+    /// Whether the compiled artifact came from the on-disk cache.
+    pub from_cache: bool,
+    pub load_time: Duration,
+    pub metrics: ComponentMetrics,
+    pre: ProxyPre<HostState>,
+    permits: Arc<Semaphore>,
+}
+
+/// Why a request did not get a response from the guest.
+#[derive(Debug)]
+pub enum GuestFailure {
+    /// All `max-instances` instances are busy.
+    Overloaded,
+    /// The guest trapped, panicked, hit a limit or the deadline.
+    Failed(String),
+}
+
+impl Runtime {
+    /// Compiles (or loads from cache) and links every component. Errors are
+    /// diagnostics pointing into `keel.toml`.
+    pub fn load(config: &KeelConfig, metrics: &Metrics) -> Result<Runtime, Diagnostics> {
+        let engine = engine::build(config).map_err(|e| {
+            Diagnostics::one(Diagnostic::file(
+                &config.path,
+                format!("cannot configure the wasm engine: {e:#}"),
+            ))
+        })?;
+        let cache = cache::ArtifactCache::new(&engine, &config.server.data_dir);
+        let mut diags = Vec::new();
+        let mut components = Vec::new();
+        for c in &config.components {
+            match load_component(&engine, &cache, c, metrics) {
+                Ok(lc) => components.push(Arc::new(lc)),
+                Err(mut d) => diags.append(&mut d),
+            }
+        }
+        if !diags.is_empty() {
+            return Err(Diagnostics(diags));
+        }
+        let epoch = engine::EpochTicker::start(&engine);
+        Ok(Runtime {
+            engine,
+            components,
+            _epoch: epoch,
+        })
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    pub fn components(&self) -> &[Arc<LoadedComponent>] {
+        &self.components
+    }
+
+    /// The component serving `path`: exact routes win over prefixes, longer
+    /// prefixes over shorter ones.
+    pub fn route(&self, path: &str) -> Option<&Arc<LoadedComponent>> {
+        self.components
+            .iter()
+            .filter(|c| c.config.route.matches(path))
+            .max_by_key(|c| (!c.config.route.wildcard, c.config.route.path.len()))
+    }
+}
+
+/// `keel check`: everything `Runtime::load` verifies, without serving.
+/// Compiles each component (using and filling the artifact cache).
+pub fn check(config: &KeelConfig) -> Result<Vec<String>, Diagnostics> {
+    let metrics = Metrics::new();
+    let rt = Runtime::load(config, &metrics)?;
+    Ok(rt
+        .components
+        .iter()
+        .map(|c| {
+            format!(
+                "{}: {} -> {} ({} imports, grants [{}])",
+                c.config.name,
+                c.config.route,
+                c.config.wasm.display(),
+                c.imports.len(),
+                c.config
+                    .grants
+                    .iter()
+                    .map(|g| g.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })
+        .collect())
+}
+
+fn load_component(
+    engine: &Engine,
+    cache: &cache::ArtifactCache,
+    c: &ComponentConfig,
+    metrics: &Metrics,
+) -> Result<LoadedComponent, Vec<Diagnostic>> {
+    let started = Instant::now();
+    let at_wasm = |msg: String| {
+        vec![Diagnostic::new(
+            c.wasm_location.clone(),
+            format!("components.{}.wasm", c.name),
+            msg,
+        )]
+    };
+    let bytes = std::fs::read(&c.wasm)
+        .map_err(|e| at_wasm(format!("cannot read {}: {e}", c.wasm.display())))?;
+    if wasmparser::Parser::is_core_wasm(&bytes) {
+        return Err(at_wasm(format!(
+            "{} is a core wasm module, not a component; componentize it (`make guests` does this for components/)",
+            c.wasm.display()
+        )));
+    }
+    if !wasmparser::Parser::is_component(&bytes) {
+        return Err(at_wasm(format!(
+            "{} is not a WebAssembly component (bad magic/version header)",
+            c.wasm.display()
+        )));
+    }
+    let digest = hex::encode(sha2::Sha256::digest(&bytes));
+    let (component, from_cache) = cache
+        .load_or_compile(&digest, &bytes)
+        .map_err(|e| at_wasm(format!("invalid component {}: {e:#}", c.wasm.display())))?;
+
+    let ty = component.component_type();
+    let imports: Vec<String> = ty.imports(engine).map(|(n, _)| n.to_string()).collect();
+    let exports: Vec<String> = ty.exports(engine).map(|(n, _)| n.to_string()).collect();
+
+    let mut diags = linking::check_grants(c);
+    diags.extend(linking::check_imports(c, &imports));
+    if !diags.is_empty() {
+        return Err(diags);
+    }
+    if !exports
+        .iter()
+        .any(|e| e.starts_with("wasi:http/incoming-handler@0.2"))
+    {
+        return Err(at_wasm(format!(
+            "{} does not export wasi:http/incoming-handler@0.2.x (it exports: {}); Keel serves HTTP components",
+            c.wasm.display(),
+            if exports.is_empty() {
+                "nothing".to_string()
+            } else {
+                exports.join(", ")
+            }
+        )));
+    }
+    let linker = linking::linker_for(engine, c).map_err(|e| at_wasm(format!("{e:#}")))?;
+    let pre = linker
+        .instantiate_pre(&component)
+        .and_then(ProxyPre::new)
+        .map_err(|e| at_wasm(format!("cannot link {}: {e:#}", c.wasm.display())))?;
+    Ok(LoadedComponent {
+        config: c.clone(),
+        digest,
+        imports,
+        exports,
+        from_cache,
+        load_time: started.elapsed(),
+        metrics: metrics.component(&c.name),
+        pre,
+        permits: Arc::new(Semaphore::new(c.limits.max_instances as usize)),
+    })
+}
+
+impl LoadedComponent {
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// Reserve one instance slot, or `None` when all are busy.
+    pub fn try_reserve(&self) -> Option<OwnedSemaphorePermit> {
+        self.permits.clone().try_acquire_owned().ok()
+    }
+
+    /// Runs one request in a fresh instance. The returned response may still
+    /// be streaming its body from the guest; the guest task stays bounded by
+    /// the component's deadline.
+    pub async fn handle<B>(
+        self: &Arc<Self>,
+        req: hyper::Request<B>,
+        permit: OwnedSemaphorePermit,
+    ) -> Result<hyper::Response<HyperOutgoingBody>, GuestFailure>
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<HttpError>,
+    {
+        let started = Instant::now();
+        let deadline = started + self.config.limits.timeout;
+        let mut store = Store::new(self.pre.engine(), HostState::new(&self.config, deadline));
+        if !engine::limits_disabled() {
+            store.limiter(|s| &mut s.limits);
+            store.set_epoch_deadline(1);
+            store.epoch_deadline_callback(|cx| {
+                if Instant::now() >= cx.data().deadline {
+                    Ok(wasmtime::UpdateDeadline::Interrupt)
+                } else {
+                    // Yield every tick so one busy guest cannot starve the
+                    // other requests of this worker thread. tokio's
+                    // yield_now defers the wake-up until the I/O driver has
+                    // been polled; wasmtime's plain `Yield` would not, and a
+                    // spinning guest would delay new connections by ~60 ticks.
+                    Ok(wasmtime::UpdateDeadline::YieldCustom(
+                        1,
+                        Box::pin(tokio::task::yield_now()),
+                    ))
+                }
+            });
+        }
+        let (sender, receiver) = tokio::sync::oneshot::channel();
+        let setup = (|| -> wasmtime::Result<_> {
+            let req = store
+                .data_mut()
+                .http()
+                .new_incoming_request(Scheme::Http, req)?;
+            let out = store.data_mut().http().new_response_outparam(sender)?;
+            Ok((req, out))
+        })();
+        let (req, out) = setup.map_err(|e| GuestFailure::Failed(format!("{e:#}")))?;
+
+        let this = self.clone();
+        let timeout = self.config.limits.timeout;
+        let guest = tokio::spawn(async move {
+            let _permit = permit;
+            this.metrics.in_flight.inc();
+            let run = async {
+                let t = Instant::now();
+                let proxy = this.pre.instantiate_async(&mut store).await?;
+                this.metrics
+                    .instantiation
+                    .observe(t.elapsed().as_secs_f64());
+                proxy
+                    .wasi_http_incoming_handler()
+                    .call_handle(&mut store, req, out)
+                    .await
+            };
+            let res = match tokio::time::timeout(timeout + HARD_DEADLINE_GRACE, run).await {
+                Ok(r) => r.map_err(|e| describe_guest_error(&e, timeout)),
+                Err(_) => Err(format!(
+                    "deadline of {timeout:?} exceeded while blocked in a host call; instance dropped"
+                )),
+            };
+            this.metrics.in_flight.dec();
+            res
+        });
+
+        match receiver.await {
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(code)) => Err(GuestFailure::Failed(format!(
+                "guest answered with an error code: {code:?}"
+            ))),
+            // The sender went away with the store: the guest ended without
+            // calling `response-outparam.set`. The task says why.
+            Err(_) => Err(GuestFailure::Failed(match guest.await {
+                Ok(Ok(())) => "guest returned without setting a response".to_string(),
+                Ok(Err(msg)) => msg,
+                Err(join) => format!("guest task failed: {join}"),
+            })),
+        }
+    }
+}
+
+/// A trap message an operator can act on.
+fn describe_guest_error(e: &wasmtime::Error, timeout: Duration) -> String {
+    match e.downcast_ref::<Trap>() {
+        Some(Trap::Interrupt) => format!("deadline of {timeout:?} exceeded; guest interrupted"),
+        Some(Trap::UnreachableCodeReached) => {
+            format!("guest trapped (panic or abort): {e:#}")
+        }
+        _ => {
+            let s = format!("{e:#}");
+            if s.contains("forcing trap when growing memory")
+                || s.contains("memory minimum size")
+                || s.contains("growing memory")
+            {
+                format!("memory limit reached: {s}")
+            } else {
+                format!("guest trapped: {s}")
+            }
+        }
+    }
+}
+
+/// Where compiled artifacts live under a data dir.
+pub fn artifact_dir(data_dir: &std::path::Path) -> PathBuf {
+    data_dir.join("compiled")
+}

@@ -1,0 +1,10 @@
+//! Integration tests: real `keel` processes serving real compiled guests.
+//! Guests come from `make guests` (components/target/wasm/).
+
+mod support;
+
+mod admin;
+mod config_errors;
+mod http_limits;
+mod isolation;
+mod serving;

@@ -1,0 +1,250 @@
+//! Start `keel` child processes on free ports and talk HTTP to them.
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Path of a built guest component.
+pub fn guest(name: &str) -> PathBuf {
+    let p = repo()
+        .join("components/target/wasm")
+        .join(format!("{name}.wasm"));
+    assert!(
+        p.is_file(),
+        "guest {} is missing; build guests with `make guests`",
+        p.display()
+    );
+    p
+}
+
+/// A `[components.<name>]` table for `guest`.
+pub fn component(name: &str, guest_name: &str, route: &str, extra: &str) -> String {
+    format!(
+        "[components.{name}]\nwasm = {:?}\nroute = {route:?}\n{extra}\n",
+        guest(guest_name).display().to_string()
+    )
+}
+
+pub fn keel_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_keel")
+}
+
+/// A temp dir with a keel.toml in it.
+pub struct Node {
+    pub dir: tempfile::TempDir,
+}
+
+impl Node {
+    pub fn new(toml: &str) -> Node {
+        let dir = tempfile::tempdir().unwrap();
+        let full = format!("[server]\nlisten = \"127.0.0.1:0\"\nworkers = 2\n{toml}");
+        std::fs::write(dir.path().join("keel.toml"), full).unwrap();
+        Node { dir }
+    }
+
+    /// keel.toml exactly as given (no [server] prelude).
+    pub fn raw(toml: &str) -> Node {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("keel.toml"), toml).unwrap();
+        Node { dir }
+    }
+
+    pub fn config(&self) -> PathBuf {
+        self.dir.path().join("keel.toml")
+    }
+
+    fn command(&self, sub: &str) -> Command {
+        let mut c = Command::new(keel_bin());
+        c.arg("--log-format")
+            .arg("json")
+            .arg(sub)
+            .arg("--config")
+            .arg(self.config())
+            .env_remove("RUST_BACKTRACE")
+            .env_remove("RUST_LIB_BACKTRACE")
+            .env("KEEL_LOG", "info");
+        c
+    }
+
+    /// `keel check`: (exit code, stdout, stderr).
+    pub fn check(&self) -> (i32, String, String) {
+        let out = self.command("check").output().unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// `keel up` expected to fail at startup: (exit code, stderr).
+    pub fn up_fails(&self) -> (i32, String) {
+        let mut child = self
+            .command("up")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let status = wait_with_deadline(&mut child, Duration::from_secs(60))
+            .expect("keel up should exit on a bad config");
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+        (status.code().unwrap_or(-1), err)
+    }
+
+    /// `keel up`, returning once it prints its listening address.
+    pub fn start(&self) -> Keel {
+        let log = self.dir.path().join("keel.log");
+        let mut child = self
+            .command("up")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(a) = line.strip_prefix("keel listening on http://") {
+                    let _ = tx.send(a.parse::<SocketAddr>().unwrap());
+                }
+            }
+        });
+        match rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(addr) => Keel { child, addr, log },
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "keel did not start; log:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+        }
+    }
+}
+
+pub fn wait_with_deadline(child: &mut Child, d: Duration) -> Option<std::process::ExitStatus> {
+    let end = Instant::now() + d;
+    while Instant::now() < end {
+        if let Some(s) = child.try_wait().unwrap() {
+            return Some(s);
+        }
+        std::thread::yield_now();
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    None
+}
+
+/// A running `keel up`.
+pub struct Keel {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub log: PathBuf,
+}
+
+pub struct Reply {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: String,
+}
+
+impl Keel {
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub async fn get(&self, path: &str) -> Reply {
+        request(self.addr, "GET", path, Bytes::new()).await
+    }
+
+    pub async fn post(&self, path: &str, body: impl Into<Bytes>) -> Reply {
+        request(self.addr, "POST", path, body.into()).await
+    }
+
+    pub fn sigterm(&self) {
+        // SAFETY: plain kill(2) on our own child's pid.
+        let rc = unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        assert_eq!(rc, 0);
+    }
+
+    /// Poll `/_keel/components` until `f` holds for component `name`.
+    pub async fn wait_component(
+        &self,
+        name: &str,
+        what: &str,
+        f: impl Fn(&serde_json::Value) -> bool,
+    ) {
+        let end = Instant::now() + Duration::from_secs(30);
+        loop {
+            let r = self.get("/_keel/components").await;
+            let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+            let c = v["components"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["name"] == name)
+                .cloned()
+                .unwrap();
+            if f(&c) {
+                return;
+            }
+            assert!(
+                Instant::now() < end,
+                "timed out waiting for {name}: {what}; last: {c}"
+            );
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+impl Drop for Keel {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One HTTP/1.1 request on a fresh connection.
+pub async fn request(addr: SocketAddr, method: &str, path: &str, body: Bytes) -> Reply {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", addr.to_string())
+        .body(Full::new(body))
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    Reply {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    }
+}
+
+pub fn write(dir: &Path, name: &str, content: &[u8]) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, content).unwrap();
+    p
+}
