@@ -121,3 +121,48 @@ async fn restart_uses_the_compiled_artifact_cache() {
         .await;
     assert_eq!(second.get("/").await.status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outgoing_http_is_refused_unless_the_origin_is_allowed() {
+    // The denied component calls this node's own health endpoint.
+    let denied = Node::new(&component("outbound", "outbound", "/...", ""));
+    let keel = denied.start();
+    let r = keel.get(&format!("/?to={}", keel.addr)).await;
+    assert_eq!(r.status, 502, "{}", r.body);
+    assert!(r.body.contains("HttpRequestDenied"), "{}", r.body);
+    drop(keel);
+
+    // Allowed origin: the same call goes through. The port is only known
+    // after binding, so allow every origin of this loopback host instead of
+    // guessing a port.
+    let allowed = Node::new(&component(
+        "outbound",
+        "outbound",
+        "/...",
+        "allowed-outbound-hosts = [\"*\"]",
+    ));
+    let keel = allowed.start();
+    let r = keel.get(&format!("/?to={}", keel.addr)).await;
+    assert_eq!((r.status, r.body.as_str()), (200, "upstream 200\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exact_origin_allows_only_that_origin() {
+    // Pick a port, then bind keel to it, so the config can name the origin.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let node = Node::raw(&format!(
+        "[server]\nlisten = \"127.0.0.1:{port}\"\n{}",
+        component(
+            "outbound",
+            "outbound",
+            "/...",
+            &format!("allowed-outbound-hosts = [\"http://127.0.0.1:{port}\"]")
+        )
+    ));
+    let keel = node.start();
+    let ok = keel.get(&format!("/?to=127.0.0.1:{port}")).await;
+    assert_eq!((ok.status, ok.body.as_str()), (200, "upstream 200\n"));
+    let other = keel.get(&format!("/?to=localhost:{port}")).await;
+    assert_eq!(other.status, 502, "{}", other.body);
+    assert!(other.body.contains("HttpRequestDenied"), "{}", other.body);
+}

@@ -49,12 +49,25 @@ pub struct Options {
     names: Vec<String>,
 }
 
+/// The checkout to build: the nearest ancestor of the working directory with
+/// `components/Cargo.toml` and `xtask/`. Not `CARGO_MANIFEST_DIR`: one xtask
+/// binary in a shared target dir serves several checkouts (CI clones).
+fn repo_root() -> Result<std::path::PathBuf> {
+    let cwd = std::env::current_dir()?;
+    cwd.ancestors()
+        .find(|d| d.join("components/Cargo.toml").is_file() && d.join("xtask").is_dir())
+        .map(Path::to_path_buf)
+        .with_context(|| {
+            format!(
+                "{} is not inside a Keel checkout (no components/Cargo.toml above it)",
+                cwd.display()
+            )
+        })
+}
+
 pub fn run(options: &Options) -> Result<()> {
     let started = Instant::now();
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .context("xtask has no parent directory")?
-        .to_path_buf();
+    let root = repo_root()?;
     let components = root.join("components");
     let manifest = components.join("Cargo.toml");
     if !manifest.is_file() {

@@ -133,8 +133,7 @@ async fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> 
             too_large(shared.max_body_bytes)
         }
         Ok(r) => r,
-        Err(GuestFailure::Overloaded) => text(StatusCode::SERVICE_UNAVAILABLE, "overloaded\n"),
-        Err(GuestFailure::Failed(reason)) => {
+        Err(GuestFailure(reason)) => {
             component.metrics.traps.inc();
             tracing::error!(
                 component = component.name(),

@@ -62,14 +62,11 @@ pub struct LoadedComponent {
     permits: Arc<Semaphore>,
 }
 
-/// Why a request did not get a response from the guest.
+/// Why a request did not get a response from the guest: it trapped,
+/// panicked, hit a limit or the deadline. The string is for operators (logs),
+/// never for clients.
 #[derive(Debug)]
-pub enum GuestFailure {
-    /// All `max-instances` instances are busy.
-    Overloaded,
-    /// The guest trapped, panicked, hit a limit or the deadline.
-    Failed(String),
-}
+pub struct GuestFailure(pub String);
 
 impl Runtime {
     /// Compiles (or loads from cache) and links every component. Errors are
@@ -272,7 +269,7 @@ impl LoadedComponent {
             let out = store.data_mut().http().new_response_outparam(sender)?;
             Ok((req, out))
         })();
-        let (req, out) = setup.map_err(|e| GuestFailure::Failed(format!("{e:#}")))?;
+        let (req, out) = setup.map_err(|e| GuestFailure(format!("{e:#}")))?;
 
         let this = self.clone();
         let timeout = self.config.limits.timeout;
@@ -302,12 +299,12 @@ impl LoadedComponent {
 
         match receiver.await {
             Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(code)) => Err(GuestFailure::Failed(format!(
+            Ok(Err(code)) => Err(GuestFailure(format!(
                 "guest answered with an error code: {code:?}"
             ))),
             // The sender went away with the store: the guest ended without
             // calling `response-outparam.set`. The task says why.
-            Err(_) => Err(GuestFailure::Failed(match guest.await {
+            Err(_) => Err(GuestFailure(match guest.await {
                 Ok(Ok(())) => "guest returned without setting a response".to_string(),
                 Ok(Err(msg)) => msg,
                 Err(join) => format!("guest task failed: {join}"),
