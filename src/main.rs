@@ -64,14 +64,14 @@ fn main() -> ExitCode {
 /// Exit code for configuration problems (distinct from runtime failure).
 const EXIT_CONFIG: u8 = 2;
 
-fn load_config(path: &PathBuf) -> Result<KeelConfig, ExitCode> {
+fn load_config(path: &std::path::Path) -> Result<KeelConfig, ExitCode> {
     KeelConfig::load(path).map_err(|d| {
         eprintln!("{d}");
         ExitCode::from(EXIT_CONFIG)
     })
 }
 
-fn check(path: &PathBuf) -> ExitCode {
+fn check(path: &std::path::Path) -> ExitCode {
     let config = match load_config(path) {
         Ok(c) => c,
         Err(code) => return code,
@@ -92,7 +92,7 @@ fn check(path: &PathBuf) -> ExitCode {
     }
 }
 
-fn up(path: &PathBuf, listen: Option<std::net::SocketAddr>) -> anyhow::Result<ExitCode> {
+fn up(path: &std::path::Path, listen: Option<std::net::SocketAddr>) -> anyhow::Result<ExitCode> {
     let mut config = match load_config(path) {
         Ok(c) => c,
         Err(code) => return Ok(code),

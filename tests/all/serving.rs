@@ -149,7 +149,11 @@ async fn outgoing_http_is_refused_unless_the_origin_is_allowed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exact_origin_allows_only_that_origin() {
     // Pick a port, then bind keel to it, so the config can name the origin.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let node = Node::raw(&format!(
         "[server]\nlisten = \"127.0.0.1:{port}\"\n{}",
         component(

@@ -117,10 +117,10 @@ impl<'a> Source<'a> {
 /// (`unknown field `x``, `missing field `y``); surface it as the key.
 pub(crate) fn key_from_message(message: &str) -> String {
     for prefix in ["unknown field `", "missing field `", "duplicate key `"] {
-        if let Some(rest) = message.find(prefix).map(|i| &message[i + prefix.len()..]) {
-            if let Some(end) = rest.find('`') {
-                return rest[..end].to_string();
-            }
+        if let Some(rest) = message.find(prefix).map(|i| &message[i + prefix.len()..])
+            && let Some(end) = rest.find('`')
+        {
+            return rest[..end].to_string();
         }
     }
     String::new()

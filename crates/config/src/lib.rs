@@ -334,33 +334,33 @@ fn build_server(
             )),
         }
     }
-    if let Some(v) = raw.header_read_timeout {
-        if let Some(d) = duration(src, &v, "server.header-read-timeout", diags) {
-            s.header_read_timeout = d;
+    if let Some(v) = raw.header_read_timeout
+        && let Some(d) = duration(src, &v, "server.header-read-timeout", diags)
+    {
+        s.header_read_timeout = d;
+    }
+    if let Some(v) = raw.drain_timeout
+        && let Some(d) = duration(src, &v, "server.drain-timeout", diags)
+    {
+        s.drain_timeout = d;
+    }
+    if let Some(v) = raw.max_header_bytes
+        && let Some(n) = size(src, &v, "server.max-header-bytes", diags)
+    {
+        if !(1024..=1024 * 1024).contains(&n) {
+            diags.push(src.at(
+                Some(v.span()),
+                "server.max-header-bytes",
+                "accepted: 1KiB to 1MiB".into(),
+            ));
+        } else {
+            s.max_header_bytes = n as usize;
         }
     }
-    if let Some(v) = raw.drain_timeout {
-        if let Some(d) = duration(src, &v, "server.drain-timeout", diags) {
-            s.drain_timeout = d;
-        }
-    }
-    if let Some(v) = raw.max_header_bytes {
-        if let Some(n) = size(src, &v, "server.max-header-bytes", diags) {
-            if !(1024..=1024 * 1024).contains(&n) {
-                diags.push(src.at(
-                    Some(v.span()),
-                    "server.max-header-bytes",
-                    "accepted: 1KiB to 1MiB".into(),
-                ));
-            } else {
-                s.max_header_bytes = n as usize;
-            }
-        }
-    }
-    if let Some(v) = raw.max_body_bytes {
-        if let Some(n) = size(src, &v, "server.max-body-bytes", diags) {
-            s.max_body_bytes = n;
-        }
+    if let Some(v) = raw.max_body_bytes
+        && let Some(n) = size(src, &v, "server.max-body-bytes", diags)
+    {
+        s.max_body_bytes = n;
     }
     s
 }
@@ -377,10 +377,10 @@ fn build_engine(
     if let Some(g) = raw.guard_pages {
         e.guard_pages = g;
     }
-    if let Some(v) = raw.keep_resident {
-        if let Some(n) = size(src, &v, "engine.keep-resident", diags) {
-            e.keep_resident = n;
-        }
+    if let Some(v) = raw.keep_resident
+        && let Some(n) = size(src, &v, "engine.keep-resident", diags)
+    {
+        e.keep_resident = n;
     }
     e
 }
@@ -470,30 +470,30 @@ fn build_component(
     }
     let mut limits = Limits::default();
     if let Some(l) = raw.limits {
-        if let Some(v) = l.memory {
-            if let Some(n) = size(src, &v, &key("limits.memory"), diags) {
-                if !(64 * 1024..=4 * 1024 * 1024 * 1024).contains(&n) {
-                    diags.push(src.at(
-                        Some(v.span()),
-                        &key("limits.memory"),
-                        "accepted: 64KiB to 4GiB".into(),
-                    ));
-                } else {
-                    limits.memory = n;
-                }
+        if let Some(v) = l.memory
+            && let Some(n) = size(src, &v, &key("limits.memory"), diags)
+        {
+            if !(64 * 1024..=4 * 1024 * 1024 * 1024).contains(&n) {
+                diags.push(src.at(
+                    Some(v.span()),
+                    &key("limits.memory"),
+                    "accepted: 64KiB to 4GiB".into(),
+                ));
+            } else {
+                limits.memory = n;
             }
         }
-        if let Some(v) = l.timeout {
-            if let Some(d) = duration(src, &v, &key("limits.timeout"), diags) {
-                if d < Duration::from_millis(10) {
-                    diags.push(src.at(
-                        Some(v.span()),
-                        &key("limits.timeout"),
-                        "accepted: at least 10ms".into(),
-                    ));
-                } else {
-                    limits.timeout = d;
-                }
+        if let Some(v) = l.timeout
+            && let Some(d) = duration(src, &v, &key("limits.timeout"), diags)
+        {
+            if d < Duration::from_millis(10) {
+                diags.push(src.at(
+                    Some(v.span()),
+                    &key("limits.timeout"),
+                    "accepted: at least 10ms".into(),
+                ));
+            } else {
+                limits.timeout = d;
             }
         }
         let mut count = |v: Option<Spanned<i64>>, k: &str, max: i64, out: &mut u32| {
