@@ -9,9 +9,7 @@
 use std::io::Read as _;
 
 use sha2::{Digest as _, Sha256};
-use wasip2::http::types::{
-    Fields, IncomingBody, IncomingRequest, OutgoingBody, OutgoingResponse, ResponseOutparam,
-};
+use wasip2::http::types::{IncomingBody, IncomingRequest, ResponseOutparam};
 
 const SAMPLE: &str = include_str!("sample.json");
 const ROUNDS: usize = 16;
@@ -36,7 +34,7 @@ impl wasip2::exports::http::incoming_handler::Guest for Compute {
                 }
             }
         };
-        respond(response_out, status, body.as_bytes());
+        keel_guest::text(response_out, status, &body);
     }
 }
 
@@ -63,22 +61,4 @@ fn read_body(request: IncomingRequest) -> Result<Vec<u8>, ()> {
     }
     drop(IncomingBody::finish(body));
     Ok(buf)
-}
-
-fn respond(out: ResponseOutparam, status: u16, body: &[u8]) {
-    let headers = Fields::from_list(&[("content-type".into(), b"text/plain".to_vec())])
-        .expect("valid header");
-    let response = OutgoingResponse::new(headers);
-    response.set_status_code(status).expect("valid status");
-    let outgoing = response.body().expect("body taken once");
-    ResponseOutparam::set(out, Ok(response));
-    {
-        let stream = outgoing.write().expect("stream taken once");
-        // `blocking-write-and-flush` takes at most 4096 bytes per call. A
-        // client that went away is not the guest's problem.
-        let _ = body
-            .chunks(4096)
-            .try_for_each(|chunk| stream.blocking_write_and_flush(chunk));
-    }
-    let _ = OutgoingBody::finish(outgoing, None);
 }

@@ -5,9 +5,7 @@
 //!   200 `received N bytes\n`, or 400 `body error\n` when the host cuts the
 //!   body (for example because it exceeds the configured size limit).
 
-use wasip2::http::types::{
-    Fields, IncomingBody, IncomingRequest, Method, OutgoingBody, OutgoingResponse, ResponseOutparam,
-};
+use wasip2::http::types::{IncomingBody, IncomingRequest, Method, ResponseOutparam};
 use wasip2::io::streams::StreamError;
 
 struct Hello;
@@ -23,7 +21,7 @@ impl wasip2::exports::http::incoming_handler::Guest for Hello {
             },
             _ => (200, "hello from keel\n".to_string()),
         };
-        respond(response_out, status, body.as_bytes());
+        keel_guest::text(response_out, status, &body);
     }
 }
 
@@ -42,22 +40,4 @@ fn body_len(request: IncomingRequest) -> Result<u64, ()> {
     drop(stream);
     drop(IncomingBody::finish(body));
     Ok(total)
-}
-
-fn respond(out: ResponseOutparam, status: u16, body: &[u8]) {
-    let headers = Fields::from_list(&[("content-type".into(), b"text/plain".to_vec())])
-        .expect("valid header");
-    let response = OutgoingResponse::new(headers);
-    response.set_status_code(status).expect("valid status");
-    let outgoing = response.body().expect("body taken once");
-    ResponseOutparam::set(out, Ok(response));
-    {
-        let stream = outgoing.write().expect("stream taken once");
-        // `blocking-write-and-flush` takes at most 4096 bytes per call. A
-        // client that went away is not the guest's problem.
-        let _ = body
-            .chunks(4096)
-            .try_for_each(|chunk| stream.blocking_write_and_flush(chunk));
-    }
-    let _ = OutgoingBody::finish(outgoing, None);
 }

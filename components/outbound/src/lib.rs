@@ -6,10 +6,7 @@
 //! unless the origin is in `allowed-outbound-hosts`.
 
 use wasip2::http::outgoing_handler;
-use wasip2::http::types::{
-    Fields, IncomingRequest, OutgoingBody, OutgoingRequest, OutgoingResponse, ResponseOutparam,
-    Scheme,
-};
+use wasip2::http::types::{Fields, IncomingRequest, OutgoingRequest, ResponseOutparam, Scheme};
 
 struct Outbound;
 
@@ -25,14 +22,16 @@ impl wasip2::exports::http::incoming_handler::Guest for Outbound {
             Ok(upstream) => (200, format!("upstream {upstream}\n")),
             Err(e) => (502, format!("error {e}\n")),
         };
-        respond(response_out, status, body.as_bytes());
+        keel_guest::text(response_out, status, &body);
     }
 }
 
 fn fetch(authority: &str) -> Result<u16, String> {
     let req = OutgoingRequest::new(Fields::new());
-    req.set_scheme(Some(&Scheme::Http)).map_err(|()| "scheme".to_string())?;
-    req.set_authority(Some(authority)).map_err(|()| "authority".to_string())?;
+    req.set_scheme(Some(&Scheme::Http))
+        .map_err(|()| "scheme".to_string())?;
+    req.set_authority(Some(authority))
+        .map_err(|()| "authority".to_string())?;
     req.set_path_with_query(Some("/_keel/health"))
         .map_err(|()| "path".to_string())?;
     let pending = outgoing_handler::handle(req, None).map_err(|e| format!("{e:?}"))?;
@@ -43,18 +42,4 @@ fn fetch(authority: &str) -> Result<u16, String> {
         Some(Err(())) => Err("response already taken".into()),
         None => Err("not ready".into()),
     }
-}
-
-fn respond(out: ResponseOutparam, status: u16, body: &[u8]) {
-    let headers = Fields::from_list(&[("content-type".into(), b"text/plain".to_vec())])
-        .expect("valid header");
-    let response = OutgoingResponse::new(headers);
-    response.set_status_code(status).expect("valid status");
-    let outgoing = response.body().expect("body taken once");
-    ResponseOutparam::set(out, Ok(response));
-    {
-        let stream = outgoing.write().expect("stream taken once");
-        let _ = stream.blocking_write_and_flush(body);
-    }
-    let _ = OutgoingBody::finish(outgoing, None);
 }
