@@ -6,13 +6,13 @@
 # plus keel with guard pages, keel with limits off (the cost of limits), a
 # compute-heavy component, cold start, idle RSS and binary size.
 #
-# Usage: benches/http.sh [DURATION_SECONDS]   (default 10)
+# Usage: benches/http.sh [DURATION_SECONDS]   (default 5; BENCH_ROUNDS=3 interleaved rounds)
 # wasmtime-cli is installed into .tools/wasmtime (never committed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 unset RUST_BACKTRACE RUST_LIB_BACKTRACE   # a captured backtrace per trap/error skews numbers
 
-DURATION=${1:-10}
+DURATION=${1:-5}
 CONNS=${BENCH_CONNECTIONS:-16}
 TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
 TOOLS=$PWD/.tools
@@ -118,33 +118,45 @@ run_native() {
 
 python3 -c 'import json; print(json.dumps({"items": list(range(300)), "name": "keel", "nested": [{"k": i, "v": str(i) * 8} for i in range(60)]}))' >"$WORK/body.json"
 
-echo "== hello (wrk -t1 -c$CONNS -d${DURATION}s, after 3 s warm-up)" >&2
+ROUNDS=${BENCH_ROUNDS:-3}
+echo "== $ROUNDS interleaved rounds of wrk -t1 -c$CONNS -d${DURATION}s (3 s warm-up each); medians reported" >&2
 RESULTS=$WORK/results
-{
-  run_native
-  run_serve serve hello /
-  run_keel keel hello / "" ""
-  run_keel keel-guard-pages hello / "guard-pages = true" ""
-  run_keel keel-limits-off hello / "" "" KEEL_BENCH_DISABLE_LIMITS=1
-  run_serve serve-compute compute / "$WORK/body.json"
-  run_keel keel-compute compute / "" "$WORK/body.json"
-  run_keel keel-compute-guard-pages compute / "guard-pages = true" "$WORK/body.json"
-} | tee "$RESULTS" >&2
+for round in $(seq 1 "$ROUNDS"); do
+  echo "-- round $round" >&2
+  {
+    run_native
+    run_serve serve hello /
+    run_keel keel hello / "" ""
+    run_keel keel-guard-pages hello / "guard-pages = true" ""
+    run_keel keel-limits-off hello / "" "" KEEL_BENCH_DISABLE_LIMITS=1
+    run_serve serve-compute compute / "$WORK/body.json"
+    run_keel keel-compute compute / "" "$WORK/body.json"
+    run_keel keel-compute-guard-pages compute / "guard-pages = true" "$WORK/body.json"
+  } | tee -a "$RESULTS" >&2
+done
 
 python3 - "$RESULTS" <<'PY'
-import sys
-rows = {l.split()[0]: tuple(map(float, l.split()[1:])) for l in open(sys.argv[1]) if l.strip()}
+import sys, statistics
+runs = {}
+for l in open(sys.argv[1]):
+    if l.strip():
+        name, *vals = l.split()
+        runs.setdefault(name, []).append(tuple(map(float, vals)))
+# Median of each column over the rounds (the machine is noisy; single runs vary by 30%+).
+rows = {n: tuple(statistics.median(r[i] for r in rs) for i in range(3)) for n, rs in runs.items()}
 def ratio(a, b): return rows[a][0] / rows[b][0]
-print("| server | req/s | p50 ms | p99 ms | vs serve | vs native |")
-print("|---|---:|---:|---:|---:|---:|")
+print("| server | req/s | p50 ms | p99 ms | vs serve | vs native | req/s of each round |")
+print("|---|---:|---:|---:|---:|---:|---|")
 for name, (rps, p50, p99) in rows.items():
     base = "serve-compute" if "compute" in name else "serve"
     vs_serve = f"{rps / rows[base][0]:.2f}x" if base in rows else ""
     vs_native = f"{100 * rps / rows['native'][0]:.1f}%" if "compute" not in name else ""
-    print(f"| {name} | {rps:.0f} | {p50:.3f} | {p99:.3f} | {vs_serve} | {vs_native} |")
+    each = ", ".join(f"{r[0]:.0f}" for r in runs[name])
+    print(f"| {name} | {rps:.0f} | {p50:.3f} | {p99:.3f} | {vs_serve} | {vs_native} | {each} |")
 print()
 print(f"keel/serve req/s: {ratio('keel', 'serve'):.2f}x; keel p99 / serve p99: {rows['keel'][2] / rows['serve'][2]:.2f}")
 print(f"cost of limits (limits-off req/s over keel req/s - 1): {100 * (ratio('keel-limits-off', 'keel') - 1):.1f}%")
+print(f"guard pages on compute (req/s vs default): {100 * (ratio('keel-compute-guard-pages', 'keel-compute') - 1):+.1f}%")
 PY
 
 echo "== cold start (process start -> first 200, warm compile cache), 10 runs" >&2
