@@ -130,3 +130,29 @@ async fn memory_bomb_is_refused_without_affecting_others() {
     );
     assert_eq!(keel.get("/hello").await.body, "hello from keel\n");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instance_limit_answers_503_and_recovers() {
+    let node = Node::new(&component(
+        "slow",
+        "slow",
+        "/...",
+        "[components.slow.limits]\nmax-instances = 1",
+    ));
+    let keel = node.start();
+    let addr = keel.addr;
+    let first =
+        tokio::spawn(
+            async move { request(addr, "GET", "/slow?ms=1000", bytes::Bytes::new()).await },
+        );
+    keel.wait_component("slow", "one instance busy", |c| c["in_flight"] == 1)
+        .await;
+    let busy = keel.get("/slow?ms=1").await;
+    assert_eq!(busy.status, 503, "{}", busy.body);
+    assert_eq!(busy.headers["retry-after"], "1");
+    assert_eq!(first.await.unwrap().status, 200);
+    // The slot is released once the first request's instance is gone.
+    keel.wait_component("slow", "instance released", |c| c["in_flight"] == 0)
+        .await;
+    assert_eq!(keel.get("/slow?ms=1").await.status, 200);
+}

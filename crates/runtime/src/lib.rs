@@ -274,7 +274,6 @@ impl LoadedComponent {
         let this = self.clone();
         let timeout = self.config.limits.timeout;
         let guest = tokio::spawn(async move {
-            let _permit = permit;
             this.metrics.in_flight.inc();
             let run = async {
                 let t = Instant::now();
@@ -293,6 +292,10 @@ impl LoadedComponent {
                     "deadline of {timeout:?} exceeded while blocked in a host call; instance dropped"
                 )),
             };
+            // Return the pool slot, then the instance permit, before the
+            // gauge says the instance is gone.
+            drop(store);
+            drop(permit);
             this.metrics.in_flight.dec();
             res
         });

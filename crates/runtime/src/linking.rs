@@ -169,3 +169,100 @@ pub fn linker_for(engine: &Engine, _c: &ComponentConfig) -> wasmtime::Result<Lin
     wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
     Ok(linker)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keel_config::{Grant, Limits, Location, Route};
+
+    fn component(grants: &[&str]) -> ComponentConfig {
+        let at = Location {
+            file: "keel.toml".into(),
+            line: 1,
+            column: 1,
+        };
+        ComponentConfig {
+            name: "c".into(),
+            wasm: "c.wasm".into(),
+            route: Route::parse("/...").unwrap(),
+            grants: grants
+                .iter()
+                .map(|g| Grant {
+                    name: g.to_string(),
+                    location: at.clone(),
+                })
+                .collect(),
+            allowed_outbound_hosts: vec![],
+            limits: Limits::default(),
+            location: at.clone(),
+            wasm_location: at,
+        }
+    }
+
+    #[test]
+    fn wasi_02_at_any_patch_version_is_accepted() {
+        let c = component(&[]);
+        for i in [
+            "wasi:cli/environment@0.2.0",
+            "wasi:sockets/tcp@0.2.9",
+            "wasi:http/types@0.2.12",
+            "wasi:filesystem/preopens@0.2.3",
+        ] {
+            assert_eq!(classify(&c, i), None, "{i}");
+        }
+        assert_eq!(
+            classify(&c, "wasi:http/types@0.3.0"),
+            Some(ImportProblem::UnsupportedWasiVersion {
+                import: "wasi:http/types@0.3.0".into()
+            })
+        );
+    }
+
+    #[test]
+    fn keel_interfaces_need_a_grant_and_an_implementation() {
+        let kv = "keel:platform/kv@0.1.0";
+        assert_eq!(
+            classify(&component(&[]), kv),
+            Some(ImportProblem::NotGranted {
+                import: kv.into(),
+                grant: "kv".into()
+            })
+        );
+        assert_eq!(
+            classify(&component(&["kv"]), kv),
+            Some(ImportProblem::NotAvailable {
+                import: kv.into(),
+                grant: "kv".into()
+            })
+        );
+        // Type-only interfaces grant nothing and need no grant.
+        assert_eq!(classify(&component(&[]), "keel:platform/types@0.1.0"), None);
+    }
+
+    #[test]
+    fn unknown_packages_versions_and_export_only_interfaces_are_refused() {
+        let c = component(&["kv"]);
+        for i in [
+            "acme:db/query@1.0.0",
+            "keel:platform/kv@0.2.0",
+            "keel:platform/subscriber@0.1.0",
+            "keel:platform/nope@0.1.0",
+        ] {
+            assert!(
+                matches!(classify(&c, i), Some(ImportProblem::Unknown { .. })),
+                "{i}"
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_grants_are_reported_where_they_are_written() {
+        let d = check_grants(&component(&["kv", "kvv"]));
+        assert_eq!(d.len(), 1);
+        assert!(
+            d[0].message
+                .starts_with("unknown grant \"kvv\"; accepted: ")
+        );
+        assert!(d[0].message.contains("edge-operations"));
+    }
+}
