@@ -14,7 +14,10 @@ pub(crate) fn handle<B>(shared: &Arc<Shared>, req: &Request<B>) -> http::Respons
                     &serde_json::json!({"ready": false, "reason": "draining"}),
                 )
             } else {
-                json(StatusCode::OK, &serde_json::json!({"ready": true}))
+                json(
+                    StatusCode::OK,
+                    &serde_json::json!({"ready": true, "uptime_seconds": shared.started_at.elapsed().as_secs()}),
+                )
             }
         }
         "/_keel/components" => json(StatusCode::OK, &components(shared)),

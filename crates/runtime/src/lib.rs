@@ -42,7 +42,6 @@ const HARD_DEADLINE_GRACE: Duration = Duration::from_millis(50);
 
 /// The loaded runtime: engine plus every component of `keel.toml`.
 pub struct Runtime {
-    engine: Engine,
     components: Vec<Arc<LoadedComponent>>,
     _epoch: engine::EpochTicker,
 }
@@ -92,14 +91,9 @@ impl Runtime {
         }
         let epoch = engine::EpochTicker::start(&engine);
         Ok(Runtime {
-            engine,
             components,
             _epoch: epoch,
         })
-    }
-
-    pub fn engine(&self) -> &Engine {
-        &self.engine
     }
 
     pub fn components(&self) -> &[Arc<LoadedComponent>] {
