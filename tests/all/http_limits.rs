@@ -101,10 +101,7 @@ async fn sigterm_drains_an_in_flight_request_and_refuses_new_ones() {
     let node = Node::new(&component("slow", "slow", "/...", ""));
     let mut keel = node.start();
     let addr = keel.addr;
-    let slow =
-        tokio::spawn(
-            async move { request(addr, "GET", "/slow?ms=1500", bytes::Bytes::new()).await },
-        );
+    let slow = keel.spawn_get("/slow?ms=1500");
     keel.wait_component("slow", "request in flight", |c| c["in_flight"] == 1)
         .await;
     keel.sigterm();

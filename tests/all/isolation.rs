@@ -111,12 +111,7 @@ async fn memory_bomb_is_refused_without_affecting_others() {
         )
     ));
     let keel = node.start();
-    let addr = keel.addr;
-    let bombs: Vec<_> = (0..4)
-        .map(|_| {
-            tokio::spawn(async move { request(addr, "GET", "/bomb", bytes::Bytes::new()).await })
-        })
-        .collect();
+    let bombs: Vec<_> = (0..4).map(|_| keel.spawn_get("/bomb")).collect();
     for _ in 0..50 {
         assert_eq!(keel.get("/hello").await.status, 200);
     }
@@ -140,11 +135,7 @@ async fn instance_limit_answers_503_and_recovers() {
         "[components.slow.limits]\nmax-instances = 1",
     ));
     let keel = node.start();
-    let addr = keel.addr;
-    let first =
-        tokio::spawn(
-            async move { request(addr, "GET", "/slow?ms=1000", bytes::Bytes::new()).await },
-        );
+    let first = keel.spawn_get("/slow?ms=1000");
     keel.wait_component("slow", "one instance busy", |c| c["in_flight"] == 1)
         .await;
     let busy = keel.get("/slow?ms=1").await;

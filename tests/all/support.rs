@@ -165,6 +165,13 @@ impl Keel {
         request(self.addr, "GET", path, Bytes::new()).await
     }
 
+    /// A GET on its own connection and task, for requests that must be in
+    /// flight while the test does something else.
+    pub fn spawn_get(&self, path: &str) -> tokio::task::JoinHandle<Reply> {
+        let (addr, path) = (self.addr, path.to_string());
+        tokio::spawn(async move { request(addr, "GET", &path, Bytes::new()).await })
+    }
+
     pub async fn post(&self, path: &str, body: impl Into<Bytes>) -> Reply {
         request(self.addr, "POST", path, body.into()).await
     }

@@ -287,10 +287,6 @@ impl KeelConfig {
             Err(Diagnostics(diags))
         }
     }
-
-    pub fn component(&self, name: &str) -> Option<&ComponentConfig> {
-        self.components.iter().find(|c| c.name == name)
-    }
 }
 
 fn build_server(

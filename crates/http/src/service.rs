@@ -96,9 +96,7 @@ async fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> 
             format!("no component serves {path}\n"),
         );
     };
-    let request_id = shared.next_request_id();
     let started = Instant::now();
-
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -122,6 +120,7 @@ async fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> 
         return r;
     };
 
+    let request_id = shared.next_request_id();
     let (req, flag) = {
         let (parts, body) = req.into_parts();
         let (body, flag) = LimitedBody::new(body, shared.max_body_bytes);

@@ -22,7 +22,7 @@ impl<'a> ArtifactCache<'a> {
         engine.precompile_compatibility_hash().hash(&mut h);
         ArtifactCache {
             engine,
-            dir: crate::artifact_dir(data_dir),
+            dir: data_dir.join("compiled"),
             engine_key: format!("{:016x}", h.finish()),
         }
     }

@@ -18,7 +18,6 @@ mod linking;
 mod state;
 
 pub use body::{BodyLimitFlag, LimitedBody};
-pub use linking::{IMPLEMENTED_INTERFACES, ImportProblem};
 pub use state::HostState;
 pub use wasmtime_wasi_http::Error as HttpError;
 pub use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
@@ -27,7 +26,6 @@ use bytes::Bytes;
 use keel_config::{ComponentConfig, Diagnostic, Diagnostics, KeelConfig};
 use keel_telemetry::{ComponentMetrics, Metrics};
 use sha2::Digest as _;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -329,9 +327,4 @@ fn describe_guest_error(e: &wasmtime::Error, timeout: Duration) -> String {
             }
         }
     }
-}
-
-/// Where compiled artifacts live under a data dir.
-pub fn artifact_dir(data_dir: &std::path::Path) -> PathBuf {
-    data_dir.join("compiled")
 }
