@@ -3,7 +3,7 @@
 # Every host build is `--workspace --all-targets`: cargo resolves dependency
 # features per selected package set, so `-p xtask` or `--bin keel` would
 # rebuild wasmtime with other features. One resolution, one build.
-.PHONY: run test guests build host bootstrap bench check fmt clippy
+.PHONY: run test guests build host bootstrap bench bench-edge check fmt clippy
 
 CARGO ?= cargo
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
@@ -21,6 +21,10 @@ guests: host
 
 build: guests
 
+# The example app's JWT key (keel.toml [auth] reads it from the environment).
+# A development default, so `make run` works as is; set your own to override.
+run check: export KEEL_DEMO_JWT_SECRET ?= keel-dev-secret-change-me-before-deploying
+
 # Serve the example app (keel.toml) on the embedded single node at http://127.0.0.1:8080.
 run: build
 	env -u RUST_BACKTRACE $(KEEL) up --config keel.toml
@@ -33,6 +37,10 @@ check: build
 
 bench: guests
 	./benches/http.sh
+	./benches/edge.sh
+
+bench-edge: guests
+	./benches/edge.sh
 
 fmt:
 	$(CARGO) fmt --all

@@ -101,7 +101,14 @@ fn up(path: &std::path::Path, listen: Option<std::net::SocketAddr>) -> anyhow::R
         config.server.listen = l;
     }
     let metrics = Arc::new(Metrics::new());
-    let runtime = match keel_runtime::Runtime::load(&config, &metrics) {
+    let services = match keel_runtime::Services::open(&config) {
+        Ok(s) => s,
+        Err(d) => {
+            eprintln!("{d}");
+            return Ok(ExitCode::from(EXIT_CONFIG));
+        }
+    };
+    let runtime = match keel_runtime::Runtime::load(&config, &metrics, Some(services)) {
         Ok(r) => Arc::new(r),
         Err(d) => {
             eprintln!("{d}");

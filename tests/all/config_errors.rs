@@ -29,14 +29,14 @@ fn ungranted_import_is_refused_with_the_line_to_add() {
 #[test]
 fn granted_but_unimplemented_interface_is_not_available_in_this_build() {
     let node = Node::raw(&component(
-        "uses-kv",
-        "uses-kv",
+        "uses-ledger",
+        "uses-ledger",
         "/...",
-        "grants = [\"kv\"]",
+        "grants = [\"ledger\"]",
     ));
     let err = refused(&node);
     assert!(
-        err.contains("imports keel:platform/kv@0.1.0 (granted as \"kv\"), which is not available in this build"),
+        err.contains("imports keel:platform/ledger@0.1.0 (granted as \"ledger\"), which is not available in this build; available: edge-operations, events, kv, sql"),
         "{err}"
     );
 }

@@ -5,6 +5,8 @@ mod support;
 
 mod admin;
 mod config_errors;
+mod crash;
+mod edge_tier;
 mod http_limits;
 mod isolation;
 mod serving;

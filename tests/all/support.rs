@@ -153,7 +153,17 @@ pub struct Keel {
 pub struct Reply {
     pub status: u16,
     pub headers: http::HeaderMap,
+    /// The body as text (lossy UTF-8); `raw` has the bytes.
     pub body: String,
+    pub raw: Bytes,
+}
+
+impl Reply {
+    /// The body parsed as JSON; panics with the status and body if it is not.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.raw)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {} {}", self.status, self.body))
+    }
 }
 
 impl Keel {
@@ -163,6 +173,27 @@ impl Keel {
 
     pub async fn get(&self, path: &str) -> Reply {
         request(self.addr, "GET", path, Bytes::new()).await
+    }
+
+    pub async fn put(&self, path: &str, body: impl Into<Bytes>) -> Reply {
+        request(self.addr, "PUT", path, body.into()).await
+    }
+
+    pub async fn delete(&self, path: &str) -> Reply {
+        request(self.addr, "DELETE", path, Bytes::new()).await
+    }
+
+    /// Any request, with extra headers.
+    pub async fn send(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<Bytes>,
+    ) -> Reply {
+        try_request(self.addr, method, path, headers, body.into())
+            .await
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
     }
 
     /// A GET on its own connection and task, for requests that must be in
@@ -180,6 +211,26 @@ impl Keel {
         // SAFETY: plain kill(2) on our own child's pid.
         let rc = unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         assert_eq!(rc, 0);
+    }
+
+    /// SIGKILL: the process dies wherever it is, without any cleanup.
+    pub fn sigkill(mut self) {
+        // SAFETY: plain kill(2) on our own child's pid, which is not reaped yet.
+        let rc = unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
+        assert_eq!(rc, 0);
+        self.child.wait().unwrap();
+    }
+
+    /// SIGTERM, then wait (bounded) for a clean exit.
+    pub fn stop(mut self) {
+        self.sigterm();
+        let status = wait_with_deadline(&mut self.child, Duration::from_secs(30))
+            .expect("keel should exit after SIGTERM");
+        assert!(
+            status.success(),
+            "keel exited with {status}; log:\n{}",
+            self.log()
+        );
     }
 
     /// Poll `/_keel/components` until `f` holds for component `name`.
@@ -220,34 +271,57 @@ impl Drop for Keel {
     }
 }
 
-/// One HTTP/1.1 request on a fresh connection.
+/// One HTTP/1.1 request on a fresh connection, to a node that must answer.
 pub async fn request(addr: SocketAddr, method: &str, path: &str, body: Bytes) -> Reply {
-    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    try_request(addr, method, path, &[], body)
+        .await
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+}
+
+/// One HTTP/1.1 request on a fresh connection with extra headers; `Err` when
+/// the connection fails or breaks before the whole response arrived (e.g.
+/// the node was killed).
+pub async fn try_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> Result<Reply, String> {
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
     let (mut send, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
             .await
-            .unwrap();
+            .map_err(|e| format!("handshake: {e}"))?;
     tokio::spawn(conn);
-    let req = http::Request::builder()
+    let mut req = http::Request::builder()
         .method(method)
         .uri(path)
-        .header("host", addr.to_string())
-        .body(Full::new(body))
-        .unwrap();
-    let resp = send.send_request(req).await.unwrap();
+        .header("host", addr.to_string());
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    let req = req.body(Full::new(body)).unwrap();
+    let resp = send
+        .send_request(req)
+        .await
+        .map_err(|e| format!("request: {e}"))?;
     let status = resp.status().as_u16();
     let headers = resp.headers().clone();
-    let body = resp
+    let raw = resp
         .into_body()
         .collect()
         .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
-    Reply {
+        .map_err(|e| format!("body: {e}"))?
+        .to_bytes();
+    Ok(Reply {
         status,
         headers,
-        body: String::from_utf8_lossy(&body).into_owned(),
-    }
+        body: String::from_utf8_lossy(&raw).into_owned(),
+        raw,
+    })
 }
 
 pub fn write(dir: &Path, name: &str, content: &[u8]) -> PathBuf {

@@ -4,10 +4,14 @@
 //! [`Diagnostic`] naming file, line, column, key and what is accepted, so an
 //! operator can fix the file without reading our source.
 
+mod auth;
 mod diagnostic;
+mod infra;
 mod units;
 
+pub use auth::{AuthConfig, AuthKey, DEFAULT_LEEWAY, JwtAlgorithm, KeySource};
 pub use diagnostic::{Diagnostic, Diagnostics, Location};
+pub use infra::{EventLogBackend, InfrastructureConfig, KvBackend, NodeConfig, SqlBackend};
 pub use units::{parse_duration, parse_size};
 
 use serde::Deserialize;
@@ -37,6 +41,10 @@ pub struct KeelConfig {
     pub path: PathBuf,
     pub server: ServerConfig,
     pub engine: EngineConfig,
+    /// `[auth]`: token verification (default: no keys).
+    pub auth: AuthConfig,
+    pub node: NodeConfig,
+    pub infrastructure: InfrastructureConfig,
     /// Components in file order.
     pub components: Vec<ComponentConfig>,
 }
@@ -178,6 +186,12 @@ struct RawFile {
     #[serde(default)]
     engine: Option<RawEngine>,
     #[serde(default)]
+    auth: Option<auth::RawAuth>,
+    #[serde(default)]
+    node: Option<infra::RawNode>,
+    #[serde(default)]
+    infrastructure: Option<infra::RawInfrastructure>,
+    #[serde(default)]
     components: BTreeMap<Spanned<String>, Spanned<RawComponent>>,
 }
 
@@ -247,6 +261,10 @@ impl KeelConfig {
 
         let server = build_server(&src, &base, raw.server.unwrap_or_default(), &mut diags);
         let engine = build_engine(&src, raw.engine.unwrap_or_default(), &mut diags);
+        let auth = auth::build(&src, &base, raw.auth, &mut diags);
+        let node = infra::build_node(&src, raw.node.unwrap_or_default(), &mut diags);
+        let infrastructure =
+            infra::build_infrastructure(&src, raw.infrastructure.unwrap_or_default(), &mut diags);
 
         let mut components: Vec<ComponentConfig> = Vec::new();
         for (name, comp) in raw.components {
@@ -281,6 +299,9 @@ impl KeelConfig {
                 path: path.to_path_buf(),
                 server,
                 engine,
+                auth,
+                node,
+                infrastructure,
                 components,
             })
         } else {

@@ -109,3 +109,55 @@ fn units() {
     assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
     assert!(parse_duration("5").is_err());
 }
+
+#[test]
+fn infrastructure_backends_and_limits() {
+    let c = parse(
+        "[node]\nedge = \"fra\"\nregion = \"eu-central\"\n\n[infrastructure]\nkv = { type = \"rocksdb\", max-value-bytes = \"64KiB\" }\nsql = { type = \"sqlite\", max-rows = 5, statement-timeout = \"250ms\" }\nevent-log = { type = \"rocksdb\" }\n",
+    )
+    .unwrap();
+    assert_eq!(c.node.edge, "fra");
+    assert_eq!(c.node.region, "eu-central");
+    let KvBackend::RocksDb {
+        max_value_bytes, ..
+    } = c.infrastructure.kv;
+    assert_eq!(max_value_bytes, 64 * 1024);
+    let SqlBackend::Sqlite {
+        max_rows,
+        statement_timeout,
+        ..
+    } = c.infrastructure.sql;
+    assert_eq!(
+        (max_rows, statement_timeout),
+        (5, Duration::from_millis(250))
+    );
+    let d = parse("").unwrap();
+    assert_eq!(d.node, NodeConfig::default());
+    assert_eq!(d.infrastructure, InfrastructureConfig::default());
+}
+
+#[test]
+fn unknown_backend_types_list_the_supported_ones() {
+    let e = parse("[infrastructure]\n\nkv = { type = \"redis\" }\nsql = { type = \"postgres\" }\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains(":3:"), "{e}");
+    assert!(e.contains("infrastructure.kv.type"), "{e}");
+    assert!(
+        e.contains("unsupported backend type \"redis\"; supported: \"rocksdb\""),
+        "{e}"
+    );
+    assert!(e.contains("supported: \"sqlite\""), "{e}");
+    let e = parse("[infrastructure]\nkv = { type = \"rocksdb\", colour = \"red\" }\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("colour"), "{e}");
+    let e = parse("[infrastructure]\nkv = { type = \"rocksdb\", max-value-bytes = \"1TiB\" }\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("infrastructure.kv.max-value-bytes"), "{e}");
+    let e = parse("[node]\nedge = \"Frankfurt 1\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("node.edge") && e.contains("lowercase"), "{e}");
+}

@@ -14,11 +14,14 @@
 mod body;
 mod cache;
 mod engine;
+mod host;
 mod linking;
+mod services;
 mod state;
 
 pub use body::{BodyLimitFlag, LimitedBody};
-pub use state::HostState;
+pub use services::Services;
+pub use state::{ComponentContext, HostState};
 pub use wasmtime_wasi_http::Error as HttpError;
 pub use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 
@@ -56,6 +59,8 @@ pub struct LoadedComponent {
     pub load_time: Duration,
     pub metrics: ComponentMetrics,
     pre: ProxyPre<HostState>,
+    /// `None` only for `keel check`, which never serves.
+    context: Option<Arc<ComponentContext>>,
     permits: Arc<Semaphore>,
 }
 
@@ -67,8 +72,13 @@ pub struct GuestFailure(pub String);
 
 impl Runtime {
     /// Compiles (or loads from cache) and links every component. Errors are
-    /// diagnostics pointing into `keel.toml`.
-    pub fn load(config: &KeelConfig, metrics: &Metrics) -> Result<Runtime, Diagnostics> {
+    /// diagnostics pointing into `keel.toml`. `services` is `None` only when
+    /// checking without serving.
+    pub fn load(
+        config: &KeelConfig,
+        metrics: &Metrics,
+        services: Option<Arc<Services>>,
+    ) -> Result<Runtime, Diagnostics> {
         let engine = engine::build(config).map_err(|e| {
             Diagnostics::one(Diagnostic::file(
                 &config.path,
@@ -79,7 +89,7 @@ impl Runtime {
         let mut diags = Vec::new();
         let mut components = Vec::new();
         for c in &config.components {
-            match load_component(&engine, &cache, c, metrics) {
+            match load_component(&engine, &cache, c, metrics, services.as_ref()) {
                 Ok(lc) => components.push(Arc::new(lc)),
                 Err(mut d) => diags.append(&mut d),
             }
@@ -111,8 +121,9 @@ impl Runtime {
 /// `keel check`: everything `Runtime::load` verifies, without serving.
 /// Compiles each component (using and filling the artifact cache).
 pub fn check(config: &KeelConfig) -> Result<Vec<String>, Diagnostics> {
+    keel_auth::Authenticator::from_config(&config.auth)?;
     let metrics = Metrics::new();
-    let rt = Runtime::load(config, &metrics)?;
+    let rt = Runtime::load(config, &metrics, None)?;
     Ok(rt
         .components
         .iter()
@@ -139,6 +150,7 @@ fn load_component(
     cache: &cache::ArtifactCache,
     c: &ComponentConfig,
     metrics: &Metrics,
+    services: Option<&Arc<Services>>,
 ) -> Result<LoadedComponent, Vec<Diagnostic>> {
     let started = Instant::now();
     let at_wasm = |msg: String| {
@@ -204,6 +216,13 @@ fn load_component(
         load_time: started.elapsed(),
         metrics: metrics.component(&c.name),
         pre,
+        context: services.map(|s| {
+            Arc::new(ComponentContext {
+                ns: keel_store::Namespace::new(&c.name)
+                    .expect("config validated the component name as [a-z0-9_-]+"),
+                services: s.clone(),
+            })
+        }),
         permits: Arc::new(Semaphore::new(c.limits.max_instances as usize)),
     })
 }
@@ -232,7 +251,14 @@ impl LoadedComponent {
     {
         let started = Instant::now();
         let deadline = started + self.config.limits.timeout;
-        let mut store = Store::new(self.pre.engine(), HostState::new(&self.config, deadline));
+        let context = self
+            .context
+            .clone()
+            .ok_or_else(|| GuestFailure("runtime loaded without services".into()))?;
+        let mut store = Store::new(
+            self.pre.engine(),
+            HostState::new(&self.config, context, deadline),
+        );
         if !engine::limits_disabled() {
             store.limiter(|s| &mut s.limits);
             store.set_epoch_deadline(1);

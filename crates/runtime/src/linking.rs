@@ -9,7 +9,7 @@ use wasmtime::component::Linker;
 /// `keel:platform` interfaces (short names) with a host implementation in
 /// this build. A granted interface outside this list makes the component
 /// fail to load rather than be linked with fake answers.
-pub const IMPLEMENTED_INTERFACES: &[&str] = &[];
+pub const IMPLEMENTED_INTERFACES: &[&str] = &["edge-operations", "events", "kv", "sql"];
 
 /// WASI 0.2 packages every component may import. They are linked with an
 /// empty capability context: no preopens, no env, no args, no sockets,
@@ -163,10 +163,15 @@ pub fn check_grants(c: &ComponentConfig) -> Vec<Diagnostic> {
 
 /// The linker for one component: WASI 0.2 (empty context) plus the
 /// `keel:platform` interfaces it was granted.
-pub fn linker_for(engine: &Engine, _c: &ComponentConfig) -> wasmtime::Result<Linker<HostState>> {
+pub fn linker_for(engine: &Engine, c: &ComponentConfig) -> wasmtime::Result<Linker<HostState>> {
     let mut linker = Linker::new(engine);
     wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
     wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
+    for grant in &c.grants {
+        if IMPLEMENTED_INTERFACES.contains(&grant.name.as_str()) {
+            crate::host::add_to_linker(&mut linker, &grant.name)?;
+        }
+    }
     Ok(linker)
 }
 
@@ -228,11 +233,13 @@ mod tests {
                 grant: "kv".into()
             })
         );
+        assert_eq!(classify(&component(&["kv"]), kv), None);
+        let ledger = "keel:platform/ledger@0.1.0";
         assert_eq!(
-            classify(&component(&["kv"]), kv),
+            classify(&component(&["ledger"]), ledger),
             Some(ImportProblem::NotAvailable {
-                import: kv.into(),
-                grant: "kv".into()
+                import: ledger.into(),
+                grant: "ledger".into()
             })
         );
         // Type-only interfaces grant nothing and need no grant.

@@ -1,14 +1,25 @@
 //! Per-request store data.
 
+use crate::services::Services;
 use keel_config::ComponentConfig;
+use keel_store::Namespace;
+use std::sync::Arc;
 use std::time::Instant;
 use wasmtime::component::ResourceTable;
 use wasmtime::{StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
+/// What host calls of one component need: its namespace and the node's
+/// adapters. Shared by all of the component's requests.
+pub struct ComponentContext {
+    pub ns: Namespace,
+    pub services: Arc<Services>,
+}
+
 /// Everything one request's `Store` holds.
 pub struct HostState {
+    component: Arc<ComponentContext>,
     wasi: WasiCtx,
     http: WasiHttpCtx,
     table: ResourceTable,
@@ -19,7 +30,11 @@ pub struct HostState {
 }
 
 impl HostState {
-    pub(crate) fn new(c: &ComponentConfig, deadline: Instant) -> Self {
+    pub(crate) fn new(
+        c: &ComponentConfig,
+        component: Arc<ComponentContext>,
+        deadline: Instant,
+    ) -> Self {
         let limits = StoreLimitsBuilder::new()
             .memory_size(c.limits.memory as usize)
             .table_elements(c.limits.max_table_elements as usize)
@@ -31,6 +46,7 @@ impl HostState {
         let mut table = ResourceTable::new();
         table.set_max_capacity(100_000);
         HostState {
+            component,
             // Empty capability context: no env, args, preopens or sockets;
             // stdio closed/discarded.
             wasi: WasiCtx::builder().max_random_size(1 << 20).build(),
@@ -42,6 +58,14 @@ impl HostState {
             limits,
             deadline,
         }
+    }
+}
+
+impl HostState {
+    /// The calling component's context (cheap clone, so host calls can hold
+    /// it across awaits without borrowing the store).
+    pub(crate) fn component(&self) -> Arc<ComponentContext> {
+        self.component.clone()
     }
 }
 

@@ -1,0 +1,269 @@
+//! Edge-tier benchmark, run by `benches/edge.sh` (numbers go to
+//! BENCHMARKS.md; nothing is asserted). Every guest figure has a native
+//! baseline measured in the same run:
+//!
+//! - `kv.get` / `kv.set` through a guest (edge-probe, N calls per request so
+//!   HTTP is amortised) vs the rocksdb crate called directly;
+//! - `sql.query` through a guest vs rusqlite called directly;
+//! - `record-local-event` durable appends with 64 concurrent writers (group
+//!   commit) vs one fsync per event.
+//!
+//! Usage: edge-bench <keel-binary> <edge-probe.wasm> [seconds]
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use keel_store::{EventData, EventLog, Namespace, StoreLimits};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+type Client = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    Full<Bytes>,
+>;
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    anyhow::ensure!(
+        args.len() >= 3,
+        "usage: edge-bench <keel-binary> <edge-probe.wasm> [seconds]"
+    );
+    let secs: f64 = args.get(3).map(|s| s.parse()).transpose()?.unwrap_or(3.0);
+    let window = Duration::from_secs_f64(secs);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let dir = tempfile::tempdir()?;
+    let keel = Keel::start(Path::new(&args[1]), Path::new(&args[2]), dir.path())?;
+    println!("| measurement | keel (guest) | native | ratio |");
+    println!("|---|---|---|---|");
+
+    let native_get = native_kv_get(dir.path(), window)?;
+    let guest_get = rt.block_on(guest_ops(&keel.base, "kv-get", 1000, window))?;
+    row("kv.get 16 B (ops/s)", guest_get, native_get);
+
+    let native_set = native_kv_set(dir.path(), window)?;
+    let guest_set = rt.block_on(guest_ops(&keel.base, "kv-set", 100, window))?;
+    row("kv.set 16 B, fsynced (ops/s)", guest_set, native_set);
+
+    let native_sql = native_sql_query(dir.path(), window)?;
+    let guest_sql = rt.block_on(guest_ops(&keel.base, "sql-query", 1000, window))?;
+    row("sql.query by primary key (ops/s)", guest_sql, native_sql);
+    drop(keel);
+
+    let per_event = native_fsync_per_event(dir.path(), window)?;
+    let grouped = rt.block_on(group_commit(dir.path(), 64, window))?;
+    row(
+        "durable event appends, 64 writers: group commit vs fsync per event (events/s)",
+        grouped,
+        per_event,
+    );
+    let single = rt.block_on(group_commit(&dir.path().join("single"), 1, window))?;
+    row(
+        "durable event appends, 1 writer vs fsync per event (events/s)",
+        single,
+        per_event,
+    );
+    Ok(())
+}
+
+fn row(name: &str, keel: f64, native: f64) {
+    println!(
+        "| {name} | {keel:.0} | {native:.0} | {:.2} |",
+        keel / native
+    );
+}
+
+struct Keel {
+    child: Child,
+    base: String,
+}
+
+impl Keel {
+    fn start(bin: &Path, wasm: &Path, dir: &Path) -> anyhow::Result<Keel> {
+        let config = dir.join("keel.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[server]\nlisten = \"127.0.0.1:0\"\ndata-dir = \"keel-data\"\n\n[components.probe]\nwasm = {:?}\nroute = \"/probe/...\"\ngrants = [\"kv\", \"sql\", \"events\", \"edge-operations\"]\n",
+                wasm.display().to_string()
+            ),
+        )?;
+        let mut child = Command::new(bin)
+            .args(["--log-format", "json", "up", "--config"])
+            .arg(&config)
+            .env_remove("RUST_BACKTRACE")
+            .env("KEEL_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)?;
+        let addr = line
+            .trim()
+            .strip_prefix("keel listening on ")
+            .ok_or_else(|| anyhow::anyhow!("unexpected keel output {line:?}"))?;
+        Ok(Keel {
+            child,
+            base: format!("{addr}/probe"),
+        })
+    }
+}
+
+impl Drop for Keel {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Ops/s of `POST /bench/<op>?n=N` from one connection for `window`.
+async fn guest_ops(base: &str, op: &str, n: u64, window: Duration) -> anyhow::Result<f64> {
+    let client: Client =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+    let url: hyper::Uri = format!("{base}/bench/{op}?n={n}").parse()?;
+    let call = || async {
+        let req = hyper::Request::post(url.clone()).body(Full::new(Bytes::new()))?;
+        let res = client.request(req).await?;
+        let status = res.status();
+        let body = res.into_body().collect().await?.to_bytes();
+        anyhow::ensure!(status.is_success(), "{op}: {status} {body:?}");
+        Ok::<_, anyhow::Error>(())
+    };
+    // Warm up (first instantiation, table creation, caches).
+    for _ in 0..3 {
+        call().await?;
+    }
+    let started = Instant::now();
+    let mut ops = 0u64;
+    while started.elapsed() < window {
+        call().await?;
+        ops += n;
+    }
+    Ok(ops as f64 / started.elapsed().as_secs_f64())
+}
+
+fn rocks(path: &Path) -> anyhow::Result<rocksdb::DB> {
+    let mut o = rocksdb::Options::default();
+    o.create_if_missing(true);
+    Ok(rocksdb::DB::open(&o, path)?)
+}
+
+fn native_kv_get(dir: &Path, window: Duration) -> anyhow::Result<f64> {
+    let db = rocks(&dir.join("native-get"))?;
+    for i in 0..100 {
+        db.put(format!("probe\0bench-{i}"), [7u8; 16])?;
+    }
+    let started = Instant::now();
+    let mut ops = 0u64;
+    while started.elapsed() < window {
+        for i in 0..1000 {
+            std::hint::black_box(db.get(format!("probe\0bench-{}", i % 100))?);
+        }
+        ops += 1000;
+    }
+    Ok(ops as f64 / started.elapsed().as_secs_f64())
+}
+
+fn native_kv_set(dir: &Path, window: Duration) -> anyhow::Result<f64> {
+    let db = rocks(&dir.join("native-set"))?;
+    let mut sync = rocksdb::WriteOptions::default();
+    sync.set_sync(true);
+    let started = Instant::now();
+    let mut ops = 0u64;
+    while started.elapsed() < window {
+        for i in 0..100 {
+            db.put_opt(format!("probe\0bench-{i}"), [7u8; 16], &sync)?;
+        }
+        ops += 100;
+    }
+    Ok(ops as f64 / started.elapsed().as_secs_f64())
+}
+
+fn native_sql_query(dir: &Path, window: Duration) -> anyhow::Result<f64> {
+    let conn = rusqlite::Connection::open(dir.join("native.db"))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS bench (id INTEGER PRIMARY KEY, value BLOB NOT NULL)",
+    )?;
+    for i in 0..100 {
+        conn.execute(
+            "INSERT OR REPLACE INTO bench (id, value) VALUES (?1, ?2)",
+            rusqlite::params![i, vec![7u8; 16]],
+        )?;
+    }
+    let started = Instant::now();
+    let mut ops = 0u64;
+    while started.elapsed() < window {
+        for i in 0..1000i64 {
+            let mut stmt = conn.prepare_cached("SELECT id, value FROM bench WHERE id = ?1")?;
+            let rows: Vec<(i64, Vec<u8>)> = stmt
+                .query_map([i % 100], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<_, _>>()?;
+            std::hint::black_box(rows);
+        }
+        ops += 1000;
+    }
+    Ok(ops as f64 / started.elapsed().as_secs_f64())
+}
+
+fn native_fsync_per_event(dir: &Path, window: Duration) -> anyhow::Result<f64> {
+    let db = rocks(&dir.join("native-events"))?;
+    let mut sync = rocksdb::WriteOptions::default();
+    sync.set_sync(true);
+    let started = Instant::now();
+    let mut n = 0u64;
+    while started.elapsed() < window {
+        db.put_opt(n.to_be_bytes(), [7u8; 64], &sync)?;
+        n += 1;
+    }
+    Ok(n as f64 / started.elapsed().as_secs_f64())
+}
+
+async fn group_commit(dir: &Path, writers: usize, window: Duration) -> anyhow::Result<f64> {
+    let store = keel_store_rocksdb::RocksStore::open(
+        &dir.join("grouped"),
+        keel_store_rocksdb::RocksOptions {
+            limits: StoreLimits::default(),
+            node: keel_store_rocksdb::NodeIdentity {
+                edge: "bench".into(),
+                region: "bench".into(),
+            },
+            forwarding: true,
+            block_cache_bytes: 8 << 20,
+        },
+    )
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let store = Arc::new(store);
+    let ns = Namespace::new("bench").expect("valid namespace");
+    let count = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..writers {
+        let (store, ns, count) = (store.clone(), ns.clone(), count.clone());
+        tasks.push(tokio::spawn(async move {
+            while started.elapsed() < window {
+                let e = EventData {
+                    kind: "bench".into(),
+                    key: "k".into(),
+                    payload: vec![7; 64],
+                    content_type: None,
+                    user: None,
+                };
+                store.append(&ns, e, true).await?;
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok::<_, keel_store::StoreError>(())
+        }));
+    }
+    for t in tasks {
+        t.await?.map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    Ok(count.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
+}

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Edge-tier benchmark (numbers go to BENCHMARKS.md; nothing here is asserted).
+#
+# 1. edge-bench: guest -> host kv.get / kv.set / sql.query vs the rocksdb and
+#    rusqlite crates called directly; durable event appends with 64 writers
+#    (group commit) vs one fsync per event. Same run, same machine.
+# 2. wrk: p50/p99 latency of one edge operation per HTTP request through the
+#    edge-probe component (read: get-local-state; durable write:
+#    record-local-event, fsynced before the response).
+#
+# Usage: benches/edge.sh [SECONDS]   (default 3)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+unset RUST_BACKTRACE RUST_LIB_BACKTRACE
+
+SECS=${1:-3}
+TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() { for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
+trap cleanup EXIT
+command -v wrk >/dev/null || { echo "wrk missing: run scripts/bootstrap.sh" >&2; exit 1; }
+
+echo "== building release binaries" >&2
+cargo build --release --workspace --bins >&2
+KEEL=$TARGET_DIR/release/keel
+PROBE=$PWD/components/target/wasm/edge-probe.wasm
+[ -f "$PROBE" ] || { echo "$PROBE missing: run make guests" >&2; exit 1; }
+
+echo "== store calls through a guest vs native (${SECS}s each)" >&2
+"$TARGET_DIR/release/edge-bench" "$KEEL" "$PROBE" "$SECS"
+
+echo "== one edge operation per HTTP request (wrk, 1 thread, 8 connections)" >&2
+cat >"$WORK/keel.toml" <<TOML
+[server]
+listen = "127.0.0.1:0"
+data-dir = "data"
+
+[components.probe]
+wasm = "$PROBE"
+route = "/probe/..."
+grants = ["kv", "sql", "events", "edge-operations"]
+TOML
+"$KEEL" --log-format json up --config "$WORK/keel.toml" >"$WORK/out" 2>"$WORK/err" &
+PIDS+=($!)
+for _ in $(seq 1 500); do grep -q "keel listening" "$WORK/out" && break; sleep 0.01; done
+BASE=$(sed -n 's/^keel listening on //p' "$WORK/out")/probe
+curl -fsS -X PUT --data-binary 'hello' "$BASE/edge/state/k" >/dev/null
+printf 'wrk.method = "POST"\nwrk.body = "{\\"kind\\":\\"bench\\",\\"key\\":\\"k\\",\\"payload\\":\\"0123456789abcdef\\"}"\n' >"$WORK/post.lua"
+echo "| operation (HTTP, loopback) | req/s | p50 | p99 |"
+echo "|---|---|---|---|"
+lat() { # name url [script]
+  wrk -t1 -c8 -d1s ${3:+-s "$3"} "$2" >/dev/null
+  wrk -t1 -c8 -d"${SECS}s" --latency ${3:+-s "$3"} "$2" >"$WORK/wrk"
+  local rps p50 p99
+  rps=$(awk '/Requests\/sec/ {print $2}' "$WORK/wrk")
+  p50=$(awk '$1=="50%" {print $2}' "$WORK/wrk")
+  p99=$(awk '$1=="99%" {print $2}' "$WORK/wrk")
+  echo "| $1 | $rps | $p50 | $p99 |"
+}
+lat "get-local-state" "$BASE/edge/state/k"
+lat "record-local-event (fsynced)" "$BASE/edge/event" "$WORK/post.lua"

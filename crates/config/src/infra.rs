@@ -1,0 +1,312 @@
+//! `[node]` (who this node is) and `[infrastructure]` (which backend serves
+//! each raw interface, chosen by `type`, with its limits).
+
+use crate::diagnostic::Source;
+use crate::{Diagnostic, duration, size};
+use serde::Deserialize;
+use std::time::Duration;
+use toml::Spanned;
+
+/// This node's place in the topology. On the embedded single node the node
+/// is its own region.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeConfig {
+    pub edge: String,
+    pub region: String,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            edge: "local".into(),
+            region: "local".into(),
+        }
+    }
+}
+
+/// Backends of the raw infrastructure interfaces, and their limits.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InfrastructureConfig {
+    pub kv: KvBackend,
+    pub sql: SqlBackend,
+    pub event_log: EventLogBackend,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum KvBackend {
+    RocksDb {
+        max_key_bytes: usize,
+        max_value_bytes: usize,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum SqlBackend {
+    Sqlite {
+        max_rows: usize,
+        max_result_bytes: usize,
+        max_param_bytes: usize,
+        statement_timeout: Duration,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum EventLogBackend {
+    RocksDb { max_event_bytes: usize },
+}
+
+impl Default for InfrastructureConfig {
+    fn default() -> Self {
+        InfrastructureConfig {
+            kv: KvBackend::RocksDb {
+                max_key_bytes: 1024,
+                max_value_bytes: 1024 * 1024,
+            },
+            sql: SqlBackend::Sqlite {
+                max_rows: 10_000,
+                max_result_bytes: 16 * 1024 * 1024,
+                max_param_bytes: 1024 * 1024,
+                statement_timeout: Duration::from_secs(2),
+            },
+            event_log: EventLogBackend::RocksDb {
+                max_event_bytes: 1024 * 1024,
+            },
+        }
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub(crate) struct RawNode {
+    edge: Option<Spanned<String>>,
+    region: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub(crate) struct RawInfrastructure {
+    kv: Option<Spanned<RawKv>>,
+    sql: Option<Spanned<RawSql>>,
+    event_log: Option<Spanned<RawEventLog>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawKv {
+    r#type: Spanned<String>,
+    max_key_bytes: Option<Spanned<String>>,
+    max_value_bytes: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawSql {
+    r#type: Spanned<String>,
+    max_rows: Option<Spanned<i64>>,
+    max_result_bytes: Option<Spanned<String>>,
+    max_param_bytes: Option<Spanned<String>>,
+    statement_timeout: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawEventLog {
+    r#type: Spanned<String>,
+    max_event_bytes: Option<Spanned<String>>,
+}
+
+fn name_ok(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+pub(crate) fn build_node(src: &Source, raw: RawNode, diags: &mut Vec<Diagnostic>) -> NodeConfig {
+    let mut n = NodeConfig::default();
+    for (v, key, out) in [
+        (raw.edge, "node.edge", &mut n.edge),
+        (raw.region, "node.region", &mut n.region),
+    ] {
+        if let Some(v) = v {
+            if name_ok(v.get_ref()) {
+                *out = v.into_inner();
+            } else {
+                diags.push(src.at(
+                    Some(v.span()),
+                    key,
+                    format!(
+                        "{:?} is not a valid name; accepted: 1 to 63 lowercase letters, digits and '-'",
+                        v.get_ref()
+                    ),
+                ));
+            }
+        }
+    }
+    n
+}
+
+/// `type` must be one of `supported`; otherwise a diagnostic listing them.
+fn check_type(
+    src: &Source,
+    key: &str,
+    t: &Spanned<String>,
+    supported: &[&str],
+    diags: &mut Vec<Diagnostic>,
+) -> bool {
+    if supported.contains(&t.get_ref().as_str()) {
+        return true;
+    }
+    diags.push(src.at(
+        Some(t.span()),
+        key,
+        format!(
+            "unsupported backend type {:?}; supported: {}",
+            t.get_ref(),
+            supported
+                .iter()
+                .map(|s| format!("{s:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    ));
+    false
+}
+
+fn bounded_size(
+    src: &Source,
+    v: &Option<Spanned<String>>,
+    key: &str,
+    range: std::ops::RangeInclusive<u64>,
+    out: &mut usize,
+    diags: &mut Vec<Diagnostic>,
+) {
+    let Some(v) = v else { return };
+    if let Some(n) = size(src, v, key, diags) {
+        if range.contains(&n) {
+            *out = n as usize;
+        } else {
+            diags.push(src.at(
+                Some(v.span()),
+                key,
+                format!("accepted: {} to {} bytes", range.start(), range.end()),
+            ));
+        }
+    }
+}
+
+pub(crate) fn build_infrastructure(
+    src: &Source,
+    raw: RawInfrastructure,
+    diags: &mut Vec<Diagnostic>,
+) -> InfrastructureConfig {
+    let mut cfg = InfrastructureConfig::default();
+    if let Some(kv) = raw.kv {
+        let kv = kv.into_inner();
+        if check_type(
+            src,
+            "infrastructure.kv.type",
+            &kv.r#type,
+            &["rocksdb"],
+            diags,
+        ) {
+            let KvBackend::RocksDb {
+                max_key_bytes,
+                max_value_bytes,
+            } = &mut cfg.kv;
+            bounded_size(
+                src,
+                &kv.max_key_bytes,
+                "infrastructure.kv.max-key-bytes",
+                1..=64 * 1024,
+                max_key_bytes,
+                diags,
+            );
+            bounded_size(
+                src,
+                &kv.max_value_bytes,
+                "infrastructure.kv.max-value-bytes",
+                1..=64 * 1024 * 1024,
+                max_value_bytes,
+                diags,
+            );
+        }
+    }
+    if let Some(sql) = raw.sql {
+        let sql = sql.into_inner();
+        if check_type(
+            src,
+            "infrastructure.sql.type",
+            &sql.r#type,
+            &["sqlite"],
+            diags,
+        ) {
+            let SqlBackend::Sqlite {
+                max_rows,
+                max_result_bytes,
+                max_param_bytes,
+                statement_timeout,
+            } = &mut cfg.sql;
+            if let Some(v) = &sql.max_rows {
+                match usize::try_from(*v.get_ref()) {
+                    Ok(n) if (1..=10_000_000).contains(&n) => *max_rows = n,
+                    _ => diags.push(src.at(
+                        Some(v.span()),
+                        "infrastructure.sql.max-rows",
+                        "accepted: an integer from 1 to 10000000".into(),
+                    )),
+                }
+            }
+            bounded_size(
+                src,
+                &sql.max_result_bytes,
+                "infrastructure.sql.max-result-bytes",
+                1024..=1024 * 1024 * 1024,
+                max_result_bytes,
+                diags,
+            );
+            bounded_size(
+                src,
+                &sql.max_param_bytes,
+                "infrastructure.sql.max-param-bytes",
+                1..=256 * 1024 * 1024,
+                max_param_bytes,
+                diags,
+            );
+            if let Some(v) = &sql.statement_timeout
+                && let Some(d) = duration(src, v, "infrastructure.sql.statement-timeout", diags)
+            {
+                if d < Duration::from_millis(1) || d > Duration::from_secs(600) {
+                    diags.push(src.at(
+                        Some(v.span()),
+                        "infrastructure.sql.statement-timeout",
+                        "accepted: 1ms to 10m".into(),
+                    ));
+                } else {
+                    *statement_timeout = d;
+                }
+            }
+        }
+    }
+    if let Some(ev) = raw.event_log {
+        let ev = ev.into_inner();
+        if check_type(
+            src,
+            "infrastructure.event-log.type",
+            &ev.r#type,
+            &["rocksdb"],
+            diags,
+        ) {
+            let EventLogBackend::RocksDb { max_event_bytes } = &mut cfg.event_log;
+            bounded_size(
+                src,
+                &ev.max_event_bytes,
+                "infrastructure.event-log.max-event-bytes",
+                1..=64 * 1024 * 1024,
+                max_event_bytes,
+                diags,
+            );
+        }
+    }
+    cfg
+}

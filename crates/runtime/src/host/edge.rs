@@ -1,0 +1,188 @@
+use super::{WitError, event_data_in, hlc, wit_error};
+use crate::state::HostState;
+use keel_store::Activity;
+use keel_world::bindings::keel::platform::edge_operations as edge;
+use keel_world::bindings::keel::platform::types;
+use std::time::Duration;
+
+/// Longest TTL `update-local-cache` accepts (the L1 tier's maximum).
+const MAX_L1_TTL: Duration = Duration::from_secs(24 * 3600);
+
+fn auth_error(e: keel_auth::AuthError) -> types::AuthError {
+    use keel_auth::AuthError as A;
+    match e {
+        A::Expired => types::AuthError::Expired,
+        A::NotYetValid => types::AuthError::NotYetValid,
+        A::BadSignature => types::AuthError::BadSignature,
+        A::Malformed(m) => types::AuthError::Malformed(m),
+        A::UnknownKey(k) => types::AuthError::UnknownKey(k),
+        A::UnsupportedAlgorithm(a) => types::AuthError::UnsupportedAlgorithm(a),
+        A::ClaimMismatch(m) => types::AuthError::ClaimMismatch(m),
+        A::Unavailable(m) => types::AuthError::Unavailable(m),
+        A::Revoked => types::AuthError::Revoked,
+    }
+}
+
+impl edge::Host for HostState {
+    async fn local_node(&mut self) -> wasmtime::Result<edge::NodeLocation> {
+        let c = self.component();
+        Ok(edge::NodeLocation {
+            edge: c.services.node.edge.clone(),
+            region: c.services.node.region.clone(),
+        })
+    }
+
+    async fn record_local_event(
+        &mut self,
+        event: types::EventData,
+    ) -> wasmtime::Result<Result<String, WitError>> {
+        let c = self.component();
+        Ok(c.services
+            .events
+            .append(&c.ns, event_data_in(event), true)
+            .await
+            .map(|e| e.id)
+            .map_err(wit_error))
+    }
+
+    async fn get_local_state(
+        &mut self,
+        key: String,
+    ) -> wasmtime::Result<Result<edge::StateValue, WitError>> {
+        let c = self.component();
+        Ok(match c.services.edge.get_state(&c.ns, &key) {
+            Ok(Some(v)) => Ok(edge::StateValue {
+                value: v.value,
+                version: v.version,
+                updated_at: hlc(v.updated_at),
+            }),
+            Ok(None) => Err(WitError::NotFound),
+            Err(e) => Err(wit_error(e)),
+        })
+    }
+
+    async fn set_local_state(
+        &mut self,
+        key: String,
+        value: Vec<u8>,
+    ) -> wasmtime::Result<Result<u64, WitError>> {
+        let c = self.component();
+        Ok(c.services
+            .edge
+            .set_state(&c.ns, key, value)
+            .await
+            .map_err(wit_error))
+    }
+
+    async fn update_local_cache(
+        &mut self,
+        key: String,
+        value: Vec<u8>,
+        ttl_seconds: u32,
+    ) -> wasmtime::Result<Result<(), WitError>> {
+        let c = self.component();
+        let limits = &c.services.limits;
+        let checked = limits
+            .check_key(&key)
+            .and_then(|_| limits.check_value(&value))
+            .map_err(wit_error);
+        if let Err(e) = checked {
+            return Ok(Err(e));
+        }
+        let ttl = Duration::from_secs(ttl_seconds.into());
+        if ttl.is_zero() || ttl > MAX_L1_TTL {
+            return Ok(Err(WitError::Invalid(format!(
+                "ttl-seconds must be 1 to {}",
+                MAX_L1_TTL.as_secs()
+            ))));
+        }
+        c.services.local_cache.insert(&c.ns, key, value, ttl);
+        Ok(Ok(()))
+    }
+
+    async fn authenticate_user(
+        &mut self,
+        token: String,
+    ) -> wasmtime::Result<Result<edge::UserSession, types::AuthError>> {
+        let c = self.component();
+        let session = match c.services.auth.authenticate(&token) {
+            Ok(s) => s,
+            Err(e) => return Ok(Err(auth_error(e))),
+        };
+        // The directory copy on this edge names the home region; a user first
+        // seen here is homed in this region.
+        let home_region = match c.services.edge.user_region(&session.user) {
+            Ok(Some(r)) => r,
+            Ok(None) => match c
+                .services
+                .edge
+                .register_user(session.user.clone(), c.services.node.region.clone())
+                .await
+            {
+                Ok(r) => r,
+                Err(e) => return Ok(Err(types::AuthError::Unavailable(e.to_string()))),
+            },
+            Err(e) => return Ok(Err(types::AuthError::Unavailable(e.to_string()))),
+        };
+        Ok(Ok(edge::UserSession {
+            user: session.user,
+            session_id: session.session_id,
+            home_region,
+            issued_at_ms: session.issued_at_ms,
+            expires_at_ms: session.expires_at_ms,
+            scopes: session.scopes,
+            claims: session.claims,
+        }))
+    }
+
+    async fn get_user_region(
+        &mut self,
+        user: String,
+    ) -> wasmtime::Result<Result<String, WitError>> {
+        let c = self.component();
+        Ok(match c.services.edge.user_region(&user) {
+            Ok(Some(r)) => Ok(r),
+            Ok(None) => Err(WitError::NotFound),
+            Err(e) => Err(wit_error(e)),
+        })
+    }
+
+    async fn get_user_preferences(
+        &mut self,
+        user: String,
+    ) -> wasmtime::Result<Result<Vec<(String, String)>, WitError>> {
+        let c = self.component();
+        Ok(c.services.edge.preferences(&c.ns, &user).map_err(wit_error))
+    }
+
+    async fn set_user_preference(
+        &mut self,
+        user: String,
+        name: String,
+        value: Option<String>,
+    ) -> wasmtime::Result<Result<(), WitError>> {
+        let c = self.component();
+        Ok(c.services
+            .edge
+            .set_preference(&c.ns, user, name, value)
+            .await
+            .map_err(wit_error))
+    }
+
+    async fn record_user_activity(
+        &mut self,
+        user: String,
+        activity: edge::ActivityData,
+    ) -> wasmtime::Result<Result<(), WitError>> {
+        let c = self.component();
+        let activity = Activity {
+            kind: activity.kind,
+            attributes: activity.attributes,
+        };
+        Ok(c.services
+            .edge
+            .record_activity(&c.ns, user, activity)
+            .await
+            .map_err(wit_error))
+    }
+}

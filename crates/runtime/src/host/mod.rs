@@ -1,0 +1,84 @@
+//! Host sides of the `keel:platform` interfaces. Each call runs in the
+//! calling component's namespace; expected failures are WIT `error`s, and a
+//! `wasmtime::Error` (which traps the guest) is reserved for host bugs.
+
+mod edge;
+mod events;
+mod kv;
+mod sql;
+
+use crate::state::HostState;
+use keel_store::StoreError;
+use keel_world::bindings::keel::platform::types;
+
+pub(crate) use types::Error as WitError;
+
+impl types::Host for HostState {}
+
+pub(crate) fn wit_error(e: StoreError) -> WitError {
+    match e {
+        StoreError::Invalid(m) => WitError::Invalid(m),
+        StoreError::Limit(m) => WitError::Limit(m),
+        StoreError::Unavailable(m) => WitError::Unavailable(m),
+        StoreError::Conflict(m) => WitError::Conflict(m),
+        StoreError::Internal(m) => {
+            tracing::error!(error = %m, "store internal error");
+            WitError::Internal(m)
+        }
+    }
+}
+
+pub(crate) fn hlc(h: keel_core::Hlc) -> types::HlcTimestamp {
+    types::HlcTimestamp {
+        physical_ms: h.physical_ms,
+        logical: h.logical,
+        node: h.node,
+    }
+}
+
+pub(crate) fn event_data_in(e: types::EventData) -> keel_store::EventData {
+    keel_store::EventData {
+        kind: e.kind,
+        key: e.key,
+        payload: e.payload,
+        content_type: e.content_type,
+        user: e.user,
+    }
+}
+
+pub(crate) fn recorded_event(e: keel_store::StoredEvent) -> types::RecordedEvent {
+    types::RecordedEvent {
+        id: e.id,
+        sequence: e.sequence,
+        origin: e.origin,
+        region: e.region,
+        at: hlc(e.at),
+        data: types::EventData {
+            kind: e.data.kind,
+            key: e.data.key,
+            payload: e.data.payload,
+            content_type: e.data.content_type,
+            user: e.data.user,
+        },
+    }
+}
+
+/// Adds the host side of one granted interface to `linker`.
+pub(crate) fn add_to_linker(
+    linker: &mut wasmtime::component::Linker<HostState>,
+    interface: &str,
+) -> wasmtime::Result<()> {
+    use keel_world::bindings::keel::platform as p;
+    use wasmtime::component::HasSelf;
+    match interface {
+        "kv" => p::kv::add_to_linker::<_, HasSelf<HostState>>(linker, |s| s),
+        "sql" => p::sql::add_to_linker::<_, HasSelf<HostState>>(linker, |s| s),
+        "events" => p::events::add_to_linker::<_, HasSelf<HostState>>(linker, |s| s),
+        "edge-operations" => {
+            p::edge_operations::add_to_linker::<_, HasSelf<HostState>>(linker, |s| s)
+        }
+        other => Err(wasmtime::Error::msg(format!(
+            "no host implementation for keel:platform/{other}"
+        ))),
+    }
+}

@@ -1,0 +1,75 @@
+//! Key layouts. Namespaces never contain byte 0 (see `Namespace::new`), so
+//! `<namespace>\0` is an unambiguous prefix: no key of one component can
+//! fall inside another component's range. Variable-length parts that are
+//! followed by more key material are length-prefixed.
+
+use keel_store::{Namespace, StoreError, StoreResult};
+
+pub fn ns_prefix(ns: &Namespace) -> Vec<u8> {
+    let mut k = Vec::with_capacity(ns.as_str().len() + 1);
+    k.extend_from_slice(ns.as_str().as_bytes());
+    k.push(0);
+    k
+}
+
+/// `<ns>\0<key>` (kv, state).
+pub fn ns_key(ns: &Namespace, key: &str) -> Vec<u8> {
+    let mut k = ns_prefix(ns);
+    k.extend_from_slice(key.as_bytes());
+    k
+}
+
+/// `<ns>\0<seq:be64>`: events of one component in sequence order.
+pub fn event_key(ns: &Namespace, seq: u64) -> Vec<u8> {
+    let mut k = ns_prefix(ns);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+pub fn u64_key(n: u64) -> Vec<u8> {
+    n.to_be_bytes().to_vec()
+}
+
+pub fn decode_u64(b: &[u8]) -> StoreResult<u64> {
+    let arr: [u8; 8] = b
+        .try_into()
+        .map_err(|_| StoreError::Internal(format!("corrupt u64 of {} bytes", b.len())))?;
+    Ok(u64::from_be_bytes(arr))
+}
+
+fn with_user(mut k: Vec<u8>, user: &str) -> Vec<u8> {
+    k.extend_from_slice(&(user.len() as u32).to_be_bytes());
+    k.extend_from_slice(user.as_bytes());
+    k
+}
+
+/// `p\0<ns>\0<len><user>` + name: one user's preferences in one component.
+pub fn pref_prefix(ns: &Namespace, user: &str) -> Vec<u8> {
+    let mut k = b"p\0".to_vec();
+    k.extend_from_slice(&ns_prefix(ns));
+    with_user(k, user)
+}
+
+/// `a\0<ns>\0<len><user>`: last activity.
+pub fn activity_key(ns: &Namespace, user: &str) -> Vec<u8> {
+    let mut k = b"a\0".to_vec();
+    k.extend_from_slice(&ns_prefix(ns));
+    with_user(k, user)
+}
+
+/// `d\0<user>`: home region (node-wide: the directory is not per component).
+pub fn directory_key(user: &str) -> Vec<u8> {
+    let mut k = b"d\0".to_vec();
+    k.extend_from_slice(user.as_bytes());
+    k
+}
+
+pub fn meta_event_seq(ns: &Namespace) -> Vec<u8> {
+    let mut k = b"evseq\0".to_vec();
+    k.extend_from_slice(ns.as_str().as_bytes());
+    k
+}
+
+pub fn meta_node_seq() -> Vec<u8> {
+    b"nodeseq".to_vec()
+}

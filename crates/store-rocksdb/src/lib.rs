@@ -1,0 +1,594 @@
+//! RocksDB backend of the edge tier: [`KvStore`], [`EventLog`] and
+//! [`EdgeStore`] in one database, plus the outbox that later forwards
+//! writes to the region.
+//!
+//! Durability: every write goes through one committer thread that drains
+//! all writes queued while the previous fsync ran, applies them as one
+//! `WriteBatch` and syncs the WAL once (group commit). A caller's future
+//! resolves only after that sync. Read-modify-write operations (CAS, event
+//! sequence numbers, state versions) run on the committer, so they are
+//! atomic without locks; they read through the uncommitted writes of their
+//! group.
+
+mod committer;
+mod keys;
+
+use committer::{Committer, Txn};
+use keel_core::{Hlc, HlcClock};
+
+use keel_store::{
+    Activity, ActivityRecord, EdgeStore, EventData, EventLog, KvStore, Namespace, StateValue,
+    StoreError, StoreLimits, StoreResult, StoredEvent, WriteFuture,
+};
+use rocksdb::{BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, Options};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+/// Column families. Order matters: `Cf as usize` indexes the handle list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Cf {
+    Kv,
+    Events,
+    State,
+    Users,
+    Outbox,
+    Meta,
+}
+
+impl Cf {
+    const ALL: [Cf; 6] = [
+        Cf::Kv,
+        Cf::Events,
+        Cf::State,
+        Cf::Users,
+        Cf::Outbox,
+        Cf::Meta,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Cf::Kv => "kv",
+            Cf::Events => "events",
+            Cf::State => "state",
+            Cf::Users => "users",
+            Cf::Outbox => "outbox",
+            Cf::Meta => "meta",
+        }
+    }
+}
+
+/// Who this node is: stamped on events and ids.
+#[derive(Debug, Clone)]
+pub struct NodeIdentity {
+    pub edge: String,
+    pub region: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct RocksOptions {
+    pub limits: StoreLimits,
+    pub node: NodeIdentity,
+    /// Queue forwarded writes in the outbox. Off on the embedded single
+    /// node, which is its own region (its local log is the regional log).
+    pub forwarding: bool,
+    /// Block cache size (shared by all column families).
+    pub block_cache_bytes: usize,
+}
+
+/// A write waiting in the outbox for the region, keyed by its node sequence.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OutboxEntry {
+    Event {
+        component: String,
+        event: StoredEvent,
+    },
+    Activity {
+        component: String,
+        user: String,
+        record: ActivityRecord,
+    },
+}
+
+impl OutboxEntry {
+    /// Deduplication id for JetStream (`Nats-Msg-Id`): `<edge>:<node-seq>`.
+    pub fn id(&self, edge: &str, node_seq: u64) -> String {
+        format!("{edge}:{node_seq}")
+    }
+}
+
+/// The store. Cheap to clone.
+#[derive(Clone)]
+pub struct RocksStore {
+    inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    db: Arc<DB>,
+    committer: Committer,
+    limits: StoreLimits,
+    node: NodeIdentity,
+    clock: Mutex<HlcClock>,
+    forwarding: bool,
+}
+
+/// Version byte in front of every encoded value, so the format can evolve.
+const FORMAT_V1: u8 = 1;
+
+pub(crate) fn encode<T: Serialize>(v: &T) -> StoreResult<Vec<u8>> {
+    postcard::to_extend(v, vec![FORMAT_V1])
+        .map_err(|e| StoreError::Internal(format!("encode: {e}")))
+}
+
+pub(crate) fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> StoreResult<T> {
+    match bytes.split_first() {
+        Some((&FORMAT_V1, rest)) => postcard::from_bytes(rest)
+            .map_err(|e| StoreError::Internal(format!("corrupt record: {e}"))),
+        Some((v, _)) => Err(StoreError::Internal(format!(
+            "record format version {v} is newer than this build understands"
+        ))),
+        None => Err(StoreError::Internal("empty record".into())),
+    }
+}
+
+pub(crate) fn map_err(e: rocksdb::Error) -> StoreError {
+    use rocksdb::ErrorKind as K;
+    match e.kind() {
+        K::IOError
+        | K::ShutdownInProgress
+        | K::TimedOut
+        | K::Busy
+        | K::TryAgain
+        | K::Aborted
+        | K::Incomplete => StoreError::Unavailable(format!("storage: {e}")),
+        _ => StoreError::Internal(format!("storage: {e}")),
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl RocksStore {
+    pub fn open(path: &Path, options: RocksOptions) -> StoreResult<RocksStore> {
+        std::fs::create_dir_all(path).map_err(|e| {
+            StoreError::Unavailable(format!("cannot create {}: {e}", path.display()))
+        })?;
+        let cache = Cache::new_lru_cache(options.block_cache_bytes);
+        let mut table = BlockBasedOptions::default();
+        table.set_block_cache(&cache);
+        let mut cf_opts = Options::default();
+        cf_opts.set_block_based_table_factory(&table);
+        cf_opts.set_write_buffer_size(8 << 20);
+        cf_opts.set_max_write_buffer_number(2);
+        let mut db_opts = cf_opts.clone();
+        db_opts.create_if_missing(true);
+        db_opts.create_missing_column_families(true);
+        // Multi-CF batches must never be half-flushed.
+        db_opts.set_atomic_flush(true);
+        db_opts.set_max_total_wal_size(64 << 20);
+        db_opts.set_max_open_files(512);
+        db_opts.set_keep_log_file_num(4);
+        let cfs = Cf::ALL
+            .iter()
+            .map(|cf| ColumnFamilyDescriptor::new(cf.name(), cf_opts.clone()));
+        let db = DB::open_cf_descriptors(&db_opts, path, cfs).map_err(|e| {
+            StoreError::Unavailable(format!("cannot open RocksDB at {}: {e}", path.display()))
+        })?;
+        let db = Arc::new(db);
+        let committer = Committer::start(db.clone())?;
+        Ok(RocksStore {
+            inner: Arc::new(Inner {
+                db,
+                committer,
+                limits: options.limits,
+                clock: Mutex::new(HlcClock::new(options.node.edge.clone(), 60_000)),
+                node: options.node,
+                forwarding: options.forwarding,
+            }),
+        })
+    }
+
+    pub fn limits(&self) -> &StoreLimits {
+        &self.inner.limits
+    }
+
+    /// Entries waiting for the region, oldest first.
+    pub fn outbox_peek(&self, limit: usize) -> StoreResult<Vec<(u64, OutboxEntry)>> {
+        let db = &self.inner.db;
+        let cf = committer::handle(db, Cf::Outbox)?;
+        let mut out = Vec::new();
+        for item in db.iterator_cf(cf, rocksdb::IteratorMode::Start).take(limit) {
+            let (k, v) = item.map_err(map_err)?;
+            out.push((keys::decode_u64(&k)?, decode(&v)?));
+        }
+        Ok(out)
+    }
+
+    /// Removes outbox entries up to and including `seq` (after the region
+    /// acknowledged them).
+    pub fn outbox_ack(&self, seq: u64) -> WriteFuture<()> {
+        let acked = match self.outbox_keys_through(seq) {
+            Ok(k) => k,
+            Err(e) => return ready(Err(e)),
+        };
+        self.inner.committer.write(move |tx: &mut Txn| {
+            for k in acked {
+                tx.delete(Cf::Outbox, k);
+            }
+            Ok(())
+        })
+    }
+
+    fn outbox_keys_through(&self, seq: u64) -> StoreResult<Vec<Vec<u8>>> {
+        let db = &self.inner.db;
+        let mut it = db.raw_iterator_cf(committer::handle(db, Cf::Outbox)?);
+        it.seek_to_first();
+        let end = keys::u64_key(seq);
+        let mut out = Vec::new();
+        while let Some(k) = it.key() {
+            if k > end.as_slice() {
+                break;
+            }
+            out.push(k.to_vec());
+            it.next();
+        }
+        it.status().map_err(map_err)?;
+        Ok(out)
+    }
+}
+
+fn stamp(inner: &Inner) -> StoreResult<Hlc> {
+    let mut clock = inner
+        .clock
+        .lock()
+        .map_err(|_| StoreError::Internal("clock lock poisoned".into()))?;
+    clock
+        .now(now_ms())
+        .map_err(|e| StoreError::Internal(e.to_string()))
+}
+
+fn ready<T: Send + 'static>(r: StoreResult<T>) -> WriteFuture<T> {
+    Box::pin(std::future::ready(r))
+}
+
+/// Allocates the next node-wide sequence (event ids, outbox keys).
+fn next_node_seq(tx: &mut Txn) -> StoreResult<u64> {
+    let key = keys::meta_node_seq();
+    let n = tx.get_u64(Cf::Meta, &key)? + 1;
+    tx.put(Cf::Meta, key, n.to_be_bytes().to_vec());
+    Ok(n)
+}
+
+impl KvStore for RocksStore {
+    fn get(&self, ns: &Namespace, key: &str) -> StoreResult<Option<Vec<u8>>> {
+        self.inner.limits.check_key(key)?;
+        let db = &self.inner.db;
+        db.get_cf(committer::handle(db, Cf::Kv)?, keys::ns_key(ns, key))
+            .map_err(map_err)
+    }
+
+    fn exists(&self, ns: &Namespace, key: &str) -> StoreResult<bool> {
+        self.inner.limits.check_key(key)?;
+        let db = &self.inner.db;
+        Ok(db
+            .get_pinned_cf(committer::handle(db, Cf::Kv)?, keys::ns_key(ns, key))
+            .map_err(map_err)?
+            .is_some())
+    }
+
+    fn list_keys(
+        &self,
+        ns: &Namespace,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Vec<String>> {
+        let db = &self.inner.db;
+        let cf = committer::handle(db, Cf::Kv)?;
+        let scope = keys::ns_key(ns, prefix);
+        let start = match after {
+            Some(a) if a.as_bytes() >= prefix.as_bytes() => keys::ns_key(ns, a),
+            _ => scope.clone(),
+        };
+        let ns_len = keys::ns_prefix(ns).len();
+        let mut out = Vec::new();
+        let mut it = db.raw_iterator_cf(cf);
+        it.seek(&start);
+        while it.valid() && out.len() < limit {
+            let Some(k) = it.key() else { break };
+            if !k.starts_with(&scope) {
+                break;
+            }
+            let user_key = &k[ns_len..];
+            if after.is_none_or(|a| user_key > a.as_bytes())
+                && let Ok(s) = std::str::from_utf8(user_key)
+            {
+                out.push(s.to_string());
+            }
+            it.next();
+        }
+        it.status().map_err(map_err)?;
+        Ok(out)
+    }
+
+    fn set(&self, ns: &Namespace, key: String, value: Vec<u8>) -> WriteFuture<()> {
+        let l = &self.inner.limits;
+        if let Err(e) = l.check_key(&key).and_then(|_| l.check_value(&value)) {
+            return ready(Err(e));
+        }
+        let k = keys::ns_key(ns, &key);
+        self.inner.committer.write(move |tx| {
+            tx.put(Cf::Kv, k, value);
+            Ok(())
+        })
+    }
+
+    fn delete(&self, ns: &Namespace, key: String) -> WriteFuture<()> {
+        if let Err(e) = self.inner.limits.check_key(&key) {
+            return ready(Err(e));
+        }
+        let k = keys::ns_key(ns, &key);
+        self.inner.committer.write(move |tx| {
+            tx.delete(Cf::Kv, k);
+            Ok(())
+        })
+    }
+
+    fn compare_and_swap(
+        &self,
+        ns: &Namespace,
+        key: String,
+        expected: Option<Vec<u8>>,
+        new_value: Vec<u8>,
+    ) -> WriteFuture<bool> {
+        let l = &self.inner.limits;
+        if let Err(e) = l.check_key(&key).and_then(|_| l.check_value(&new_value)) {
+            return ready(Err(e));
+        }
+        let k = keys::ns_key(ns, &key);
+        self.inner.committer.write(move |tx| {
+            if tx.get(Cf::Kv, &k)? != expected {
+                return Ok(false);
+            }
+            tx.put(Cf::Kv, k, new_value);
+            Ok(true)
+        })
+    }
+}
+
+impl EventLog for RocksStore {
+    fn append(&self, ns: &Namespace, event: EventData, forward: bool) -> WriteFuture<StoredEvent> {
+        let size = event.payload.len() + event.kind.len() + event.key.len();
+        if size > self.inner.limits.max_event_bytes {
+            return ready(Err(StoreError::Invalid(format!(
+                "event of {size} bytes exceeds the limit of {} bytes",
+                self.inner.limits.max_event_bytes
+            ))));
+        }
+        if event.kind.is_empty() {
+            return ready(Err(StoreError::Invalid(
+                "event kind must not be empty".into(),
+            )));
+        }
+        let inner = self.inner.clone();
+        let ns = ns.clone();
+        self.inner.committer.write(move |tx| {
+            let seq_key = keys::meta_event_seq(&ns);
+            let sequence = tx.get_u64(Cf::Meta, &seq_key)? + 1;
+            let node_seq = next_node_seq(tx)?;
+            // Stamped on the committer: HLC order equals log order.
+            let at = stamp(&inner)?;
+            let stored = StoredEvent {
+                id: format!("{}:{node_seq}", inner.node.edge),
+                sequence,
+                origin: inner.node.edge.clone(),
+                region: inner.node.region.clone(),
+                at,
+                data: event,
+            };
+            tx.put(Cf::Events, keys::event_key(&ns, sequence), encode(&stored)?);
+            tx.put(Cf::Meta, seq_key, sequence.to_be_bytes().to_vec());
+            if forward && inner.forwarding {
+                let entry = OutboxEntry::Event {
+                    component: ns.to_string(),
+                    event: stored.clone(),
+                };
+                tx.put(Cf::Outbox, keys::u64_key(node_seq), encode(&entry)?);
+            }
+            Ok(stored)
+        })
+    }
+
+    fn read(&self, ns: &Namespace, from: u64, limit: usize) -> StoreResult<Vec<StoredEvent>> {
+        let db = &self.inner.db;
+        let cf = committer::handle(db, Cf::Events)?;
+        let prefix = keys::ns_prefix(ns);
+        let mut it = db.raw_iterator_cf(cf);
+        it.seek(keys::event_key(ns, from.max(1)));
+        let mut out = Vec::new();
+        while it.valid() && out.len() < limit {
+            let (Some(k), Some(v)) = (it.key(), it.value()) else {
+                break;
+            };
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            out.push(decode(v)?);
+            it.next();
+        }
+        it.status().map_err(map_err)?;
+        Ok(out)
+    }
+
+    fn last_sequence(&self, ns: &Namespace) -> StoreResult<Option<u64>> {
+        let db = &self.inner.db;
+        let v = db
+            .get_cf(committer::handle(db, Cf::Meta)?, keys::meta_event_seq(ns))
+            .map_err(map_err)?;
+        Ok(match v {
+            Some(b) => Some(keys::decode_u64(&b)?).filter(|n| *n > 0),
+            None => None,
+        })
+    }
+}
+
+impl EdgeStore for RocksStore {
+    fn get_state(&self, ns: &Namespace, key: &str) -> StoreResult<Option<StateValue>> {
+        self.inner.limits.check_key(key)?;
+        let db = &self.inner.db;
+        db.get_cf(committer::handle(db, Cf::State)?, keys::ns_key(ns, key))
+            .map_err(map_err)?
+            .map(|v| decode(&v))
+            .transpose()
+    }
+
+    fn set_state(&self, ns: &Namespace, key: String, value: Vec<u8>) -> WriteFuture<u64> {
+        let l = &self.inner.limits;
+        if let Err(e) = l.check_key(&key).and_then(|_| l.check_value(&value)) {
+            return ready(Err(e));
+        }
+        let k = keys::ns_key(ns, &key);
+        let inner = self.inner.clone();
+        self.inner.committer.write(move |tx| {
+            let version = match tx.get(Cf::State, &k)? {
+                Some(b) => decode::<StateValue>(&b)?.version + 1,
+                None => 1,
+            };
+            let v = StateValue {
+                value,
+                version,
+                updated_at: stamp(&inner)?,
+            };
+            tx.put(Cf::State, k, encode(&v)?);
+            Ok(version)
+        })
+    }
+
+    fn preferences(&self, ns: &Namespace, user: &str) -> StoreResult<Vec<(String, String)>> {
+        let db = &self.inner.db;
+        let cf = committer::handle(db, Cf::Users)?;
+        let prefix = keys::pref_prefix(ns, user);
+        let mut it = db.raw_iterator_cf(cf);
+        it.seek(&prefix);
+        let mut out = Vec::new();
+        while it.valid() {
+            let (Some(k), Some(v)) = (it.key(), it.value()) else {
+                break;
+            };
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            let name = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+            out.push((name, String::from_utf8_lossy(v).into_owned()));
+            it.next();
+        }
+        it.status().map_err(map_err)?;
+        Ok(out)
+    }
+
+    fn set_preference(
+        &self,
+        ns: &Namespace,
+        user: String,
+        name: String,
+        value: Option<String>,
+    ) -> WriteFuture<()> {
+        let l = &self.inner.limits;
+        let check = l
+            .check_key(&user)
+            .and_then(|_| l.check_key(&name))
+            .and_then(|_| l.check_value(value.as_deref().unwrap_or("").as_bytes()));
+        if let Err(e) = check {
+            return ready(Err(e));
+        }
+        let mut k = keys::pref_prefix(ns, &user);
+        k.extend_from_slice(name.as_bytes());
+        self.inner.committer.write(move |tx| {
+            match value {
+                Some(v) => tx.put(Cf::Users, k, v.into_bytes()),
+                None => tx.delete(Cf::Users, k),
+            }
+            Ok(())
+        })
+    }
+
+    fn record_activity(&self, ns: &Namespace, user: String, activity: Activity) -> WriteFuture<()> {
+        let l = &self.inner.limits;
+        let size: usize = activity.kind.len()
+            + activity
+                .attributes
+                .iter()
+                .map(|(a, b)| a.len() + b.len())
+                .sum::<usize>();
+        if let Err(e) = l.check_key(&user) {
+            return ready(Err(e));
+        }
+        if size > l.max_value_bytes {
+            return ready(Err(StoreError::Invalid(format!(
+                "activity of {size} bytes exceeds the limit of {} bytes",
+                l.max_value_bytes
+            ))));
+        }
+        let k = keys::activity_key(ns, &user);
+        let inner = self.inner.clone();
+        let ns = ns.clone();
+        self.inner.committer.write(move |tx| {
+            let record = ActivityRecord {
+                activity,
+                edge: inner.node.edge.clone(),
+                at: stamp(&inner)?,
+            };
+            tx.put(Cf::Users, k, encode(&record)?);
+            if inner.forwarding {
+                let node_seq = next_node_seq(tx)?;
+                let entry = OutboxEntry::Activity {
+                    component: ns.to_string(),
+                    user,
+                    record,
+                };
+                tx.put(Cf::Outbox, keys::u64_key(node_seq), encode(&entry)?);
+            }
+            Ok(())
+        })
+    }
+
+    fn last_activity(&self, ns: &Namespace, user: &str) -> StoreResult<Option<ActivityRecord>> {
+        let db = &self.inner.db;
+        db.get_cf(
+            committer::handle(db, Cf::Users)?,
+            keys::activity_key(ns, user),
+        )
+        .map_err(map_err)?
+        .map(|v| decode(&v))
+        .transpose()
+    }
+
+    fn user_region(&self, user: &str) -> StoreResult<Option<String>> {
+        let db = &self.inner.db;
+        Ok(db
+            .get_cf(committer::handle(db, Cf::Users)?, keys::directory_key(user))
+            .map_err(map_err)?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    fn register_user(&self, user: String, region: String) -> WriteFuture<String> {
+        if let Err(e) = self.inner.limits.check_key(&user) {
+            return ready(Err(e));
+        }
+        let k = keys::directory_key(&user);
+        self.inner.committer.write(move |tx| {
+            if let Some(existing) = tx.get(Cf::Users, &k)? {
+                return Ok(String::from_utf8_lossy(&existing).into_owned());
+            }
+            tx.put(Cf::Users, k, region.clone().into_bytes());
+            Ok(region)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,258 @@
+//! Opening and locking down one SQLite connection.
+
+use keel_store::StoreLimits;
+use rusqlite::config::DbConfig;
+use rusqlite::hooks::{AuthAction, AuthContext, Authorization};
+use rusqlite::limits::Limit;
+use rusqlite::{Connection, OpenFlags};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The progress handler runs every this many VM instructions (a few µs).
+const PROGRESS_OPS: i32 = 1000;
+/// No statement may produce a string, BLOB or row larger than this floor or
+/// the configured result/value caps, whichever is largest.
+const MIN_LENGTH_LIMIT: usize = 64 * 1024;
+/// Virtual table modules a guest may instantiate (all store only inside the
+/// same database file).
+const ALLOWED_MODULES: [&str; 5] = ["fts3", "fts4", "fts5", "rtree", "rtree_i32"];
+/// PRAGMAs SQLite's own FTS and R*Tree code runs internally through the
+/// same connection (so the authorizer sees them). Only their read-only,
+/// value-less form is allowed; it reveals nothing outside this database.
+const INTERNAL_PRAGMAS: [&str; 2] = ["data_version", "page_size"];
+/// Functions refused even though they are disabled by default.
+const DENIED_FUNCTIONS: [&str; 2] = ["load_extension", "fts3_tokenizer"];
+
+const ATTACH_REFUSED: &str = "ATTACH, DETACH and VACUUM are not allowed";
+
+/// rusqlite panics on a busy timeout beyond `i32::MAX` ms; a statement
+/// timeout that large is a misconfiguration anyway.
+const MAX_BUSY_TIMEOUT: Duration = Duration::from_secs(3600);
+
+const NO_DEADLINE: u64 = u64::MAX;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    /// The one read-write connection of a database.
+    Writer,
+    /// A pooled `SQLITE_OPEN_READONLY` connection.
+    Reader,
+}
+
+/// State shared between a connection's owner and its hooks.
+pub(crate) struct Control {
+    epoch: Instant,
+    /// Deadline of the running statement in ns since `epoch`.
+    deadline: AtomicU64,
+    /// Set while the host itself runs BEGIN/COMMIT/ROLLBACK.
+    host: AtomicBool,
+    /// Why the authorizer last refused something (for the error message).
+    denied: Mutex<Option<String>>,
+}
+
+impl Control {
+    fn new() -> Control {
+        Control {
+            epoch: Instant::now(),
+            deadline: AtomicU64::new(NO_DEADLINE),
+            host: AtomicBool::new(false),
+            denied: Mutex::new(None),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(NO_DEADLINE - 1)
+    }
+
+    /// Starts the wall-clock budget of one guest statement.
+    pub(crate) fn start(&self, budget: Duration) {
+        let budget = u64::try_from(budget.as_nanos()).unwrap_or(NO_DEADLINE);
+        let deadline = self.now().saturating_add(budget).min(NO_DEADLINE - 1);
+        self.deadline.store(deadline, Ordering::Relaxed);
+        if let Ok(mut denied) = self.denied.lock() {
+            *denied = None;
+        }
+    }
+
+    pub(crate) fn stop(&self) {
+        self.deadline.store(NO_DEADLINE, Ordering::Relaxed);
+    }
+
+    fn expired(&self) -> bool {
+        let deadline = self.deadline.load(Ordering::Relaxed);
+        deadline != NO_DEADLINE && self.now() >= deadline
+    }
+
+    pub(crate) fn take_denied(&self) -> Option<String> {
+        self.denied.lock().ok().and_then(|mut d| d.take())
+    }
+
+    fn deny(&self, why: String) -> Authorization {
+        if let Ok(mut denied) = self.denied.lock()
+            && denied.is_none()
+        {
+            *denied = Some(why);
+        }
+        Authorization::Deny
+    }
+
+    fn authorize(&self, ctx: AuthContext<'_>) -> Authorization {
+        // Defence in depth: no other database can be attached anyway. For
+        // ALTER TABLE the schema is the first argument (the fourth, which
+        // rusqlite reports as `database_name`, is a column for DROP COLUMN).
+        let schema = match ctx.action {
+            AuthAction::AlterTable { database_name, .. } => Some(database_name),
+            _ => ctx.database_name,
+        };
+        if let Some(db) = schema
+            && db != "main"
+            && db != "temp"
+        {
+            return self.deny(format!("database {db:?} is not accessible"));
+        }
+        match ctx.action {
+            AuthAction::Attach { .. } | AuthAction::Detach { .. } => {
+                // VACUUM (and VACUUM INTO) attach internally, so they end here too.
+                self.deny(ATTACH_REFUSED.into())
+            }
+            AuthAction::Pragma {
+                pragma_name,
+                pragma_value: None,
+            } if INTERNAL_PRAGMAS
+                .iter()
+                .any(|p| p.eq_ignore_ascii_case(pragma_name)) =>
+            {
+                Authorization::Allow
+            }
+            AuthAction::Pragma { pragma_name, .. } => {
+                self.deny(format!("PRAGMA {pragma_name} is not allowed"))
+            }
+            AuthAction::Transaction { .. } | AuthAction::Savepoint { .. }
+                if !self.host.load(Ordering::Relaxed) =>
+            {
+                self.deny(
+                    "transaction control is not allowed; execute_batch runs statements atomically"
+                        .into(),
+                )
+            }
+            AuthAction::CreateTempTable { .. }
+            | AuthAction::CreateTempIndex { .. }
+            | AuthAction::CreateTempTrigger { .. }
+            | AuthAction::CreateTempView { .. } => {
+                self.deny("temporary tables, indexes, triggers and views are not allowed".into())
+            }
+            AuthAction::CreateVtable { module_name, .. }
+                if !ALLOWED_MODULES
+                    .iter()
+                    .any(|m| m.eq_ignore_ascii_case(module_name)) =>
+            {
+                self.deny(format!(
+                    "virtual table module {module_name:?} is not allowed"
+                ))
+            }
+            AuthAction::Function { function_name }
+                if DENIED_FUNCTIONS
+                    .iter()
+                    .any(|f| f.eq_ignore_ascii_case(function_name)) =>
+            {
+                self.deny(format!("function {function_name} is not allowed"))
+            }
+            // rusqlite reports an ATTACH whose file name is not a literal
+            // (`ATTACH ?`) as Unknown; anything unknown is refused.
+            AuthAction::Unknown { code, .. }
+                if code == rusqlite::ffi::SQLITE_ATTACH || code == rusqlite::ffi::SQLITE_DETACH =>
+            {
+                self.deny(ATTACH_REFUSED.into())
+            }
+            AuthAction::Unknown { code, .. } => {
+                self.deny(format!("operation {code} is not allowed"))
+            }
+            _ => Authorization::Allow,
+        }
+    }
+}
+
+/// A locked-down connection and the state its hooks read.
+pub(crate) struct Conn {
+    pub(crate) conn: Connection,
+    pub(crate) ctl: Arc<Control>,
+}
+
+impl Conn {
+    /// Runs host-issued transaction control (allowed by the authorizer only
+    /// here) with no statement deadline.
+    pub(crate) fn host<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+    ) -> rusqlite::Result<T> {
+        self.ctl.stop();
+        self.ctl.host.store(true, Ordering::Relaxed);
+        let result = f(&self.conn);
+        self.ctl.host.store(false, Ordering::Relaxed);
+        result
+    }
+
+    /// Rolls back an open transaction, if any (after an error in a batch, or
+    /// defensively before a write).
+    pub(crate) fn rollback(&self) {
+        if !self.conn.is_autocommit()
+            && let Err(e) = self.host(|c| c.execute_batch("ROLLBACK"))
+        {
+            tracing::error!(error = %e, "sql store: rollback failed");
+        }
+    }
+}
+
+/// Opens the database at `path` (creating it for the writer) with every
+/// guard on. Settings that need a PRAGMA are applied before the authorizer
+/// (which refuses every PRAGMA) is installed.
+pub(crate) fn open(path: &Path, role: Role, limits: &StoreLimits) -> rusqlite::Result<Conn> {
+    let flags = match role {
+        Role::Writer => OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE,
+        Role::Reader => OpenFlags::SQLITE_OPEN_READ_ONLY,
+    } | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        | OpenFlags::SQLITE_OPEN_NOFOLLOW
+        | OpenFlags::SQLITE_OPEN_EXRESCODE;
+    let mut conn = Connection::open_with_flags(path, flags)?;
+
+    // SQLITE_BUSY is rare here (one writer per file, WAL readers never wait
+    // for it); wait no longer than a statement may run.
+    conn.busy_timeout(limits.statement_timeout.min(MAX_BUSY_TIMEOUT))?;
+    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_DEFENSIVE, true)?;
+    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_TRUSTED_SCHEMA, false)?;
+    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_WRITABLE_SCHEMA, false)?;
+    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_FTS3_TOKENIZER, false)?;
+    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_ATTACH_CREATE, false)?;
+    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_ATTACH_WRITE, false)?;
+    conn.set_limit(Limit::SQLITE_LIMIT_ATTACHED, 0)?;
+    let length = limits
+        .max_result_bytes
+        .max(limits.max_value_bytes)
+        .max(MIN_LENGTH_LIMIT);
+    conn.set_limit(
+        Limit::SQLITE_LIMIT_LENGTH,
+        i32::try_from(length).unwrap_or(i32::MAX),
+    )?;
+
+    if role == Role::Writer {
+        let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN),
+                Some(format!("cannot switch to WAL (journal mode is {mode})")),
+            ));
+        }
+    }
+    // A write is durable when its commit returns; WAL + FULL fsyncs the log
+    // on every commit.
+    conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")?;
+
+    let ctl = Arc::new(Control::new());
+    let progress = ctl.clone();
+    conn.progress_handler(PROGRESS_OPS, Some(move || progress.expired()))?;
+    let auth = ctl.clone();
+    conn.authorizer(Some(move |ctx: AuthContext<'_>| auth.authorize(ctx)))?;
+    Ok(Conn { conn, ctl })
+}

@@ -1,0 +1,436 @@
+//! SQLite backend of [`keel_store::SqlStore`]: one database file per
+//! component namespace (`<dir>/<namespace>.db`).
+//!
+//! - **Isolation.** Every connection has `SQLITE_LIMIT_ATTACHED = 0`,
+//!   `SQLITE_DBCONFIG_DEFENSIVE`, untrusted schema, no extension loading,
+//!   and an authorizer refusing ATTACH/DETACH (and with them VACUUM and
+//!   VACUUM INTO), PRAGMAs, transaction control, temporary objects and
+//!   virtual table modules other than FTS3/4/5 and R*Tree. A guest's SQL can
+//!   reach its own file only.
+//! - **Reads** (`query`) run inline on the caller's thread on a pooled
+//!   `SQLITE_OPEN_READONLY` connection: a WAL read is microseconds, less than
+//!   a thread hop.
+//! - **Writes** (`execute`, `execute_batch`) run on the database's single
+//!   writer connection inside `spawn_blocking`; WAL with `synchronous=FULL`
+//!   means the commit (and so the future) completes only after the fsync.
+//! - **Limits.** Every statement has a wall-clock budget enforced by a
+//!   progress handler; results are capped in rows and bytes; parameters and
+//!   single values are capped in bytes.
+
+mod conn;
+mod error;
+mod sql;
+#[cfg(test)]
+mod tests;
+
+use conn::{Conn, Role};
+use keel_store::{
+    ExecuteResult, Namespace, QueryResult, SqlStatement, SqlStore, SqlValue, StoreError,
+    StoreLimits, StoreResult, WriteFuture,
+};
+use sql::{Lead, Param};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+
+/// Idle read connections kept per database; more are opened on demand and
+/// closed when returned.
+const MAX_IDLE_READERS: usize = 8;
+/// `last_insert_rowid` is set to this before each statement, so a value
+/// still equal to it afterwards means "no row inserted by this statement".
+const NO_ROWID: i64 = i64::MIN;
+
+/// The SQLite [`SqlStore`]. Cheap to share behind an `Arc`; databases are
+/// opened on first use and kept open.
+pub struct SqliteStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    dir: PathBuf,
+    limits: StoreLimits,
+    dbs: RwLock<HashMap<Namespace, Arc<Database>>>,
+}
+
+/// One namespace's database file.
+struct Database {
+    path: PathBuf,
+    writer: Mutex<Conn>,
+    readers: Mutex<Vec<Conn>>,
+}
+
+fn poisoned<T>(_: PoisonError<T>) -> StoreError {
+    StoreError::Internal("SQL store lock poisoned by an earlier panic".into())
+}
+
+impl SqliteStore {
+    /// Opens (creating it if needed) the directory holding the databases.
+    pub fn open(dir: &Path, limits: StoreLimits) -> StoreResult<SqliteStore> {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            StoreError::Unavailable(format!(
+                "cannot create the SQL data directory {}: {e}",
+                dir.display()
+            ))
+        })?;
+        Ok(SqliteStore {
+            inner: Arc::new(Inner {
+                dir: dir.to_path_buf(),
+                limits,
+                dbs: RwLock::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// The limits this store enforces.
+    pub fn limits(&self) -> &StoreLimits {
+        &self.inner.limits
+    }
+}
+
+impl Inner {
+    /// The namespace's database, opening (and creating) it on first use.
+    fn database(&self, ns: &Namespace) -> StoreResult<Arc<Database>> {
+        if let Some(db) = self.dbs.read().map_err(poisoned)?.get(ns) {
+            return Ok(db.clone());
+        }
+        let mut dbs = self.dbs.write().map_err(poisoned)?;
+        if let Some(db) = dbs.get(ns) {
+            return Ok(db.clone());
+        }
+        // `Namespace` is `[a-z0-9_-]{1,64}`: no separator, no dot, no escape.
+        let path = self.dir.join(format!("{}.db", ns.as_str()));
+        let writer = conn::open(&path, Role::Writer, &self.limits).map_err(|e| {
+            tracing::error!(namespace = %ns, path = %path.display(), error = %e,
+                "sql store: cannot open database");
+            StoreError::Unavailable(format!("cannot open the SQL database: {}", plain(&e)))
+        })?;
+        tracing::debug!(namespace = %ns, path = %path.display(), "sql store: opened database");
+        let db = Arc::new(Database {
+            path,
+            writer: Mutex::new(writer),
+            readers: Mutex::new(Vec::new()),
+        });
+        dbs.insert(ns.clone(), db.clone());
+        Ok(db)
+    }
+}
+
+/// SQLite's message for an open failure, without rusqlite's decorations.
+fn plain(e: &rusqlite::Error) -> String {
+    match e {
+        rusqlite::Error::SqliteFailure(err, Some(msg)) => format!("{msg} ({err})"),
+        rusqlite::Error::SqliteFailure(err, None) => err.to_string(),
+        _ => "unexpected error".into(),
+    }
+}
+
+impl Database {
+    fn take_reader(&self, limits: &StoreLimits) -> StoreResult<Conn> {
+        if let Some(reader) = self.readers.lock().map_err(poisoned)?.pop() {
+            return Ok(reader);
+        }
+        conn::open(&self.path, Role::Reader, limits).map_err(|e| {
+            tracing::error!(path = %self.path.display(), error = %e,
+                "sql store: cannot open read connection");
+            StoreError::Unavailable(format!("cannot open the SQL database: {}", plain(&e)))
+        })
+    }
+
+    fn return_reader(&self, reader: Conn) {
+        // A connection left inside a transaction would pin an old snapshot.
+        if !reader.conn.is_autocommit() {
+            return;
+        }
+        if let Ok(mut readers) = self.readers.lock()
+            && readers.len() < MAX_IDLE_READERS
+        {
+            readers.push(reader);
+        }
+    }
+}
+
+fn check_sql(sql: &str) -> StoreResult<Lead> {
+    match sql::lead(sql) {
+        Lead::Empty => Err(StoreError::Invalid("empty SQL statement".into())),
+        lead => Ok(lead),
+    }
+}
+
+fn check_param_count(stmt: &rusqlite::Statement<'_>, params: &[SqlValue]) -> StoreResult<()> {
+    let expected = stmt.parameter_count();
+    if expected != params.len() {
+        return Err(StoreError::Invalid(format!(
+            "statement takes {expected} parameters but {} were given",
+            params.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Column names of a prepared statement. rusqlite panics on a non-UTF-8
+/// name (only possible with a database file crafted outside this store);
+/// that becomes an error here instead.
+fn column_names(stmt: &rusqlite::Statement<'_>) -> StoreResult<Vec<String>> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        (0..stmt.column_count())
+            .map(|i| stmt.column_name(i).map(str::to_owned).unwrap_or_default())
+            .collect()
+    }))
+    .map_err(|_| StoreError::Internal("column name is not valid UTF-8".into()))
+}
+
+/// One read-only statement on a reader.
+fn run_query(
+    reader: &Conn,
+    sql: &str,
+    params: &[SqlValue],
+    limits: &StoreLimits,
+) -> StoreResult<QueryResult> {
+    check_sql(sql)?;
+    sql::check_params(params, limits)?;
+    reader.ctl.start(limits.statement_timeout);
+    let result = query_rows(reader, sql, params, limits);
+    reader.ctl.stop();
+    result
+}
+
+fn query_rows(
+    reader: &Conn,
+    sql: &str,
+    params: &[SqlValue],
+    limits: &StoreLimits,
+) -> StoreResult<QueryResult> {
+    let fail = |e| error::map(e, &reader.ctl, limits);
+    let mut stmt = reader.conn.prepare_cached(sql).map_err(fail)?;
+    if !stmt.readonly() {
+        return Err(StoreError::Invalid(
+            "statement writes to the database; use execute".into(),
+        ));
+    }
+    check_param_count(&stmt, params)?;
+    let mut out = Vec::new();
+    let mut bytes = 0usize;
+    {
+        let mut rows = stmt
+            .query(rusqlite::params_from_iter(params.iter().map(Param)))
+            .map_err(fail)?;
+        while let Some(row) = rows.next().map_err(fail)? {
+            if out.len() >= limits.max_rows {
+                return Err(StoreError::Limit(format!(
+                    "query returns more than {} rows",
+                    limits.max_rows
+                )));
+            }
+            let width = row.as_ref().column_count();
+            let mut values = Vec::with_capacity(width);
+            for i in 0..width {
+                let value = row.get_ref(i).map_err(fail)?;
+                bytes = bytes.saturating_add(sql::value_ref_bytes(value));
+                if bytes > limits.max_result_bytes {
+                    return Err(StoreError::Limit(format!(
+                        "query result exceeds {} bytes",
+                        limits.max_result_bytes
+                    )));
+                }
+                values.push(sql::from_value_ref(value));
+            }
+            out.push(values);
+        }
+    }
+    // Read after stepping: a schema change re-prepares the statement.
+    let columns = column_names(&stmt)?;
+    Ok(QueryResult { columns, rows: out })
+}
+
+/// One statement on the writer, in whatever transaction is open (none:
+/// autocommit, so it is committed and fsynced when this returns).
+fn run_statement(
+    writer: &Conn,
+    sql: &str,
+    params: &[SqlValue],
+    limits: &StoreLimits,
+) -> StoreResult<ExecuteResult> {
+    let lead = check_sql(sql)?;
+    writer.ctl.start(limits.statement_timeout);
+    let result = write_statement(writer, lead, sql, params, limits);
+    writer.ctl.stop();
+    result
+}
+
+fn write_statement(
+    writer: &Conn,
+    lead: Lead,
+    sql: &str,
+    params: &[SqlValue],
+    limits: &StoreLimits,
+) -> StoreResult<ExecuteResult> {
+    let fail = |e| error::map(e, &writer.ctl, limits);
+    let mut stmt = writer.conn.prepare_cached(sql).map_err(fail)?;
+    // Checked before stepping: the first step of `INSERT ... RETURNING`
+    // already writes.
+    if stmt.column_count() > 0 {
+        return Err(StoreError::Invalid(
+            "statement returns rows; use query".into(),
+        ));
+    }
+    check_param_count(&stmt, params)?;
+    set_last_insert_rowid(&writer.conn, NO_ROWID);
+    let changed = stmt
+        .execute(rusqlite::params_from_iter(params.iter().map(Param)))
+        .map_err(fail)?;
+    // `changes()` keeps the count of the last INSERT/UPDATE/DELETE, so it
+    // says nothing about DDL; a rowid is only reported for an INSERT that
+    // inserted (not an upsert that updated, not a WITHOUT ROWID table: both
+    // leave the sentinel in place).
+    let rows_affected = if lead.is_dml() { changed as u64 } else { 0 };
+    let rowid = writer.conn.last_insert_rowid();
+    let last_insert_id =
+        (lead == Lead::Insert && changed > 0 && rowid != NO_ROWID).then_some(rowid);
+    Ok(ExecuteResult {
+        rows_affected,
+        last_insert_id,
+    })
+}
+
+fn set_last_insert_rowid(conn: &rusqlite::Connection, rowid: i64) {
+    // SAFETY: `handle()` is the live connection owned by `conn`, which we
+    // hold exclusively (the writer lock); sqlite3_set_last_insert_rowid only
+    // stores an integer in it.
+    unsafe { rusqlite::ffi::sqlite3_set_last_insert_rowid(conn.handle(), rowid) }
+}
+
+fn run_execute(
+    writer: &Conn,
+    sql: &str,
+    params: &[SqlValue],
+    limits: &StoreLimits,
+) -> StoreResult<ExecuteResult> {
+    writer.rollback();
+    run_statement(writer, sql, params, limits)
+}
+
+fn run_batch(
+    writer: &Conn,
+    statements: &[SqlStatement],
+    limits: &StoreLimits,
+) -> StoreResult<Vec<ExecuteResult>> {
+    let fail = |e| error::map(e, &writer.ctl, limits);
+    writer.rollback();
+    writer
+        .host(|c| c.execute_batch("BEGIN IMMEDIATE"))
+        .map_err(fail)?;
+    let mut results = Vec::with_capacity(statements.len());
+    for (index, statement) in statements.iter().enumerate() {
+        match run_statement(writer, &statement.sql, &statement.params, limits) {
+            Ok(result) => results.push(result),
+            Err(e) => {
+                writer.rollback();
+                return Err(at_statement(index, e));
+            }
+        }
+    }
+    if let Err(e) = writer.host(|c| c.execute_batch("COMMIT")) {
+        writer.rollback();
+        return Err(prefixed("commit", fail(e)));
+    }
+    Ok(results)
+}
+
+fn at_statement(index: usize, e: StoreError) -> StoreError {
+    prefixed(&format!("statement {index}"), e)
+}
+
+fn prefixed(prefix: &str, e: StoreError) -> StoreError {
+    match e {
+        StoreError::Invalid(m) => StoreError::Invalid(format!("{prefix}: {m}")),
+        StoreError::Limit(m) => StoreError::Limit(format!("{prefix}: {m}")),
+        StoreError::Unavailable(m) => StoreError::Unavailable(format!("{prefix}: {m}")),
+        StoreError::Conflict(m) => StoreError::Conflict(format!("{prefix}: {m}")),
+        StoreError::Internal(m) => StoreError::Internal(format!("{prefix}: {m}")),
+    }
+}
+
+fn log_failure(ns: &Namespace, op: &str, e: &StoreError) {
+    if matches!(e, StoreError::Unavailable(_) | StoreError::Internal(_)) {
+        tracing::warn!(namespace = %ns, op, error = %e, "sql store failure");
+    }
+}
+
+/// Runs `f` on the blocking pool; the future resolves when it is done.
+fn blocking<T: Send + 'static>(
+    ns: Namespace,
+    op: &'static str,
+    f: impl FnOnce() -> StoreResult<T> + Send + 'static,
+) -> WriteFuture<T> {
+    Box::pin(async move {
+        let handle = tokio::runtime::Handle::try_current()
+            .map_err(|_| StoreError::Internal("SQL writes need a tokio runtime".into()))?;
+        let result = match handle.spawn_blocking(f).await {
+            Ok(result) => result,
+            Err(e) if e.is_cancelled() => {
+                Err(StoreError::Unavailable("the store is shutting down".into()))
+            }
+            Err(_) => Err(StoreError::Internal("SQL write task panicked".into())),
+        };
+        if let Err(e) = &result {
+            log_failure(&ns, op, e);
+        }
+        result
+    })
+}
+
+impl SqlStore for SqliteStore {
+    fn query(&self, ns: &Namespace, sql: &str, params: Vec<SqlValue>) -> StoreResult<QueryResult> {
+        let limits = &self.inner.limits;
+        let result = self.inner.database(ns).and_then(|db| {
+            let reader = db.take_reader(limits)?;
+            let result = run_query(&reader, sql, &params, limits);
+            db.return_reader(reader);
+            result
+        });
+        if let Err(e) = &result {
+            log_failure(ns, "query", e);
+        }
+        result
+    }
+
+    fn execute(
+        &self,
+        ns: &Namespace,
+        sql: String,
+        params: Vec<SqlValue>,
+    ) -> WriteFuture<ExecuteResult> {
+        if let Err(e) = sql::check_params(&params, &self.inner.limits) {
+            return Box::pin(std::future::ready(Err(e)));
+        }
+        let inner = self.inner.clone();
+        let ns2 = ns.clone();
+        blocking(ns.clone(), "execute", move || {
+            let db = inner.database(&ns2)?;
+            let writer = db.writer.lock().map_err(poisoned)?;
+            run_execute(&writer, &sql, &params, &inner.limits)
+        })
+    }
+
+    fn execute_batch(
+        &self,
+        ns: &Namespace,
+        statements: Vec<SqlStatement>,
+    ) -> WriteFuture<Vec<ExecuteResult>> {
+        for (index, statement) in statements.iter().enumerate() {
+            if let Err(e) = sql::check_params(&statement.params, &self.inner.limits) {
+                return Box::pin(std::future::ready(Err(at_statement(index, e))));
+            }
+        }
+        if statements.is_empty() {
+            return Box::pin(std::future::ready(Ok(Vec::new())));
+        }
+        let inner = self.inner.clone();
+        let ns2 = ns.clone();
+        blocking(ns.clone(), "execute_batch", move || {
+            let db = inner.database(&ns2)?;
+            let writer = db.writer.lock().map_err(poisoned)?;
+            run_batch(&writer, &statements, &inner.limits)
+        })
+    }
+}

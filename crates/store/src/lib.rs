@@ -1,0 +1,124 @@
+//! Storage traits of the edge tier. The runtime's host interfaces (`kv`,
+//! `events`, `sql`, `edge-operations`) talk to these traits only; backends
+//! (`keel-store-rocksdb`, `keel-store-sqlite`) are chosen by `keel.toml`
+//! `[infrastructure]`.
+//!
+//! Invariants every backend keeps:
+//! - **Namespacing.** Every call names the component's [`Namespace`]; a
+//!   backend never lets one namespace observe or change another's data.
+//! - **Durable acks.** A write future resolves `Ok` only after the write is
+//!   on stable storage (fsynced). Reads are synchronous and cheap.
+//! - **Errors change nothing.** `Invalid`/`Limit` are checked before any
+//!   write; `Unavailable` means the write was not acknowledged.
+
+mod limits;
+mod types;
+
+pub use limits::StoreLimits;
+pub use types::*;
+
+use std::future::Future;
+use std::pin::Pin;
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// A durable write in flight: resolves once the write is fsynced (or failed).
+pub type WriteFuture<T> = Pin<Box<dyn Future<Output = StoreResult<T>> + Send + 'static>>;
+
+/// Why a store call failed. Maps one-to-one onto the WIT `error` variant.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// Malformed argument; nothing changed.
+    #[error("{0}")]
+    Invalid(String),
+    /// A size or count limit; nothing changed.
+    #[error("{0}")]
+    Limit(String),
+    /// The backend cannot serve now (I/O error, disk full, shutting down).
+    /// Nothing was acknowledged.
+    #[error("{0}")]
+    Unavailable(String),
+    /// A constraint or concurrent write refused the operation.
+    #[error("{0}")]
+    Conflict(String),
+    /// A bug or an unexpected backend state.
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// The raw key-value store (`kv` interface).
+pub trait KvStore: Send + Sync + 'static {
+    fn get(&self, ns: &Namespace, key: &str) -> StoreResult<Option<Vec<u8>>>;
+    fn exists(&self, ns: &Namespace, key: &str) -> StoreResult<bool>;
+    /// Up to `limit` keys starting with `prefix`, strictly after `after`, ascending.
+    fn list_keys(
+        &self,
+        ns: &Namespace,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Vec<String>>;
+    fn set(&self, ns: &Namespace, key: String, value: Vec<u8>) -> WriteFuture<()>;
+    fn delete(&self, ns: &Namespace, key: String) -> WriteFuture<()>;
+    /// Replaces the value if the current one equals `expected` (`None`: absent).
+    fn compare_and_swap(
+        &self,
+        ns: &Namespace,
+        key: String,
+        expected: Option<Vec<u8>>,
+        new_value: Vec<u8>,
+    ) -> WriteFuture<bool>;
+}
+
+/// The per-component append-only event log (`events`, `record-local-event`).
+pub trait EventLog: Send + Sync + 'static {
+    /// Appends one event with the next gapless sequence number. With
+    /// `forward`, the event is also queued for the region in the same atomic
+    /// write (when this node forwards at all).
+    fn append(&self, ns: &Namespace, event: EventData, forward: bool) -> WriteFuture<StoredEvent>;
+    /// Up to `limit` events with sequence >= `from`, in order.
+    fn read(&self, ns: &Namespace, from: u64, limit: usize) -> StoreResult<Vec<StoredEvent>>;
+    fn last_sequence(&self, ns: &Namespace) -> StoreResult<Option<u64>>;
+}
+
+/// Edge-local records behind `edge-operations`: versioned state, user
+/// preferences, last activity, and this edge's copy of the user directory.
+pub trait EdgeStore: Send + Sync + 'static {
+    fn get_state(&self, ns: &Namespace, key: &str) -> StoreResult<Option<StateValue>>;
+    /// Writes the value; returns the new version (previous + 1).
+    fn set_state(&self, ns: &Namespace, key: String, value: Vec<u8>) -> WriteFuture<u64>;
+    fn preferences(&self, ns: &Namespace, user: &str) -> StoreResult<Vec<(String, String)>>;
+    fn set_preference(
+        &self,
+        ns: &Namespace,
+        user: String,
+        name: String,
+        value: Option<String>,
+    ) -> WriteFuture<()>;
+    /// Stores the user's last activity and queues it for the region.
+    fn record_activity(&self, ns: &Namespace, user: String, activity: Activity) -> WriteFuture<()>;
+    fn last_activity(&self, ns: &Namespace, user: &str) -> StoreResult<Option<ActivityRecord>>;
+    /// The user's home region from this edge's directory copy.
+    fn user_region(&self, user: &str) -> StoreResult<Option<String>>;
+    /// Records the home region of a user first seen here, unless one is
+    /// already known; returns the region in effect.
+    fn register_user(&self, user: String, region: String) -> WriteFuture<String>;
+}
+
+/// One SQLite (or other) database per component (`sql`).
+pub trait SqlStore: Send + Sync + 'static {
+    fn query(&self, ns: &Namespace, sql: &str, params: Vec<SqlValue>) -> StoreResult<QueryResult>;
+    fn execute(
+        &self,
+        ns: &Namespace,
+        sql: String,
+        params: Vec<SqlValue>,
+    ) -> WriteFuture<ExecuteResult>;
+    /// All statements in one transaction; on failure none applies and the
+    /// error says which statement (by index) failed.
+    fn execute_batch(
+        &self,
+        ns: &Namespace,
+        statements: Vec<SqlStatement>,
+    ) -> WriteFuture<Vec<ExecuteResult>>;
+}

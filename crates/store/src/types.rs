@@ -1,0 +1,104 @@
+use keel_core::Hlc;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+/// A component's namespace: its name from `keel.toml` (lowercase letters,
+/// digits, '-' and '_', validated by the config). Backends prefix every key
+/// with it, so it must never contain the separator byte 0.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Namespace(Arc<str>);
+
+impl Namespace {
+    /// `None` if `name` is empty or has a byte outside `[a-z0-9_-]`.
+    pub fn new(name: &str) -> Option<Namespace> {
+        let ok = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+        ok.then(|| Namespace(name.into()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for Namespace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// An event as a component writes it (WIT `event-data`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventData {
+    pub kind: String,
+    pub key: String,
+    pub payload: Vec<u8>,
+    pub content_type: Option<String>,
+    pub user: Option<String>,
+}
+
+/// An event in a log (WIT `recorded-event`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredEvent {
+    /// `<edge>:<component>:<sequence>`: unique across the deployment.
+    pub id: String,
+    pub sequence: u64,
+    pub origin: String,
+    pub region: String,
+    pub at: Hlc,
+    pub data: EventData,
+}
+
+/// A versioned value of edge-local state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateValue {
+    pub value: Vec<u8>,
+    pub version: u64,
+    pub updated_at: Hlc,
+}
+
+/// Something a user did (WIT `activity-data`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Activity {
+    pub kind: String,
+    pub attributes: Vec<(String, String)>,
+}
+
+/// A user's last activity on this edge.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActivityRecord {
+    pub activity: Activity,
+    pub edge: String,
+    pub at: Hlc,
+}
+
+/// SQL parameter / column value (SQLite storage classes).
+#[derive(Debug, Clone, PartialEq)]
+pub enum SqlValue {
+    Null,
+    Integer(i64),
+    Real(f64),
+    Text(String),
+    Blob(Vec<u8>),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SqlStatement {
+    pub sql: String,
+    pub params: Vec<SqlValue>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct QueryResult {
+    pub columns: Vec<String>,
+    pub rows: Vec<Vec<SqlValue>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExecuteResult {
+    pub rows_affected: u64,
+    pub last_insert_id: Option<i64>,
+}
