@@ -1,5 +1,6 @@
 //! Crash safety: concurrent `kv.set` and `record-local-event` through
-//! `edge-probe`, SIGKILL at a random moment, restart on the same data dir,
+//! `edge-probe`, SIGKILL after a random number of acknowledged writes
+//! (with writes in flight), restart on the same data dir,
 //! and check that every acknowledged write is there and nothing is there
 //! twice. `KEEL_CRASH_KILLS` sets the number of kills (default 20;
 //! `scripts/crash-soak.sh` runs 1000).
@@ -10,6 +11,7 @@ use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::watch;
 
 /// Concurrent writers per round.
 const WRITERS: usize = 16;
@@ -33,7 +35,7 @@ impl Ledger {
     }
 }
 
-/// xorshift64*: the kill moments only need to vary, not be unpredictable.
+/// xorshift64*: the kill points only need to vary, not be unpredictable.
 struct Rng(u64);
 
 impl Rng {
@@ -74,13 +76,17 @@ async fn acknowledged_writes_survive_sigkill() {
         let keel = node.start();
         checked.verify(&keel, &ledger, round).await;
 
+        let (acks, mut acked) = watch::channel(0u64);
         let writers: Vec<_> = (0..WRITERS)
-            .map(|w| tokio::spawn(write_until_refused(keel.addr, round, w)))
+            .map(|w| tokio::spawn(write_until_refused(keel.addr, round, w, acks.clone())))
             .collect();
-        // A random moment, not synchronisation: the writers run until the
-        // process is gone, whenever that is.
-        let delay = Duration::from_millis(5 + rng.below(300));
-        tokio::time::sleep(delay).await;
+        // Kill after a random number of acknowledgements: every round dies
+        // mid-stream, with writes of all writers in flight.
+        let kill_after = 1 + rng.below(400);
+        tokio::time::timeout(Duration::from_secs(60), acked.wait_for(|n| *n >= kill_after))
+            .await
+            .expect("writers stopped being acknowledged before the kill")
+            .expect("ack counter lives while writers run");
         keel.sigkill();
         for w in writers {
             ledger.merge(w.await.unwrap());
@@ -114,7 +120,12 @@ async fn acknowledged_writes_survive_sigkill() {
 /// One writer: alternates `PUT /p/kv/<unique>` and `POST /p/edge/event`
 /// (unique payload) until a request fails, i.e. the node was killed.
 /// Returns what it sent and what was acknowledged.
-async fn write_until_refused(addr: SocketAddr, round: usize, w: usize) -> Ledger {
+async fn write_until_refused(
+    addr: SocketAddr,
+    round: usize,
+    w: usize,
+    acks: watch::Sender<u64>,
+) -> Ledger {
     let mut ledger = Ledger::default();
     for i in 0u64.. {
         let name = format!("r{round}-w{w}-{i}");
@@ -138,7 +149,7 @@ async fn write_until_refused(addr: SocketAddr, round: usize, w: usize) -> Ledger
             r
         };
         match reply {
-            Ok(r) if (200..300).contains(&r.status) => {}
+            Ok(r) if (200..300).contains(&r.status) => acks.send_modify(|n| *n += 1),
             // The node answered but refused: a bug, not a crash.
             Ok(r) => panic!("write {name} answered {}: {}", r.status, r.body),
             Err(_) => return ledger,
