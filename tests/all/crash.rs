@@ -83,10 +83,13 @@ async fn acknowledged_writes_survive_sigkill() {
         // Kill after a random number of acknowledgements: every round dies
         // mid-stream, with writes of all writers in flight.
         let kill_after = 1 + rng.below(400);
-        tokio::time::timeout(Duration::from_secs(60), acked.wait_for(|n| *n >= kill_after))
-            .await
-            .expect("writers stopped being acknowledged before the kill")
-            .expect("ack counter lives while writers run");
+        tokio::time::timeout(
+            Duration::from_secs(60),
+            acked.wait_for(|n| *n >= kill_after),
+        )
+        .await
+        .expect("writers stopped being acknowledged before the kill")
+        .expect("ack counter lives while writers run");
         keel.sigkill();
         for w in writers {
             ledger.merge(w.await.unwrap());

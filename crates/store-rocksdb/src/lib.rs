@@ -90,11 +90,10 @@ pub enum OutboxEntry {
     },
 }
 
-impl OutboxEntry {
-    /// Deduplication id for JetStream (`Nats-Msg-Id`): `<edge>:<node-seq>`.
-    pub fn id(&self, edge: &str, node_seq: u64) -> String {
-        format!("{edge}:{node_seq}")
-    }
+/// The id of a node-sequenced write: event ids, and the outbox entry's
+/// deduplication id for JetStream (`Nats-Msg-Id`): `<edge>:<node-seq>`.
+pub fn node_write_id(edge: &str, node_seq: u64) -> String {
+    format!("{edge}:{node_seq}")
 }
 
 /// The store. Cheap to clone.
@@ -190,10 +189,6 @@ impl RocksStore {
                 forwarding: options.forwarding,
             }),
         })
-    }
-
-    pub fn limits(&self) -> &StoreLimits {
-        &self.inner.limits
     }
 
     /// Entries waiting for the region, oldest first.
@@ -383,7 +378,7 @@ impl EventLog for RocksStore {
             // Stamped on the committer: HLC order equals log order.
             let at = stamp(&inner)?;
             let stored = StoredEvent {
-                id: format!("{}:{node_seq}", inner.node.edge),
+                id: node_write_id(&inner.node.edge, node_seq),
                 sequence,
                 origin: inner.node.edge.clone(),
                 region: inner.node.region.clone(),

@@ -191,7 +191,7 @@ async fn forwarded_writes_land_in_the_outbox_in_the_same_batch() {
         OutboxEntry::Event { component, event } => {
             assert_eq!(component, "a");
             assert_eq!(event, &e1);
-            assert_eq!(out[0].1.id("fra", out[0].0), e1.id);
+            assert_eq!(node_write_id("fra", out[0].0), e1.id);
         }
         other => panic!("{other:?}"),
     }

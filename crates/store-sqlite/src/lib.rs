@@ -80,11 +80,6 @@ impl SqliteStore {
             }),
         })
     }
-
-    /// The limits this store enforces.
-    pub fn limits(&self) -> &StoreLimits {
-        &self.inner.limits
-    }
 }
 
 impl Inner {
