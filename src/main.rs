@@ -101,7 +101,7 @@ fn up(path: &std::path::Path, listen: Option<std::net::SocketAddr>) -> anyhow::R
         config.server.listen = l;
     }
     let metrics = Arc::new(Metrics::new());
-    let services = match keel_runtime::Services::open(&config) {
+    let services = match keel_runtime::Services::open(&config, &metrics) {
         Ok(s) => s,
         Err(d) => {
             eprintln!("{d}");

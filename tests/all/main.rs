@@ -10,3 +10,4 @@ mod edge_tier;
 mod http_limits;
 mod isolation;
 mod serving;
+mod sync;

@@ -30,6 +30,8 @@ pub struct InfrastructureConfig {
     pub kv: KvBackend,
     pub sql: SqlBackend,
     pub event_log: EventLogBackend,
+    pub event_stream: EventStreamBackend,
+    pub state: StateBackend,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -55,6 +57,28 @@ pub enum EventLogBackend {
     RocksDb { max_event_bytes: usize },
 }
 
+/// The bus (`keel-bus`): in-process on the embedded node, NATS otherwise.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EventStreamBackend {
+    Local,
+    Nats {
+        /// `nats://host:port` or `tls://host:port`, tried in order.
+        servers: Vec<String>,
+    },
+}
+
+/// CRDT replicas of the `state` interface (`keel-sync`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum StateBackend {
+    RocksDb {
+        /// How often replicas exchange digests to repair lost deltas.
+        anti_entropy_interval: Duration,
+        /// Largest encoded size of one CRDT; writes that would exceed it fail
+        /// with `limit`.
+        max_state_bytes: usize,
+    },
+}
+
 impl Default for InfrastructureConfig {
     fn default() -> Self {
         InfrastructureConfig {
@@ -70,6 +94,13 @@ impl Default for InfrastructureConfig {
             },
             event_log: EventLogBackend::RocksDb {
                 max_event_bytes: 1024 * 1024,
+            },
+            event_stream: EventStreamBackend::Local,
+            state: StateBackend::RocksDb {
+                anti_entropy_interval: Duration::from_secs(1),
+                // A full state travels in one NATS message during repairs:
+                // stay well under the server's default max_payload (1 MiB).
+                max_state_bytes: 512 * 1024,
             },
         }
     }
@@ -88,6 +119,23 @@ pub(crate) struct RawInfrastructure {
     kv: Option<Spanned<RawKv>>,
     sql: Option<Spanned<RawSql>>,
     event_log: Option<Spanned<RawEventLog>>,
+    event_stream: Option<Spanned<RawEventStream>>,
+    state: Option<Spanned<RawState>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawEventStream {
+    r#type: Spanned<String>,
+    servers: Option<Spanned<Vec<Spanned<String>>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawState {
+    r#type: Spanned<String>,
+    anti_entropy_interval: Option<Spanned<String>>,
+    max_state_bytes: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -129,7 +177,13 @@ pub(crate) fn build_node(src: &Source, raw: RawNode, diags: &mut Vec<Diagnostic>
         (raw.region, "node.region", &mut n.region),
     ] {
         if let Some(v) = v {
-            if name_ok(v.get_ref()) {
+            if key == "node.region" && v.get_ref() == "global" {
+                diags.push(src.at(
+                    Some(v.span()),
+                    key,
+                    "\"global\" is reserved (subjects `keel.global.*` carry global-scope traffic); pick another region name".into(),
+                ));
+            } else if name_ok(v.get_ref()) {
                 *out = v.into_inner();
             } else {
                 diags.push(src.at(
@@ -308,5 +362,117 @@ pub(crate) fn build_infrastructure(
             );
         }
     }
+    if let Some(es) = raw.event_stream {
+        let span = es.span();
+        let es = es.into_inner();
+        let key = "infrastructure.event-stream";
+        if check_type(
+            src,
+            &format!("{key}.type"),
+            &es.r#type,
+            &["local", "nats"],
+            diags,
+        ) {
+            match (es.r#type.get_ref().as_str(), es.servers) {
+                ("local", None) => cfg.event_stream = EventStreamBackend::Local,
+                ("local", Some(s)) => diags.push(src.at(
+                    Some(s.span()),
+                    &format!("{key}.servers"),
+                    "the in-process bus has no servers; remove `servers` or use type = \"nats\"".into(),
+                )),
+                (_, None) => diags.push(src.at(
+                    Some(span),
+                    &format!("{key}.servers"),
+                    "type = \"nats\" needs `servers`, e.g. servers = [\"nats://127.0.0.1:4222\"]".into(),
+                )),
+                (_, Some(list)) => {
+                    let list_span = list.span();
+                    let mut servers = Vec::new();
+                    for s in list.into_inner() {
+                        match check_nats_url(s.get_ref()) {
+                            Ok(()) => servers.push(s.into_inner()),
+                            Err(why) => diags.push(src.at(
+                                Some(s.span()),
+                                &format!("{key}.servers"),
+                                format!("{:?}: {why}", s.get_ref()),
+                            )),
+                        }
+                    }
+                    if servers.is_empty() {
+                        diags.push(src.at(
+                            Some(list_span),
+                            &format!("{key}.servers"),
+                            "needs at least one server URL".into(),
+                        ));
+                    } else {
+                        cfg.event_stream = EventStreamBackend::Nats { servers };
+                    }
+                }
+            }
+        }
+    }
+    if let Some(st) = raw.state {
+        let st = st.into_inner();
+        if check_type(
+            src,
+            "infrastructure.state.type",
+            &st.r#type,
+            &["rocksdb"],
+            diags,
+        ) {
+            let StateBackend::RocksDb {
+                anti_entropy_interval,
+                max_state_bytes,
+            } = &mut cfg.state;
+            if let Some(v) = &st.anti_entropy_interval
+                && let Some(d) =
+                    duration(src, v, "infrastructure.state.anti-entropy-interval", diags)
+            {
+                if d < Duration::from_millis(10) || d > Duration::from_secs(3600) {
+                    diags.push(src.at(
+                        Some(v.span()),
+                        "infrastructure.state.anti-entropy-interval",
+                        "accepted: 10ms to 1h".into(),
+                    ));
+                } else {
+                    *anti_entropy_interval = d;
+                }
+            }
+            bounded_size(
+                src,
+                &st.max_state_bytes,
+                "infrastructure.state.max-state-bytes",
+                1024..=256 * 1024 * 1024,
+                max_state_bytes,
+                diags,
+            );
+        }
+    }
     cfg
+}
+
+/// A NATS server URL as async-nats accepts it: `nats://` or `tls://`, a host
+/// and an optional port.
+fn check_nats_url(url: &str) -> Result<(), String> {
+    let accepted = "accepted: nats://host[:port] or tls://host[:port]";
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Err(format!("not a URL; {accepted}"));
+    };
+    if scheme != "nats" && scheme != "tls" {
+        return Err(format!("unsupported scheme {scheme:?}; {accepted}"));
+    }
+    let host_port = rest.rsplit_once('@').map_or(rest, |(_, hp)| hp);
+    let (host, port) = match host_port.rsplit_once(':') {
+        Some((h, p)) if !p.contains(']') => (h, Some(p)),
+        _ => (host_port, None),
+    };
+    if host.is_empty() || host.contains('/') {
+        return Err(format!("missing host; {accepted}"));
+    }
+    if let Some(p) = port
+        && p.parse::<u16>().map_or(true, |p| p == 0)
+    {
+        return Err(format!("bad port {p:?}; {accepted}"));
+    }
+    Ok(())
 }

@@ -11,7 +11,10 @@ mod units;
 
 pub use auth::{AuthConfig, AuthKey, DEFAULT_LEEWAY, JwtAlgorithm, KeySource};
 pub use diagnostic::{Diagnostic, Diagnostics, Location};
-pub use infra::{EventLogBackend, InfrastructureConfig, KvBackend, NodeConfig, SqlBackend};
+pub use infra::{
+    EventLogBackend, EventStreamBackend, InfrastructureConfig, KvBackend, NodeConfig, SqlBackend,
+    StateBackend,
+};
 pub use units::{parse_duration, parse_size};
 
 use serde::Deserialize;

@@ -161,3 +161,79 @@ fn unknown_backend_types_list_the_supported_ones() {
         .to_string();
     assert!(e.contains("node.edge") && e.contains("lowercase"), "{e}");
 }
+
+#[test]
+fn event_stream_and_state_backends() {
+    use crate::{EventStreamBackend, StateBackend};
+    let c = parse(
+        "[infrastructure]\nevent-stream = { type = \"nats\", servers = [\"nats://127.0.0.1:4222\", \"tls://nats.example:4443\"] }\nstate = { type = \"rocksdb\", anti-entropy-interval = \"250ms\", max-state-bytes = \"1MiB\" }\n",
+    )
+    .unwrap();
+    assert_eq!(
+        c.infrastructure.event_stream,
+        EventStreamBackend::Nats {
+            servers: vec![
+                "nats://127.0.0.1:4222".into(),
+                "tls://nats.example:4443".into()
+            ]
+        }
+    );
+    assert_eq!(
+        c.infrastructure.state,
+        StateBackend::RocksDb {
+            anti_entropy_interval: std::time::Duration::from_millis(250),
+            max_state_bytes: 1024 * 1024
+        }
+    );
+    let d = parse("").unwrap();
+    assert_eq!(d.infrastructure.event_stream, EventStreamBackend::Local);
+}
+
+#[test]
+fn event_stream_errors_name_key_and_accepted_values() {
+    for (toml, needle) in [
+        (
+            "event-stream = { type = \"kafka\" }",
+            "supported: \"local\", \"nats\"",
+        ),
+        ("event-stream = { type = \"nats\" }", "needs `servers`"),
+        (
+            "event-stream = { type = \"nats\", servers = [] }",
+            "at least one",
+        ),
+        (
+            "event-stream = { type = \"nats\", servers = [\"redis://x:1\"] }",
+            "unsupported scheme \"redis\"",
+        ),
+        (
+            "event-stream = { type = \"nats\", servers = [\"nats://x:99999\"] }",
+            "bad port",
+        ),
+        (
+            "event-stream = { type = \"local\", servers = [\"nats://x\"] }",
+            "no servers",
+        ),
+        (
+            "event-stream = { type = \"nats\", servers = [\"nats://x\"], user = \"a\" }",
+            "keel.toml:2:",
+        ),
+        (
+            "state = { type = \"rocksdb\", anti-entropy-interval = \"1ms\" }",
+            "10ms to 1h",
+        ),
+    ] {
+        let e = parse(&format!("[infrastructure]\n{toml}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(needle), "{toml}: {e}");
+        assert!(e.contains("keel.toml:2:"), "{toml}: {e}");
+    }
+}
+
+#[test]
+fn region_global_is_reserved() {
+    let e = parse("[node]\nregion = \"global\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("node.region") && e.contains("reserved"), "{e}");
+}

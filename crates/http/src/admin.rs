@@ -14,9 +14,23 @@ pub(crate) fn handle<B>(shared: &Arc<Shared>, req: &Request<B>) -> http::Respons
                     &serde_json::json!({"ready": false, "reason": "draining"}),
                 )
             } else {
+                // A disconnected bus does not make the node unready: edge
+                // operations keep working through a partition (state syncs
+                // and the outbox drains after the heal). It is reported so
+                // operators and load balancers can tell.
+                let bus = shared.runtime.services().map(|s| {
+                    serde_json::json!({
+                        "backend": s.bus.kind(),
+                        "state": s.bus.connection_state().as_str(),
+                    })
+                });
                 json(
                     StatusCode::OK,
-                    &serde_json::json!({"ready": true, "uptime_seconds": shared.started_at.elapsed().as_secs()}),
+                    &serde_json::json!({
+                        "ready": true,
+                        "uptime_seconds": shared.started_at.elapsed().as_secs(),
+                        "bus": bus,
+                    }),
                 )
             }
         }

@@ -44,6 +44,7 @@ const HARD_DEADLINE_GRACE: Duration = Duration::from_millis(50);
 /// The loaded runtime: engine plus every component of `keel.toml`.
 pub struct Runtime {
     components: Vec<Arc<LoadedComponent>>,
+    services: Option<Arc<Services>>,
     _epoch: engine::EpochTicker,
 }
 
@@ -100,12 +101,18 @@ impl Runtime {
         let epoch = engine::EpochTicker::start(&engine);
         Ok(Runtime {
             components,
+            services,
             _epoch: epoch,
         })
     }
 
     pub fn components(&self) -> &[Arc<LoadedComponent>] {
         &self.components
+    }
+
+    /// The node's adapters (`None` for `keel check`).
+    pub fn services(&self) -> Option<&Arc<Services>> {
+        self.services.as_ref()
     }
 
     /// The component serving `path`: exact routes win over prefixes, longer

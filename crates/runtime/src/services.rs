@@ -1,10 +1,14 @@
-//! The node's adapters, shared by every component: stores, auth, caches.
+//! The node's adapters, shared by every component: stores, auth, caches,
+//! the bus and state sync.
 
+use keel_bus::Bus;
 use keel_cache::LocalCache;
 use keel_config::{
-    Diagnostic, Diagnostics, EventLogBackend, KeelConfig, KvBackend, NodeConfig, SqlBackend,
+    Diagnostic, Diagnostics, EventLogBackend, EventStreamBackend, KeelConfig, KvBackend,
+    NodeConfig, SqlBackend, StateBackend,
 };
 use keel_store::{EdgeStore, EventLog, KvStore, SqlStore, StoreLimits};
+use keel_telemetry::Metrics;
 use std::sync::Arc;
 
 /// Bytes of L1 cache per node.
@@ -20,11 +24,27 @@ pub struct Services {
     pub sql: Arc<dyn SqlStore>,
     pub auth: Arc<keel_auth::Authenticator>,
     pub local_cache: LocalCache,
+    pub bus: Arc<dyn Bus>,
+    pub sync: keel_sync::Sync,
+    /// Runs the bus connection and the sync tasks, apart from the serving
+    /// threads (which run one current-thread runtime per core).
+    background: Option<tokio::runtime::Runtime>,
+}
+
+impl Drop for Services {
+    fn drop(&mut self) {
+        // Dropping a runtime from async context panics; never block here.
+        if let Some(rt) = self.background.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 impl Services {
     /// Opens the backends `[infrastructure]` selects, under `data-dir`.
-    pub fn open(config: &KeelConfig) -> Result<Arc<Services>, Diagnostics> {
+    /// Connecting to NATS does not wait for the servers: a node started
+    /// during a partition serves, and its bus reports `connecting`.
+    pub fn open(config: &KeelConfig, metrics: &Metrics) -> Result<Arc<Services>, Diagnostics> {
         let KvBackend::RocksDb {
             max_key_bytes,
             max_value_bytes,
@@ -74,6 +94,57 @@ impl Services {
             .map_err(|e| fail("SQLite databases", e))?;
         let auth = keel_auth::Authenticator::from_config(&config.auth)?;
         let rocks = Arc::new(rocks);
+        let background = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("keel-bus")
+            .enable_all()
+            .build()
+            .map_err(|e| {
+                Diagnostics::one(Diagnostic::file(
+                    &config.path,
+                    format!("cannot start the bus runtime: {e}"),
+                ))
+            })?;
+        let bus: Arc<dyn Bus> = match &config.infrastructure.event_stream {
+            EventStreamBackend::Local => Arc::new(keel_bus::local::LocalBus::new()),
+            EventStreamBackend::Nats { servers } => {
+                let opts = keel_bus::nats::NatsOptions {
+                    servers: servers.clone(),
+                    name: format!("keel {}/{}", config.node.region, config.node.edge),
+                    ..Default::default()
+                };
+                let bus = background
+                    .block_on(keel_bus::nats::NatsBus::connect(opts))
+                    .map_err(|e| {
+                        Diagnostics::one(Diagnostic::file(
+                            &config.path,
+                            format!("infrastructure.event-stream: {e}"),
+                        ))
+                    })?;
+                Arc::new(bus)
+            }
+        };
+        watch_connection(&background, bus.clone(), metrics.bus.clone());
+        let StateBackend::RocksDb {
+            anti_entropy_interval,
+            max_state_bytes,
+        } = config.infrastructure.state;
+        let sync = keel_sync::Sync::start(
+            rocks.clone(),
+            bus.clone(),
+            keel_sync::SyncOptions {
+                edge: config.node.edge.clone(),
+                region: config.node.region.clone(),
+                anti_entropy_interval,
+                max_state_bytes,
+                max_key_bytes,
+                max_value_bytes,
+                max_clock_drift: std::time::Duration::from_secs(60),
+            },
+            metrics.sync.clone(),
+            background.handle(),
+        )
+        .map_err(|e| fail("CRDT replicas", e))?;
         Ok(Arc::new(Services {
             node: config.node.clone(),
             limits,
@@ -83,6 +154,32 @@ impl Services {
             sql: Arc::new(sql),
             auth: Arc::new(auth),
             local_cache: LocalCache::new(L1_BYTES),
+            bus,
+            sync,
+            background: Some(background),
         }))
     }
+}
+
+/// Mirrors the bus connection state into `/metrics`.
+fn watch_connection(
+    rt: &tokio::runtime::Runtime,
+    bus: Arc<dyn Bus>,
+    metrics: keel_telemetry::BusMetrics,
+) {
+    let mut events = bus.connection_events();
+    rt.spawn(async move {
+        loop {
+            let state = *events.borrow_and_update();
+            let connected = state == keel_bus::ConnectionState::Connected;
+            if !connected && metrics.connected.get() == 1 {
+                metrics.disconnects.inc();
+            }
+            metrics.connected.set(i64::from(connected));
+            tracing::info!(bus = bus.kind(), state = state.as_str(), "bus connection");
+            if events.changed().await.is_err() {
+                return;
+            }
+        }
+    });
 }

@@ -19,6 +19,22 @@ pub fn ns_key(ns: &Namespace, key: &str) -> Vec<u8> {
     k
 }
 
+/// `<ns>\0<id>` with a binary id (crdt).
+pub fn ns_bytes_key(ns: &Namespace, id: &[u8]) -> Vec<u8> {
+    let mut k = ns_prefix(ns);
+    k.extend_from_slice(id);
+    k
+}
+
+/// Inverse of [`ns_bytes_key`].
+pub fn split_ns_key(k: &[u8]) -> StoreResult<(Namespace, &[u8])> {
+    let corrupt = || StoreError::Internal("corrupt namespaced key".into());
+    let zero = k.iter().position(|&b| b == 0).ok_or_else(corrupt)?;
+    let ns = std::str::from_utf8(&k[..zero]).map_err(|_| corrupt())?;
+    let ns = Namespace::new(ns).ok_or_else(corrupt)?;
+    Ok((ns, &k[zero + 1..]))
+}
+
 /// `<ns>\0<seq:be64>`: events of one component in sequence order.
 pub fn event_key(ns: &Namespace, seq: u64) -> Vec<u8> {
     let mut k = ns_prefix(ns);
@@ -68,6 +84,10 @@ pub fn meta_event_seq(ns: &Namespace) -> Vec<u8> {
     let mut k = b"evseq\0".to_vec();
     k.extend_from_slice(ns.as_str().as_bytes());
     k
+}
+
+pub fn meta_incarnation() -> Vec<u8> {
+    b"incarnation".to_vec()
 }
 
 pub fn meta_node_seq() -> Vec<u8> {

@@ -17,8 +17,8 @@ use committer::{Committer, Txn};
 use keel_core::{Hlc, HlcClock};
 
 use keel_store::{
-    Activity, ActivityRecord, EdgeStore, EventData, EventLog, KvStore, Namespace, StateValue,
-    StoreError, StoreLimits, StoreResult, StoredEvent, WriteFuture,
+    Activity, ActivityRecord, CrdtStore, EdgeStore, EventData, EventLog, KvStore, Namespace,
+    StateValue, StoreError, StoreLimits, StoreResult, StoredEvent, WriteFuture,
 };
 use rocksdb::{BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, Options};
 use serde::{Deserialize, Serialize};
@@ -34,16 +34,18 @@ pub(crate) enum Cf {
     Users,
     Outbox,
     Meta,
+    Crdt,
 }
 
 impl Cf {
-    const ALL: [Cf; 6] = [
+    const ALL: [Cf; 7] = [
         Cf::Kv,
         Cf::Events,
         Cf::State,
         Cf::Users,
         Cf::Outbox,
         Cf::Meta,
+        Cf::Crdt,
     ];
 
     fn name(self) -> &'static str {
@@ -54,6 +56,7 @@ impl Cf {
             Cf::Users => "users",
             Cf::Outbox => "outbox",
             Cf::Meta => "meta",
+            Cf::Crdt => "crdt",
         }
     }
 }
@@ -109,6 +112,7 @@ pub(crate) struct Inner {
     node: NodeIdentity,
     clock: Mutex<HlcClock>,
     forwarding: bool,
+    incarnation: u64,
 }
 
 /// Version byte in front of every encoded value, so the format can evolve.
@@ -178,6 +182,7 @@ impl RocksStore {
             StoreError::Unavailable(format!("cannot open RocksDB at {}: {e}", path.display()))
         })?;
         let db = Arc::new(db);
+        let incarnation = load_or_create_incarnation(&db)?;
         let committer = Committer::start(db.clone())?;
         Ok(RocksStore {
             inner: Arc::new(Inner {
@@ -187,6 +192,7 @@ impl RocksStore {
                 clock: Mutex::new(HlcClock::new(options.node.edge.clone(), 60_000)),
                 node: options.node,
                 forwarding: options.forwarding,
+                incarnation,
             }),
         })
     }
@@ -234,6 +240,30 @@ impl RocksStore {
         it.status().map_err(map_err)?;
         Ok(out)
     }
+}
+
+/// Reads this data dir's incarnation id, creating (and syncing) it on the
+/// first open.
+fn load_or_create_incarnation(db: &DB) -> StoreResult<u64> {
+    let cf = committer::handle(db, Cf::Meta)?;
+    let key = keys::meta_incarnation();
+    if let Some(v) = db.get_cf(cf, &key).map_err(map_err)? {
+        return keys::decode_u64(&v);
+    }
+    // RandomState is seeded from the OS's randomness.
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    let id = h.finish();
+    let mut opts = rocksdb::WriteOptions::default();
+    opts.set_sync(true);
+    db.put_cf_opt(cf, &key, id.to_be_bytes(), &opts)
+        .map_err(map_err)?;
+    Ok(id)
 }
 
 fn stamp(inner: &Inner) -> StoreResult<Hlc> {
@@ -587,3 +617,37 @@ impl EdgeStore for RocksStore {
 
 #[cfg(test)]
 mod tests;
+
+impl CrdtStore for RocksStore {
+    fn load_crdt(&self, ns: &Namespace, id: &[u8]) -> StoreResult<Option<Vec<u8>>> {
+        let db = &self.inner.db;
+        db.get_cf(committer::handle(db, Cf::Crdt)?, keys::ns_bytes_key(ns, id))
+            .map_err(map_err)
+    }
+
+    fn save_crdt(&self, ns: &Namespace, id: Vec<u8>, state: Vec<u8>) -> WriteFuture<()> {
+        let k = keys::ns_bytes_key(ns, &id);
+        self.inner.committer.write(move |tx| {
+            tx.put(Cf::Crdt, k, state);
+            Ok(())
+        })
+    }
+
+    fn all_crdts(&self) -> StoreResult<Vec<(Namespace, Vec<u8>, Vec<u8>)>> {
+        let db = &self.inner.db;
+        let mut out = Vec::new();
+        for item in db.iterator_cf(
+            committer::handle(db, Cf::Crdt)?,
+            rocksdb::IteratorMode::Start,
+        ) {
+            let (k, v) = item.map_err(map_err)?;
+            let (ns, id) = keys::split_ns_key(&k)?;
+            out.push((ns, id.to_vec(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    fn incarnation(&self) -> u64 {
+        self.inner.incarnation
+    }
+}

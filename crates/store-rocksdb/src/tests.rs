@@ -340,3 +340,43 @@ fn is_not_root() -> bool {
         .output()
         .is_ok_and(|o| o.stdout != b"0\n")
 }
+
+#[tokio::test]
+async fn crdt_states_persist_per_namespace_and_incarnation_is_stable() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Namespace::new("a").unwrap();
+    let b = Namespace::new("b").unwrap();
+    let incarnation = {
+        let s = RocksStore::open(dir.path(), options(false)).unwrap();
+        s.save_crdt(&a, b"c/x".to_vec(), b"one".to_vec())
+            .await
+            .unwrap();
+        s.save_crdt(&a, b"c/x".to_vec(), b"two".to_vec())
+            .await
+            .unwrap();
+        s.save_crdt(&b, b"c/x".to_vec(), b"other".to_vec())
+            .await
+            .unwrap();
+        assert_eq!(s.load_crdt(&a, b"c/x").unwrap(), Some(b"two".to_vec()));
+        assert_eq!(s.load_crdt(&a, b"c/y").unwrap(), None);
+        s.incarnation()
+    };
+    let s = RocksStore::open(dir.path(), options(false)).unwrap();
+    assert_eq!(s.incarnation(), incarnation);
+    let mut all = s.all_crdts().unwrap();
+    all.sort();
+    assert_eq!(
+        all,
+        vec![
+            (a, b"c/x".to_vec(), b"two".to_vec()),
+            (b, b"c/x".to_vec(), b"other".to_vec())
+        ]
+    );
+    let fresh = tempfile::tempdir().unwrap();
+    assert_ne!(
+        RocksStore::open(fresh.path(), options(false))
+            .unwrap()
+            .incarnation(),
+        incarnation
+    );
+}

@@ -105,6 +105,22 @@ pub trait EdgeStore: Send + Sync + 'static {
     fn register_user(&self, user: String, region: String) -> WriteFuture<String>;
 }
 
+/// Durable home of CRDT replicas (`state`, via `keel-sync`). The store
+/// keeps opaque encoded states under (namespace, id); `keel-sync` owns the
+/// encoding and builds the ids.
+pub trait CrdtStore: Send + Sync + 'static {
+    fn load_crdt(&self, ns: &Namespace, id: &[u8]) -> StoreResult<Option<Vec<u8>>>;
+    /// Replaces one CRDT's persisted state; durable when the future resolves.
+    /// Saves of the same id resolve in call order, so the last one wins.
+    fn save_crdt(&self, ns: &Namespace, id: Vec<u8>, state: Vec<u8>) -> WriteFuture<()>;
+    /// Every persisted CRDT, for loading replicas at start.
+    fn all_crdts(&self) -> StoreResult<Vec<(Namespace, Vec<u8>, Vec<u8>)>>;
+    /// A random id created the first time this store was opened. Replica ids
+    /// include it, so a node whose data was wiped never reuses the dots and
+    /// counter slots of its former self.
+    fn incarnation(&self) -> u64;
+}
+
 /// One SQLite (or other) database per component (`sql`).
 pub trait SqlStore: Send + Sync + 'static {
     fn query(&self, ns: &Namespace, sql: &str, params: Vec<SqlValue>) -> StoreResult<QueryResult>;

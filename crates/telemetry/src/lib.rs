@@ -1,7 +1,7 @@
 //! Logging setup and the process-wide metrics registry.
 
 pub mod metrics;
-pub use metrics::{ComponentMetrics, Metrics, RejectReason};
+pub use metrics::{BusMetrics, ComponentMetrics, Metrics, RejectReason, SyncMetrics};
 
 use std::io::IsTerminal;
 use tracing_subscriber::EnvFilter;

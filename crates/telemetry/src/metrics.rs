@@ -45,6 +45,39 @@ pub struct Metrics {
     in_flight: Family<Labels, Gauge>,
     rejected: Family<Labels, Counter>,
     connections: Counter,
+    /// State sync (`keel-sync`).
+    pub sync: SyncMetrics,
+    /// The bus connection (`keel-bus`).
+    pub bus: BusMetrics,
+}
+
+/// Counters of the state-sync service. Cheap to clone (shared atomics).
+#[derive(Clone, Default)]
+pub struct SyncMetrics {
+    /// Delta messages published (after coalescing).
+    pub deltas_sent: Counter,
+    pub delta_bytes_sent: Counter,
+    /// Delta messages received from other replicas and merged.
+    pub deltas_received: Counter,
+    /// Anti-entropy digests published.
+    pub digests_sent: Counter,
+    /// Full states pushed to repair a replica whose digest differed.
+    pub repairs_sent: Counter,
+    /// Messages refused: undecodable, wrong scope, or a clock too far ahead.
+    pub rejected: Counter,
+    /// Deltas dropped because the publish queue was full (anti-entropy
+    /// repairs them).
+    pub dropped: Counter,
+    /// Replica writes whose persistence failed.
+    pub persist_failures: Counter,
+}
+
+/// The bus connection. `connected` is 1 while connected, 0 otherwise.
+#[derive(Clone, Default)]
+pub struct BusMetrics {
+    pub connected: Gauge,
+    /// Times the connection was lost.
+    pub disconnects: Counter,
 }
 
 impl Default for Metrics {
@@ -96,7 +129,65 @@ impl Metrics {
             "Accepted TCP connections",
             connections.clone(),
         );
+        let sync = SyncMetrics::default();
+        for (name, help, c) in [
+            (
+                "sync_deltas_sent",
+                "CRDT delta messages published",
+                &sync.deltas_sent,
+            ),
+            (
+                "sync_delta_bytes_sent",
+                "Bytes of CRDT delta messages published",
+                &sync.delta_bytes_sent,
+            ),
+            (
+                "sync_deltas_received",
+                "CRDT delta messages received and merged",
+                &sync.deltas_received,
+            ),
+            (
+                "sync_digests_sent",
+                "Anti-entropy digests published",
+                &sync.digests_sent,
+            ),
+            (
+                "sync_repairs_sent",
+                "Full CRDT states pushed to repair another replica",
+                &sync.repairs_sent,
+            ),
+            (
+                "sync_rejected",
+                "Sync messages refused (undecodable, wrong scope, clock too far ahead)",
+                &sync.rejected,
+            ),
+            (
+                "sync_dropped",
+                "CRDT deltas dropped on a full publish queue (repaired by anti-entropy)",
+                &sync.dropped,
+            ),
+            (
+                "sync_persist_failures",
+                "CRDT replica writes that failed to persist",
+                &sync.persist_failures,
+            ),
+        ] {
+            registry.register(name, help, c.clone());
+        }
+        let bus = BusMetrics::default();
+        registry.register(
+            "bus_connected",
+            "1 while the bus is connected, 0 otherwise",
+            bus.connected.clone(),
+        );
+        registry.register(
+            "bus_disconnects",
+            "Times the bus connection was lost",
+            bus.disconnects.clone(),
+        );
         Metrics {
+            sync,
+            bus,
             registry,
             requests,
             duration,

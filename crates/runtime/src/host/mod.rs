@@ -6,6 +6,7 @@ mod edge;
 mod events;
 mod kv;
 mod sql;
+mod state;
 
 use crate::state::HostState;
 use keel_store::StoreError;
@@ -74,6 +75,7 @@ pub(crate) fn add_to_linker(
         "kv" => p::kv::add_to_linker::<_, HasSelf<HostState>>(linker, |s| s),
         "sql" => p::sql::add_to_linker::<_, HasSelf<HostState>>(linker, |s| s),
         "events" => p::events::add_to_linker::<_, HasSelf<HostState>>(linker, |s| s),
+        "state" => p::state::add_to_linker::<_, HasSelf<HostState>>(linker, |s| s),
         "edge-operations" => {
             p::edge_operations::add_to_linker::<_, HasSelf<HostState>>(linker, |s| s)
         }

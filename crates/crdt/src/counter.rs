@@ -1,0 +1,162 @@
+//! Grow-only and positive-negative counters.
+
+use crate::Crdt;
+use crate::replica::ReplicaId;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Grow-only counter: one monotone count per replica, joined by pointwise
+/// max, so a replica's increments are never double counted however often
+/// they are delivered.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct GCounter {
+    counts: BTreeMap<ReplicaId, u64>,
+}
+
+impl GCounter {
+    /// A zero counter.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds `by` on behalf of `replica`; returns the delta (that replica's
+    /// new total, which is what max-merging needs). Saturates at `u64::MAX`
+    /// per replica.
+    pub fn inc(&mut self, replica: &ReplicaId, by: u64) -> GCounter {
+        if by == 0 {
+            // No change; an empty delta keeps zero entries out of the state.
+            return GCounter::default();
+        }
+        let slot = self.counts.entry(replica.clone()).or_insert(0);
+        *slot = slot.saturating_add(by);
+        GCounter {
+            counts: BTreeMap::from([(replica.clone(), *slot)]),
+        }
+    }
+
+    /// The total, saturating at `u64::MAX`.
+    pub fn value(&self) -> u64 {
+        u64::try_from(self.total()).unwrap_or(u64::MAX)
+    }
+
+    /// Exact total (cannot overflow: fewer than 2^64 replicas).
+    pub(crate) fn total(&self) -> u128 {
+        self.counts.values().map(|&n| u128::from(n)).sum()
+    }
+
+    /// The count contributed by `replica`.
+    pub fn count_of(&self, replica: &ReplicaId) -> u64 {
+        self.counts.get(replica).copied().unwrap_or(0)
+    }
+
+    /// Per-replica counts.
+    pub fn counts(&self) -> &BTreeMap<ReplicaId, u64> {
+        &self.counts
+    }
+}
+
+impl Crdt for GCounter {
+    fn merge(&mut self, other: &Self) {
+        for (replica, &n) in &other.counts {
+            match self.counts.get_mut(replica) {
+                Some(mine) => *mine = (*mine).max(n),
+                // Zero entries (only in forged input) would break canonical form.
+                None if n > 0 => {
+                    self.counts.insert(replica.clone(), n);
+                }
+                None => {}
+            }
+        }
+    }
+}
+
+/// Counter supporting increments and decrements: two [`GCounter`]s, value
+/// is their difference.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct PnCounter {
+    incs: GCounter,
+    decs: GCounter,
+}
+
+impl PnCounter {
+    /// A zero counter.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds `by`; returns the delta.
+    pub fn inc(&mut self, replica: &ReplicaId, by: u64) -> PnCounter {
+        PnCounter {
+            incs: self.incs.inc(replica, by),
+            decs: GCounter::default(),
+        }
+    }
+
+    /// Subtracts `by`; returns the delta.
+    pub fn dec(&mut self, replica: &ReplicaId, by: u64) -> PnCounter {
+        PnCounter {
+            incs: GCounter::default(),
+            decs: self.decs.inc(replica, by),
+        }
+    }
+
+    /// Increments minus decrements, computed exactly in i128 and clamped to
+    /// the i64 range.
+    pub fn value(&self) -> i64 {
+        let incs = i128::try_from(self.incs.total()).unwrap_or(i128::MAX);
+        let decs = i128::try_from(self.decs.total()).unwrap_or(i128::MAX);
+        let v = incs - decs;
+        i64::try_from(v).unwrap_or(if v < 0 { i64::MIN } else { i64::MAX })
+    }
+
+    /// The increments half.
+    pub fn increments(&self) -> &GCounter {
+        &self.incs
+    }
+
+    /// The decrements half.
+    pub fn decrements(&self) -> &GCounter {
+        &self.decs
+    }
+}
+
+impl Crdt for PnCounter {
+    fn merge(&mut self, other: &Self) {
+        self.incs.merge(&other.incs);
+        self.decs.merge(&other.decs);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redelivered_deltas_are_not_double_counted() {
+        let a = ReplicaId::from("a");
+        let b = ReplicaId::from("b");
+        let mut ra = PnCounter::new();
+        let mut rb = PnCounter::new();
+        let d1 = ra.inc(&a, 5);
+        let d2 = rb.dec(&b, 7);
+        for _ in 0..3 {
+            ra.merge(&d2);
+            rb.merge(&d1);
+        }
+        assert_eq!(ra, rb);
+        assert_eq!(ra.value(), -2);
+    }
+
+    #[test]
+    fn value_clamps_instead_of_overflowing() {
+        let mut c = PnCounter::new();
+        c.inc(&"a".into(), u64::MAX);
+        c.inc(&"b".into(), u64::MAX);
+        assert_eq!(c.value(), i64::MAX);
+        assert_eq!(c.increments().value(), u64::MAX);
+        c.dec(&"c".into(), u64::MAX);
+        c.dec(&"d".into(), u64::MAX);
+        c.dec(&"e".into(), u64::MAX);
+        assert_eq!(c.value(), i64::MIN);
+    }
+}

@@ -1,0 +1,785 @@
+//! State sync: the host side of the guest `state` interface.
+//!
+//! Every CRDT replica lives in memory, is persisted through a [`CrdtStore`]
+//! (RocksDB) and, unless its scope is `edge`, is replicated over the bus:
+//!
+//! 1. **Write.** A mutation is applied to the in-memory replica and its full
+//!    state is queued for a durable save (group commit) under one lock, so
+//!    saves of one CRDT reach the disk in mutation order. The guest's call
+//!    returns after the save is fsynced.
+//! 2. **Ship.** Only then is the mutation's delta queued for publishing on
+//!    `keel.<region>.crdt.<component>` (`keel.global.crdt.<component>` for
+//!    global scope). Shipping after the save matters: a node that crashed
+//!    after shipping but before saving would restart with counters and dots
+//!    older than what its peers hold, and reuse them.
+//! 3. **Receive.** Deltas from other replicas are merged and saved.
+//! 4. **Repair.** Every `anti_entropy_interval`, right after start and right
+//!    after every reconnect, each node publishes a digest (hash of each
+//!    replica's canonical encoding) per component; a node that sees a
+//!    different digest pushes its full state, one that lacks a replica asks
+//!    for it. Merge is idempotent, so repairs are always safe.
+//!
+//! Replica ids are `<edge>.<incarnation>`: a node whose data dir was wiped
+//! starts a new incarnation and never reuses its former self's dots.
+
+mod wire;
+
+use keel_bus::{Bus, ConnectionState};
+use keel_core::{Hlc, HlcClock};
+use keel_crdt::{Crdt, LwwMap, LwwRegister, OrSet, PnCounter, ReplicaId};
+use keel_store::{CrdtStore, Namespace, StoreError, StoreResult};
+use keel_telemetry::SyncMetrics;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use wire::Id;
+
+/// Where a CRDT replicates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Scope {
+    /// This node only.
+    Edge,
+    /// Every node of the region.
+    Region,
+    /// Every node of every region.
+    Global,
+}
+
+/// The type of a CRDT. A counter and a set with the same name are different
+/// objects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Kind {
+    Counter,
+    Set,
+    Register,
+    Map,
+}
+
+/// One replica's state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+enum Value {
+    Counter(PnCounter),
+    Set(OrSet<String>),
+    Register(LwwRegister<Vec<u8>>),
+    Map(LwwMap<Vec<u8>>),
+}
+
+impl Value {
+    fn empty(kind: Kind) -> Value {
+        match kind {
+            Kind::Counter => Value::Counter(PnCounter::default()),
+            Kind::Set => Value::Set(OrSet::default()),
+            Kind::Register => Value::Register(LwwRegister::default()),
+            Kind::Map => Value::Map(LwwMap::default()),
+        }
+    }
+
+    fn kind(&self) -> Kind {
+        match self {
+            Value::Counter(_) => Kind::Counter,
+            Value::Set(_) => Kind::Set,
+            Value::Register(_) => Kind::Register,
+            Value::Map(_) => Kind::Map,
+        }
+    }
+
+    /// Joins `other` in; `false` (and no change) if the kinds differ.
+    fn merge(&mut self, other: &Value) -> bool {
+        match (self, other) {
+            (Value::Counter(a), Value::Counter(b)) => a.merge(b),
+            (Value::Set(a), Value::Set(b)) => a.merge(b),
+            (Value::Register(a), Value::Register(b)) => a.merge(b),
+            (Value::Map(a), Value::Map(b)) => a.merge(b),
+            _ => return false,
+        }
+        true
+    }
+
+    /// The latest HLC timestamp in the value, if it holds any.
+    fn max_timestamp(&self) -> Option<Hlc> {
+        match self {
+            Value::Register(r) => r.timestamp().cloned(),
+            Value::Map(m) => m
+                .keys()
+                .filter_map(|k| m.get_write(k).map(|w| w.at.clone()))
+                .max(),
+            Value::Counter(_) | Value::Set(_) => None,
+        }
+    }
+}
+
+/// Settings of the sync service.
+#[derive(Debug, Clone)]
+pub struct SyncOptions {
+    pub edge: String,
+    pub region: String,
+    pub anti_entropy_interval: Duration,
+    /// Largest encoded state of one CRDT; larger writes fail with `Limit`.
+    pub max_state_bytes: usize,
+    /// Largest accepted name, set member or map key.
+    pub max_key_bytes: usize,
+    /// Largest register or map value.
+    pub max_value_bytes: usize,
+    /// Remote timestamps further ahead of the local clock are refused.
+    pub max_clock_drift: Duration,
+}
+
+/// Deltas waiting for the publisher task; beyond this they are dropped and
+/// left to anti-entropy rather than blocking guests during a partition.
+const PUBLISH_QUEUE: usize = 65_536;
+
+/// The sync service. Cheap to clone.
+#[derive(Clone)]
+pub struct Sync {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Arc<dyn CrdtStore>,
+    replica: ReplicaId,
+    region: String,
+    opts: SyncOptions,
+    replicas: Mutex<HashMap<(Namespace, Id), Slot>>,
+    clock: Mutex<HlcClock>,
+    outgoing: mpsc::Sender<Outgoing>,
+    metrics: SyncMetrics,
+}
+
+struct Slot {
+    value: Value,
+    digest: u64,
+    /// Saves queued and not yet finished.
+    pending_saves: u32,
+    /// A save failed: memory may hold changes the disk does not. Reloaded
+    /// from disk once no save is pending; refuses writes until then.
+    poisoned: bool,
+}
+
+enum Outgoing {
+    Delta {
+        ns: Namespace,
+        id: Id,
+        delta: Value,
+    },
+    /// Full state (a repair).
+    Full {
+        ns: Namespace,
+        id: Id,
+    },
+    Digest,
+    Need {
+        ns: Namespace,
+        scope: Scope,
+        ids: Vec<Id>,
+    },
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn internal(what: &str) -> StoreError {
+    StoreError::Internal(format!("{what} lock poisoned"))
+}
+
+impl Sync {
+    /// Loads every persisted replica and starts the bus tasks on `rt` (the
+    /// runtime that owns the bus connection).
+    pub fn start(
+        store: Arc<dyn CrdtStore>,
+        bus: Arc<dyn Bus>,
+        opts: SyncOptions,
+        metrics: SyncMetrics,
+        rt: &tokio::runtime::Handle,
+    ) -> StoreResult<Sync> {
+        let replica = ReplicaId(format!("{}.{:016x}", opts.edge, store.incarnation()));
+        let mut replicas = HashMap::new();
+        for (ns, id, bytes) in store.all_crdts()? {
+            let id = Id::decode(&id)?;
+            let value: Value = keel_crdt::decode(&bytes)
+                .map_err(|e| StoreError::Internal(format!("corrupt CRDT {}: {e}", id.name)))?;
+            let digest = keel_crdt::digest(&value);
+            replicas.insert(
+                (ns, id),
+                Slot {
+                    value,
+                    digest,
+                    pending_saves: 0,
+                    poisoned: false,
+                },
+            );
+        }
+        let (tx, rx) = mpsc::channel(PUBLISH_QUEUE);
+        let inner = Arc::new(Inner {
+            store,
+            clock: Mutex::new(HlcClock::new(
+                replica.0.clone(),
+                opts.max_clock_drift.as_millis() as u64,
+            )),
+            replica,
+            region: opts.region.clone(),
+            opts,
+            replicas: Mutex::new(replicas),
+            outgoing: tx,
+            metrics,
+        });
+        // The tasks hold weak references: dropping the last `Sync` closes
+        // the store and ends them.
+        let weak = Arc::downgrade(&inner);
+        rt.spawn(wire::publisher(weak.clone(), bus.clone(), rx));
+        rt.spawn(wire::receiver(weak.clone(), bus.clone()));
+        rt.spawn(anti_entropy_timer(weak, bus));
+        Ok(Sync { inner })
+    }
+
+    /// This node's replica id.
+    pub fn replica(&self) -> &ReplicaId {
+        &self.inner.replica
+    }
+
+    pub fn counter_inc(
+        &self,
+        ns: &Namespace,
+        scope: Scope,
+        name: &str,
+        by: u64,
+    ) -> impl Future<Output = StoreResult<i64>> + Send + 'static {
+        let r = self.inner.replica.clone();
+        self.mutate(ns, scope, Kind::Counter, name, move |v, _| match v {
+            Value::Counter(c) => {
+                let d = c.inc(&r, by);
+                Ok((Value::Counter(d), c.value()))
+            }
+            _ => unreachable_kind(),
+        })
+    }
+
+    pub fn counter_dec(
+        &self,
+        ns: &Namespace,
+        scope: Scope,
+        name: &str,
+        by: u64,
+    ) -> impl Future<Output = StoreResult<i64>> + Send + 'static {
+        let r = self.inner.replica.clone();
+        self.mutate(ns, scope, Kind::Counter, name, move |v, _| match v {
+            Value::Counter(c) => {
+                let d = c.dec(&r, by);
+                Ok((Value::Counter(d), c.value()))
+            }
+            _ => unreachable_kind(),
+        })
+    }
+
+    pub fn counter_value(&self, ns: &Namespace, scope: Scope, name: &str) -> StoreResult<i64> {
+        self.read(ns, scope, Kind::Counter, name, |v| match v {
+            Some(Value::Counter(c)) => c.value(),
+            _ => 0,
+        })
+    }
+
+    /// Adds `member`; `true` if it was not a member here before.
+    pub fn set_add(
+        &self,
+        ns: &Namespace,
+        scope: Scope,
+        name: &str,
+        member: String,
+    ) -> impl Future<Output = StoreResult<bool>> + Send + 'static {
+        let r = self.inner.replica.clone();
+        let check = self.check_key("member", &member);
+        self.mutate(ns, scope, Kind::Set, name, move |v, _| {
+            check?;
+            match v {
+                Value::Set(s) => {
+                    let was = s.contains(&member);
+                    let d = s.add(&r, member);
+                    Ok((Value::Set(d), !was))
+                }
+                _ => unreachable_kind(),
+            }
+        })
+    }
+
+    /// Removes `member` (the adds observed here); `true` if it was a member.
+    pub fn set_remove(
+        &self,
+        ns: &Namespace,
+        scope: Scope,
+        name: &str,
+        member: String,
+    ) -> impl Future<Output = StoreResult<bool>> + Send + 'static {
+        self.mutate(ns, scope, Kind::Set, name, move |v, _| match v {
+            Value::Set(s) => {
+                let was = s.contains(&member);
+                let d = s.remove(&member);
+                Ok((Value::Set(d), was))
+            }
+            _ => unreachable_kind(),
+        })
+    }
+
+    pub fn set_contains(
+        &self,
+        ns: &Namespace,
+        scope: Scope,
+        name: &str,
+        member: &str,
+    ) -> StoreResult<bool> {
+        self.read(ns, scope, Kind::Set, name, |v| match v {
+            Some(Value::Set(s)) => s.contains(&member.to_string()),
+            _ => false,
+        })
+    }
+
+    pub fn set_members(
+        &self,
+        ns: &Namespace,
+        scope: Scope,
+        name: &str,
+    ) -> StoreResult<Vec<String>> {
+        self.read(ns, scope, Kind::Set, name, |v| match v {
+            Some(Value::Set(s)) => s.members().cloned().collect(),
+            _ => Vec::new(),
+        })
+    }
+
+    pub fn register_set(
+        &self,
+        ns: &Namespace,
+        scope: Scope,
+        name: &str,
+        value: Vec<u8>,
+    ) -> impl Future<Output = StoreResult<()>> + Send + 'static {
+        let check = self.check_value(&value);
+        self.mutate(ns, scope, Kind::Register, name, move |v, at| {
+            check?;
+            match v {
+                Value::Register(r) => Ok((Value::Register(r.set(value, at()?)), ())),
+                _ => unreachable_kind(),
+            }
+        })
+    }
+
+    pub fn register_get(
+        &self,
+        ns: &Namespace,
+        scope: Scope,
+        name: &str,
+    ) -> StoreResult<Option<Vec<u8>>> {
+        self.read(ns, scope, Kind::Register, name, |v| match v {
+            Some(Value::Register(r)) => r.get().cloned(),
+            _ => None,
+        })
+    }
+
+    pub fn map_set(
+        &self,
+        ns: &Namespace,
+        scope: Scope,
+        name: &str,
+        key: String,
+        value: Vec<u8>,
+    ) -> impl Future<Output = StoreResult<()>> + Send + 'static {
+        let r = self.inner.replica.clone();
+        let check = self
+            .check_key("map key", &key)
+            .and_then(|_| self.check_value(&value));
+        self.mutate(ns, scope, Kind::Map, name, move |v, at| {
+            check?;
+            match v {
+                Value::Map(m) => Ok((Value::Map(m.set(&r, key, value, at()?)), ())),
+                _ => unreachable_kind(),
+            }
+        })
+    }
+
+    /// Removes `key`; `true` if it was present here.
+    pub fn map_remove(
+        &self,
+        ns: &Namespace,
+        scope: Scope,
+        name: &str,
+        key: String,
+    ) -> impl Future<Output = StoreResult<bool>> + Send + 'static {
+        self.mutate(ns, scope, Kind::Map, name, move |v, _| match v {
+            Value::Map(m) => {
+                let was = m.contains_key(&key);
+                Ok((Value::Map(m.remove(&key)), was))
+            }
+            _ => unreachable_kind(),
+        })
+    }
+
+    pub fn map_get(
+        &self,
+        ns: &Namespace,
+        scope: Scope,
+        name: &str,
+        key: &str,
+    ) -> StoreResult<Option<Vec<u8>>> {
+        self.read(ns, scope, Kind::Map, name, |v| match v {
+            Some(Value::Map(m)) => m.get(key).cloned(),
+            _ => None,
+        })
+    }
+
+    pub fn map_entries(
+        &self,
+        ns: &Namespace,
+        scope: Scope,
+        name: &str,
+    ) -> StoreResult<Vec<(String, Vec<u8>)>> {
+        self.read(ns, scope, Kind::Map, name, |v| match v {
+            Some(Value::Map(m)) => m.entries().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            _ => Vec::new(),
+        })
+    }
+
+    pub fn map_keys(&self, ns: &Namespace, scope: Scope, name: &str) -> StoreResult<Vec<String>> {
+        self.read(ns, scope, Kind::Map, name, |v| match v {
+            Some(Value::Map(m)) => m.keys().cloned().collect(),
+            _ => Vec::new(),
+        })
+    }
+
+    fn check_key(&self, what: &str, s: &str) -> StoreResult<()> {
+        if s.len() > self.inner.opts.max_key_bytes {
+            return Err(StoreError::Limit(format!(
+                "{what} of {} bytes exceeds the limit of {} bytes",
+                s.len(),
+                self.inner.opts.max_key_bytes
+            )));
+        }
+        Ok(())
+    }
+
+    fn check_value(&self, v: &[u8]) -> StoreResult<()> {
+        if v.len() > self.inner.opts.max_value_bytes {
+            return Err(StoreError::Limit(format!(
+                "value of {} bytes exceeds the limit of {} bytes",
+                v.len(),
+                self.inner.opts.max_value_bytes
+            )));
+        }
+        Ok(())
+    }
+
+    fn id(&self, scope: Scope, kind: Kind, name: &str) -> StoreResult<Id> {
+        if name.is_empty() {
+            return Err(StoreError::Invalid("a CRDT name must not be empty".into()));
+        }
+        self.check_key("name", name)?;
+        Ok(Id {
+            scope,
+            kind,
+            name: name.to_string(),
+        })
+    }
+
+    fn lock(&self) -> StoreResult<MutexGuard<'_, HashMap<(Namespace, Id), Slot>>> {
+        self.inner.replicas.lock().map_err(|_| internal("replica"))
+    }
+
+    fn read<R>(
+        &self,
+        ns: &Namespace,
+        scope: Scope,
+        kind: Kind,
+        name: &str,
+        f: impl FnOnce(Option<&Value>) -> R,
+    ) -> StoreResult<R> {
+        let key = (ns.clone(), self.id(scope, kind, name)?);
+        let map = self.lock()?;
+        Ok(f(map.get(&key).map(|s| &s.value)))
+    }
+
+    /// Applies `f` to the replica (creating it empty), queues the save of the
+    /// new full state and, once it is durable, the delta for shipping.
+    /// `f` gets a function that stamps an HLC timestamp.
+    fn mutate<R: Send + 'static>(
+        &self,
+        ns: &Namespace,
+        scope: Scope,
+        kind: Kind,
+        name: &str,
+        f: impl FnOnce(&mut Value, &dyn Fn() -> StoreResult<Hlc>) -> StoreResult<(Value, R)>,
+    ) -> impl Future<Output = StoreResult<R>> + Send + 'static {
+        let staged = self.stage(ns, scope, kind, name, f);
+        let this = self.clone();
+        async move {
+            let (ns, id, save, delta, r) = staged?;
+            let saved = save.await;
+            this.finish_save(&ns, &id, saved.is_ok());
+            saved?;
+            if id.scope != Scope::Edge {
+                this.enqueue(Outgoing::Delta { ns, id, delta });
+            }
+            Ok(r)
+        }
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn stage<R>(
+        &self,
+        ns: &Namespace,
+        scope: Scope,
+        kind: Kind,
+        name: &str,
+        f: impl FnOnce(&mut Value, &dyn Fn() -> StoreResult<Hlc>) -> StoreResult<(Value, R)>,
+    ) -> StoreResult<(Namespace, Id, keel_store::WriteFuture<()>, Value, R)> {
+        let id = self.id(scope, kind, name)?;
+        let key = (ns.clone(), id);
+        let mut map = self.lock()?;
+        let slot = map.entry(key.clone()).or_insert_with(|| Slot {
+            value: Value::empty(kind),
+            digest: keel_crdt::digest(&Value::empty(kind)),
+            pending_saves: 0,
+            poisoned: false,
+        });
+        if slot.poisoned {
+            return Err(StoreError::Unavailable(
+                "an earlier write of this CRDT failed to persist; retry shortly".into(),
+            ));
+        }
+        // Mutate a copy: a write that would exceed the limit changes nothing.
+        let mut next = slot.value.clone();
+        let stamp = || self.stamp();
+        let (delta, r) = f(&mut next, &stamp)?;
+        let bytes = keel_crdt::encode(&next);
+        if bytes.len() > self.inner.opts.max_state_bytes {
+            return Err(StoreError::Limit(format!(
+                "CRDT {:?} would grow to {} bytes, over the limit of {} bytes",
+                name,
+                bytes.len(),
+                self.inner.opts.max_state_bytes
+            )));
+        }
+        slot.digest = keel_crdt::digest_encoded(&bytes);
+        slot.value = next;
+        slot.pending_saves += 1;
+        // Queued under the lock: saves of one CRDT commit in mutation order.
+        let save = self.inner.store.save_crdt(ns, key.1.encode(), bytes);
+        Ok((key.0, key.1, save, delta, r))
+    }
+
+    fn stamp(&self) -> StoreResult<Hlc> {
+        let mut clock = self.inner.clock.lock().map_err(|_| internal("clock"))?;
+        clock
+            .now(now_ms())
+            .map_err(|e| StoreError::Internal(e.to_string()))
+    }
+
+    /// Bookkeeping after a save; reloads a poisoned replica from disk once
+    /// nothing is in flight.
+    fn finish_save(&self, ns: &Namespace, id: &Id, ok: bool) {
+        if !ok {
+            self.inner.metrics.persist_failures.inc();
+        }
+        let Ok(mut map) = self.inner.replicas.lock() else {
+            return;
+        };
+        let key = (ns.clone(), id.clone());
+        let Some(slot) = map.get_mut(&key) else {
+            return;
+        };
+        slot.pending_saves = slot.pending_saves.saturating_sub(1);
+        slot.poisoned |= !ok;
+        if slot.poisoned && slot.pending_saves == 0 {
+            let disk = self
+                .inner
+                .store
+                .load_crdt(ns, &id.encode())
+                .and_then(|b| match b {
+                    Some(b) => keel_crdt::decode::<Value>(&b)
+                        .map_err(|e| StoreError::Internal(e.to_string())),
+                    None => Ok(Value::empty(id.kind)),
+                });
+            match disk {
+                Ok(v) => {
+                    slot.digest = keel_crdt::digest(&v);
+                    slot.value = v;
+                    slot.poisoned = false;
+                }
+                Err(e) => tracing::warn!(error = %e, name = %id.name, "reloading a CRDT failed"),
+            }
+        }
+    }
+
+    fn enqueue(&self, msg: Outgoing) {
+        if self.inner.outgoing.try_send(msg).is_err() {
+            self.inner.metrics.dropped.inc();
+        }
+    }
+
+    /// Merges a replica received from another node and persists it.
+    fn apply_remote(&self, ns: Namespace, id: Id, value: Value) {
+        if value.kind() != id.kind {
+            self.inner.metrics.rejected.inc();
+            return;
+        }
+        if let Some(ts) = value.max_timestamp() {
+            let observed = self
+                .inner
+                .clock
+                .lock()
+                .map_err(|_| ())
+                .and_then(|mut c| c.observe(&ts, now_ms()).map_err(|_| ()));
+            if observed.is_err() {
+                // A clock too far ahead would make its writes win for as long
+                // as it is ahead; refuse them until our clock catches up
+                // (anti-entropy offers them again).
+                self.inner.metrics.rejected.inc();
+                tracing::warn!(origin = %ts.node, name = %id.name, "refused a CRDT write from a clock too far ahead");
+                return;
+            }
+        }
+        self.inner.metrics.deltas_received.inc();
+        let save = {
+            let Ok(mut map) = self.lock() else { return };
+            let key = (ns.clone(), id.clone());
+            let slot = map.entry(key).or_insert_with(|| Slot {
+                value: Value::empty(id.kind),
+                digest: keel_crdt::digest(&Value::empty(id.kind)),
+                pending_saves: 0,
+                poisoned: false,
+            });
+            let mut next = slot.value.clone();
+            next.merge(&value);
+            if next == slot.value {
+                return;
+            }
+            let bytes = keel_crdt::encode(&next);
+            let digest = keel_crdt::digest_encoded(&bytes);
+            slot.value = next;
+            slot.digest = digest;
+            slot.pending_saves += 1;
+            self.inner.store.save_crdt(&ns, id.encode(), bytes)
+        };
+        let this = self.clone();
+        tokio::spawn(async move {
+            let ok = save.await.is_ok();
+            this.finish_save(&ns, &id, ok);
+        });
+    }
+
+    /// Digests of every replicated CRDT, grouped per (scope, component).
+    fn digests(&self) -> Vec<(Scope, Namespace, Vec<(Id, u64)>)> {
+        let Ok(map) = self.inner.replicas.lock() else {
+            return Vec::new();
+        };
+        let mut groups: HashMap<(Scope, Namespace), Vec<(Id, u64)>> = HashMap::new();
+        for ((ns, id), slot) in map.iter() {
+            if id.scope != Scope::Edge {
+                groups
+                    .entry((id.scope, ns.clone()))
+                    .or_default()
+                    .push((id.clone(), slot.digest));
+            }
+        }
+        groups
+            .into_iter()
+            .map(|((scope, ns), mut v)| {
+                v.sort();
+                (scope, ns, v)
+            })
+            .collect()
+    }
+
+    /// Compares another replica's digest with ours: pushes what differs or
+    /// it lacks, asks for what differs or we lack.
+    fn compare_digest(&self, ns: Namespace, scope: Scope, theirs: Vec<(Id, u64)>) {
+        let mut push = Vec::new();
+        let mut need = Vec::new();
+        {
+            let Ok(map) = self.inner.replicas.lock() else {
+                return;
+            };
+            let mut seen = std::collections::HashSet::new();
+            for (id, digest) in theirs {
+                if id.scope != scope {
+                    continue;
+                }
+                match map.get(&(ns.clone(), id.clone())) {
+                    Some(slot) if slot.digest == digest => {}
+                    // Both sides may hold what the other lacks: push ours
+                    // and ask for theirs, so one round repairs both.
+                    Some(_) => {
+                        push.push(id.clone());
+                        need.push(id.clone());
+                    }
+                    None => need.push(id.clone()),
+                }
+                seen.insert(id);
+            }
+            for (n, id) in map.keys() {
+                if *n == ns && id.scope == scope && !seen.contains(id) {
+                    push.push(id.clone());
+                }
+            }
+        }
+        for id in push {
+            self.enqueue(Outgoing::Full { ns: ns.clone(), id });
+        }
+        if !need.is_empty() {
+            self.enqueue(Outgoing::Need {
+                ns,
+                scope,
+                ids: need,
+            });
+        }
+    }
+
+    fn full_state(&self, ns: &Namespace, id: &Id) -> Option<Value> {
+        let map = self.inner.replicas.lock().ok()?;
+        map.get(&(ns.clone(), id.clone())).map(|s| s.value.clone())
+    }
+
+    /// Triggers an anti-entropy round now.
+    pub fn anti_entropy(&self) {
+        self.enqueue(Outgoing::Digest);
+    }
+}
+
+fn unreachable_kind<T>() -> StoreResult<T> {
+    // The slot's kind is part of its key, so this cannot happen.
+    Err(StoreError::Internal("CRDT kind mismatch".into()))
+}
+
+/// Runs anti-entropy every interval, at start and after every reconnect.
+async fn anti_entropy_timer(weak: Weak<Inner>, bus: Arc<dyn Bus>) {
+    let mut events = bus.connection_events();
+    let Some(interval) = weak.upgrade().map(|i| i.opts.anti_entropy_interval) else {
+        return;
+    };
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let now = tokio::select! {
+            _ = tick.tick() => true,
+            changed = events.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                *events.borrow_and_update() == ConnectionState::Connected
+            }
+        };
+        let Some(inner) = weak.upgrade() else { return };
+        if now {
+            Sync { inner }.anti_entropy();
+        }
+    }
+}
+
+/// Subject of a scope's sync traffic for one component.
+fn subject(region: &str, scope: Scope, ns: &Namespace) -> Option<String> {
+    match scope {
+        Scope::Edge => None,
+        Scope::Region => Some(format!("keel.{region}.crdt.{}", ns.as_str())),
+        Scope::Global => Some(format!("keel.global.crdt.{}", ns.as_str())),
+    }
+}

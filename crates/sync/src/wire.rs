@@ -1,0 +1,205 @@
+//! What replicas send each other, and the two bus tasks that send and
+//! receive it. Messages are `keel_crdt::encode`d (a version byte, then
+//! postcard); the component is the subject's last token and the scope its
+//! prefix (`keel.<region>.` or `keel.global.`).
+
+use super::{Inner, Kind, Outgoing, Scope, Sync, Value, subject};
+use bytes::Bytes;
+use keel_bus::{Bus, Subscription};
+use keel_store::{Namespace, StoreError, StoreResult};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::sync::{Arc, Weak};
+use tokio::sync::mpsc;
+
+/// Identifies a CRDT within its component.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub(crate) struct Id {
+    pub scope: Scope,
+    pub kind: Kind,
+    pub name: String,
+}
+
+impl Id {
+    /// The store key of this CRDT (under its component's namespace).
+    pub fn encode(&self) -> Vec<u8> {
+        keel_crdt::encode(self)
+    }
+
+    pub fn decode(b: &[u8]) -> StoreResult<Id> {
+        keel_crdt::decode(b).map_err(|e| StoreError::Internal(format!("corrupt CRDT id: {e}")))
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum Wire {
+    /// A delta, or a full state pushed as a repair (same merge).
+    State {
+        origin: String,
+        id: Id,
+        value: Value,
+    },
+    /// Anti-entropy: the sender's digest of every CRDT of this component.
+    Digest {
+        origin: String,
+        entries: Vec<(Id, u64)>,
+    },
+    /// The sender lacks these CRDTs; whoever has them pushes them.
+    Need { origin: String, ids: Vec<Id> },
+}
+
+/// Most queued messages coalesced into one publishing round.
+const BATCH: usize = 1024;
+
+/// Drains the outgoing queue. Deltas of one CRDT queued together are merged
+/// into one message (a delta group), so a hot counter costs one message per
+/// round, not one per increment.
+pub(crate) async fn publisher(
+    weak: Weak<Inner>,
+    bus: Arc<dyn Bus>,
+    mut rx: mpsc::Receiver<Outgoing>,
+) {
+    let mut batch = Vec::with_capacity(BATCH);
+    while rx.recv_many(&mut batch, BATCH).await > 0 {
+        let Some(inner) = weak.upgrade() else { return };
+        let sync = Sync { inner };
+        let me = sync.inner.replica.0.clone();
+        let region = sync.inner.region.clone();
+        let mut states: HashMap<(Namespace, Id), Value> = HashMap::new();
+        let mut order = Vec::new();
+        let mut add =
+            |ns: Namespace, id: Id, v: Value| match states.get_mut(&(ns.clone(), id.clone())) {
+                Some(acc) => {
+                    acc.merge(&v);
+                }
+                None => {
+                    order.push((ns.clone(), id.clone()));
+                    states.insert((ns, id), v);
+                }
+            };
+        let mut control = Vec::new();
+        for m in batch.drain(..) {
+            match m {
+                Outgoing::Delta { ns, id, delta } => add(ns, id, delta),
+                Outgoing::Full { ns, id } => {
+                    if let Some(v) = sync.full_state(&ns, &id) {
+                        sync.inner.metrics.repairs_sent.inc();
+                        add(ns, id, v);
+                    }
+                }
+                Outgoing::Digest => {
+                    for (scope, ns, entries) in sync.digests() {
+                        sync.inner.metrics.digests_sent.inc();
+                        let w = Wire::Digest {
+                            origin: me.clone(),
+                            entries,
+                        };
+                        control.push((scope, ns, w));
+                    }
+                }
+                Outgoing::Need { ns, scope, ids } => control.push((
+                    scope,
+                    ns,
+                    Wire::Need {
+                        origin: me.clone(),
+                        ids,
+                    },
+                )),
+            }
+        }
+        for (ns, id) in order {
+            let Some(value) = states.remove(&(ns.clone(), id.clone())) else {
+                continue;
+            };
+            let scope = id.scope;
+            let w = Wire::State {
+                origin: me.clone(),
+                id,
+                value,
+            };
+            if let Some(n) = send(&*bus, &region, scope, &ns, &w).await {
+                sync.inner.metrics.deltas_sent.inc();
+                sync.inner.metrics.delta_bytes_sent.inc_by(n as u64);
+            }
+        }
+        for (scope, ns, w) in control {
+            send(&*bus, &region, scope, &ns, &w).await;
+        }
+    }
+}
+
+/// Publishes one message; the payload size if the bus took it.
+async fn send(
+    bus: &dyn Bus,
+    region: &str,
+    scope: Scope,
+    ns: &Namespace,
+    w: &Wire,
+) -> Option<usize> {
+    let subject = subject(region, scope, ns)?;
+    let payload = keel_crdt::encode(w);
+    let n = payload.len();
+    match bus
+        .publish(&subject, Vec::new(), Bytes::from(payload))
+        .await
+    {
+        Ok(()) => Some(n),
+        Err(e) => {
+            // Anti-entropy repairs whatever a disconnected bus loses.
+            tracing::debug!(error = %e, %subject, "sync publish failed");
+            None
+        }
+    }
+}
+
+/// Subscribes to the region's and the globe's sync subjects and merges
+/// what arrives.
+pub(crate) async fn receiver(weak: Weak<Inner>, bus: Arc<dyn Bus>) {
+    let Some(region) = weak.upgrade().map(|i| i.region.clone()) else {
+        return;
+    };
+    for (filter, scope) in [
+        (format!("keel.{region}.crdt.*"), Scope::Region),
+        ("keel.global.crdt.*".to_string(), Scope::Global),
+    ] {
+        match bus.subscribe(&filter, None).await {
+            Ok(sub) => {
+                tokio::spawn(receive(weak.clone(), sub, scope));
+            }
+            Err(e) => tracing::error!(error = %e, %filter, "cannot subscribe to state sync"),
+        }
+    }
+}
+
+async fn receive(weak: Weak<Inner>, mut sub: Subscription, scope: Scope) {
+    while let Some(msg) = sub.next().await {
+        let Some(inner) = weak.upgrade() else { return };
+        let sync = Sync { inner };
+        let me = &sync.inner.replica.0;
+        let ns = msg.subject.rsplit('.').next().and_then(Namespace::new);
+        let wire = keel_crdt::decode::<Wire>(&msg.payload);
+        let (Some(ns), Ok(wire)) = (ns, wire) else {
+            sync.inner.metrics.rejected.inc();
+            continue;
+        };
+        match wire {
+            Wire::State { origin, .. }
+            | Wire::Digest { origin, .. }
+            | Wire::Need { origin, .. }
+                if &origin == me => {}
+            Wire::State { id, value, .. } => {
+                if id.scope == scope {
+                    sync.apply_remote(ns, id, value);
+                } else {
+                    sync.inner.metrics.rejected.inc();
+                }
+            }
+            Wire::Digest { entries, .. } => sync.compare_digest(ns, scope, entries),
+            Wire::Need { ids, .. } => {
+                for id in ids.into_iter().filter(|id| id.scope == scope) {
+                    sync.enqueue(Outgoing::Full { ns: ns.clone(), id });
+                }
+            }
+        }
+    }
+}
