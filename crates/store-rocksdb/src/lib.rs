@@ -18,7 +18,7 @@ use keel_core::{Hlc, HlcClock};
 
 use keel_store::{
     Activity, ActivityRecord, CrdtStore, EdgeStore, EventData, EventLog, KvStore, Namespace,
-    StateValue, StoreError, StoreLimits, StoreResult, StoredEvent, WriteFuture,
+    StateValue, StoreError, StoreLimits, StoreResult, StoredCrdt, StoredEvent, WriteFuture,
 };
 use rocksdb::{BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, Options};
 use serde::{Deserialize, Serialize};
@@ -633,7 +633,7 @@ impl CrdtStore for RocksStore {
         })
     }
 
-    fn all_crdts(&self) -> StoreResult<Vec<(Namespace, Vec<u8>, Vec<u8>)>> {
+    fn all_crdts(&self) -> StoreResult<Vec<StoredCrdt>> {
         let db = &self.inner.db;
         let mut out = Vec::new();
         for item in db.iterator_cf(
@@ -642,7 +642,11 @@ impl CrdtStore for RocksStore {
         ) {
             let (k, v) = item.map_err(map_err)?;
             let (ns, id) = keys::split_ns_key(&k)?;
-            out.push((ns, id.to_vec(), v.to_vec()));
+            out.push(StoredCrdt {
+                ns,
+                id: id.to_vec(),
+                state: v.to_vec(),
+            });
         }
         Ok(out)
     }

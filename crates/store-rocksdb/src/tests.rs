@@ -368,8 +368,16 @@ async fn crdt_states_persist_per_namespace_and_incarnation_is_stable() {
     assert_eq!(
         all,
         vec![
-            (a, b"c/x".to_vec(), b"two".to_vec()),
-            (b, b"c/x".to_vec(), b"other".to_vec())
+            StoredCrdt {
+                ns: a,
+                id: b"c/x".to_vec(),
+                state: b"two".to_vec()
+            },
+            StoredCrdt {
+                ns: b,
+                id: b"c/x".to_vec(),
+                state: b"other".to_vec()
+            }
         ]
     );
     let fresh = tempfile::tempdir().unwrap();

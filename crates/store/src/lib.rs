@@ -105,6 +105,14 @@ pub trait EdgeStore: Send + Sync + 'static {
     fn register_user(&self, user: String, region: String) -> WriteFuture<String>;
 }
 
+/// One persisted CRDT replica.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct StoredCrdt {
+    pub ns: Namespace,
+    pub id: Vec<u8>,
+    pub state: Vec<u8>,
+}
+
 /// Durable home of CRDT replicas (`state`, via `keel-sync`). The store
 /// keeps opaque encoded states under (namespace, id); `keel-sync` owns the
 /// encoding and builds the ids.
@@ -114,7 +122,7 @@ pub trait CrdtStore: Send + Sync + 'static {
     /// Saves of the same id resolve in call order, so the last one wins.
     fn save_crdt(&self, ns: &Namespace, id: Vec<u8>, state: Vec<u8>) -> WriteFuture<()>;
     /// Every persisted CRDT, for loading replicas at start.
-    fn all_crdts(&self) -> StoreResult<Vec<(Namespace, Vec<u8>, Vec<u8>)>>;
+    fn all_crdts(&self) -> StoreResult<Vec<StoredCrdt>>;
     /// A random id created the first time this store was opened. Replica ids
     /// include it, so a node whose data was wiped never reuses the dots and
     /// counter slots of its former self.

@@ -34,7 +34,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 use tokio::sync::mpsc;
-use wire::Id;
+use wire::{Digest, Id};
 
 /// Where a CRDT replicates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -198,9 +198,9 @@ impl Sync {
     ) -> StoreResult<Sync> {
         let replica = ReplicaId(format!("{}.{:016x}", opts.edge, store.incarnation()));
         let mut replicas = HashMap::new();
-        for (ns, id, bytes) in store.all_crdts()? {
+        for keel_store::StoredCrdt { ns, id, state } in store.all_crdts()? {
             let id = Id::decode(&id)?;
-            let value: Value = keel_crdt::decode(&bytes)
+            let value: Value = keel_crdt::decode(&state)
                 .map_err(|e| StoreError::Internal(format!("corrupt CRDT {}: {e}", id.name)))?;
             let digest = keel_crdt::digest(&value);
             replicas.insert(
@@ -668,11 +668,11 @@ impl Sync {
     }
 
     /// Digests of every replicated CRDT, grouped per (scope, component).
-    fn digests(&self) -> Vec<(Scope, Namespace, Vec<(Id, u64)>)> {
+    fn digests(&self) -> Vec<(Scope, Namespace, Digest)> {
         let Ok(map) = self.inner.replicas.lock() else {
             return Vec::new();
         };
-        let mut groups: HashMap<(Scope, Namespace), Vec<(Id, u64)>> = HashMap::new();
+        let mut groups: HashMap<(Scope, Namespace), Digest> = HashMap::new();
         for ((ns, id), slot) in map.iter() {
             if id.scope != Scope::Edge {
                 groups
@@ -692,7 +692,7 @@ impl Sync {
 
     /// Compares another replica's digest with ours: pushes what differs or
     /// it lacks, asks for what differs or we lack.
-    fn compare_digest(&self, ns: Namespace, scope: Scope, theirs: Vec<(Id, u64)>) {
+    fn compare_digest(&self, ns: Namespace, scope: Scope, theirs: Digest) {
         let mut push = Vec::new();
         let mut need = Vec::new();
         {

@@ -31,6 +31,9 @@ impl Id {
     }
 }
 
+/// A replica set's digest: each CRDT's id and the digest of its state.
+pub(crate) type Digest = Vec<(Id, u64)>;
+
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) enum Wire {
     /// A delta, or a full state pushed as a repair (same merge).
@@ -40,10 +43,7 @@ pub(crate) enum Wire {
         value: Value,
     },
     /// Anti-entropy: the sender's digest of every CRDT of this component.
-    Digest {
-        origin: String,
-        entries: Vec<(Id, u64)>,
-    },
+    Digest { origin: String, entries: Digest },
     /// The sender lacks these CRDTs; whoever has them pushes them.
     Need { origin: String, ids: Vec<Id> },
 }

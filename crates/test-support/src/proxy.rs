@@ -263,10 +263,12 @@ async fn pump(
             if shared.drop_bytes.load(Ordering::SeqCst) {
                 continue;
             }
+            // Counted before the write: once the peer can see the bytes,
+            // the counter already includes them (tests compare the two).
+            counter.fetch_add(chunk.len() as u64, Ordering::SeqCst);
             if to.write_all(&chunk).await.is_err() {
                 break;
             }
-            counter.fetch_add(chunk.len() as u64, Ordering::SeqCst);
         }
         let _ = to.shutdown().await;
     };
