@@ -244,6 +244,14 @@ async fn a_partitioned_node_keeps_serving_and_converges_after_the_heal() {
 
     proxy.cut();
     wait_bus(&k3, "disconnected").await;
+    let metrics = k3.get("/metrics").await.body;
+    assert!(metrics.contains("\nkeel_bus_connected 0\n"), "{metrics}");
+    assert!(
+        metrics.contains("\nkeel_bus_disconnects_total 1\n"),
+        "{metrics}"
+    );
+    // Disconnected is not unready: the node keeps serving.
+    assert_eq!(k3.get("/_keel/ready").await.status, 200);
     // Both sides keep writing.
     ok_json(&k1, "POST", "/state/counter/c/inc?by=5").await;
     ok_json(&k2, "POST", "/state/set/s/majority").await;
