@@ -52,14 +52,22 @@ fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     {
         let keel = Keel::start(Path::new(&args[1]), Path::new(&args[2]), dir.path())?;
-        let guest = rt.block_on(guest_increments(&keel.base, 64, 100, window))?;
+        for conns in [64, 256] {
+            let guest = rt.block_on(guest_increments(&keel.base, conns, 100, window))?;
+            let native = rt.block_on(native_increments(
+                &dir.path().join(format!("native-{conns}")),
+                conns,
+                window,
+            ))?;
+            row(
+                &format!(
+                    "counter-inc through a guest, {conns} concurrent requests x 100 incs vs {conns} in-process Sync writers (ops/s)"
+                ),
+                guest,
+                native,
+            );
+        }
         drop(keel);
-        let native = rt.block_on(native_increments(&dir.path().join("native"), 64, window))?;
-        row(
-            "counter-inc through a guest, 64 concurrent requests x 100 incs vs in-process Sync (ops/s)",
-            guest,
-            native,
-        );
     }
 
     delta_sizes();
@@ -318,13 +326,19 @@ async fn propagation(
     let b = open_sync(&dir.join("prop-b"), "b", bus("b").await?)?;
     // Let both subscribe before measuring.
     a.counter_inc(&ns(), Scope::Region, "warm", 1).await?;
-    wait(|| b.counter_value(&ns(), Scope::Region, "warm").ok() == Some(1)).await?;
+    wait(&b, || {
+        b.counter_value(&ns(), Scope::Region, "warm").ok() == Some(1)
+    })
+    .await?;
 
     let mut sync_s = Vec::with_capacity(samples);
     for i in 1..=samples as i64 {
         a.counter_inc(&ns(), Scope::Region, "prop", 1).await?;
         let acked = Instant::now();
-        wait(|| b.counter_value(&ns(), Scope::Region, "prop").ok() == Some(i)).await?;
+        wait(&b, || {
+            b.counter_value(&ns(), Scope::Region, "prop").ok() == Some(i)
+        })
+        .await?;
         sync_s.push(acked.elapsed().as_secs_f64());
     }
 
@@ -346,14 +360,22 @@ async fn propagation(
     Ok((sync_s, raw_s))
 }
 
-/// Spins (yielding) until `f` holds; 10 s at most.
-async fn wait(f: impl Fn() -> bool) -> anyhow::Result<()> {
-    let end = Instant::now() + Duration::from_secs(10);
-    while !f() {
-        anyhow::ensure!(Instant::now() < end, "timed out");
-        tokio::task::yield_now().await;
-    }
-    Ok(())
+/// Waits until `f` holds on `node`, woken by its remote changes (like the
+/// raw subscriber, no polling); 10 s at most.
+async fn wait(node: &Sync, f: impl Fn() -> bool) -> anyhow::Result<()> {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let changed = node.remote_changes().notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if f() {
+                return;
+            }
+            changed.await;
+        }
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("timed out"))
 }
 
 /// Seconds from heal until three nodes agree, one per run.

@@ -145,6 +145,8 @@ struct Inner {
     clock: Mutex<HlcClock>,
     outgoing: mpsc::Sender<Outgoing>,
     metrics: SyncMetrics,
+    /// Woken whenever a remote delta or repair changed a replica.
+    remote_changes: tokio::sync::Notify,
 }
 
 struct Slot {
@@ -226,6 +228,7 @@ impl Sync {
             replicas: Mutex::new(replicas),
             outgoing: tx,
             metrics,
+            remote_changes: tokio::sync::Notify::new(),
         });
         // The tasks hold weak references: dropping the last `Sync` closes
         // the store and ends them.
@@ -239,6 +242,13 @@ impl Sync {
     /// This node's replica id.
     pub fn replica(&self) -> &ReplicaId {
         &self.inner.replica
+    }
+
+    /// Notified (`notify_waiters`) each time a message from another replica
+    /// changed a replica here. Create the `notified()` future before
+    /// checking state, then await it, to never miss a change.
+    pub fn remote_changes(&self) -> &tokio::sync::Notify {
+        &self.inner.remote_changes
     }
 
     pub fn counter_inc(
@@ -660,6 +670,7 @@ impl Sync {
             slot.pending_saves += 1;
             self.inner.store.save_crdt(&ns, id.encode(), bytes)
         };
+        self.inner.remote_changes.notify_waiters();
         let this = self.clone();
         tokio::spawn(async move {
             let ok = save.await.is_ok();
