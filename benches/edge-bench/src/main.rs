@@ -13,8 +13,8 @@
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use keel_store::{EventData, EventLog, Namespace, StoreLimits};
+use keel_test_support::KeelProcess;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -37,20 +37,20 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let dir = tempfile::tempdir()?;
-    let keel = Keel::start(Path::new(&args[1]), Path::new(&args[2]), dir.path())?;
+    let (keel, base) = start_keel(Path::new(&args[1]), Path::new(&args[2]), dir.path())?;
     println!("| measurement | keel (guest) | native | ratio |");
     println!("|---|---|---|---|");
 
     let native_get = native_kv_get(dir.path(), window)?;
-    let guest_get = rt.block_on(guest_ops(&keel.base, "kv-get", 1000, window))?;
+    let guest_get = rt.block_on(guest_ops(&base, "kv-get", 1000, window))?;
     row("kv.get 16 B (ops/s)", guest_get, native_get);
 
     let native_set = native_kv_set(dir.path(), window)?;
-    let guest_set = rt.block_on(guest_ops(&keel.base, "kv-set", 100, window))?;
+    let guest_set = rt.block_on(guest_ops(&base, "kv-set", 100, window))?;
     row("kv.set 16 B, fsynced (ops/s)", guest_set, native_set);
 
     let native_sql = native_sql_query(dir.path(), window)?;
-    let guest_sql = rt.block_on(guest_ops(&keel.base, "sql-query", 1000, window))?;
+    let guest_sql = rt.block_on(guest_ops(&base, "sql-query", 1000, window))?;
     row("sql.query by primary key (ops/s)", guest_sql, native_sql);
     drop(keel);
 
@@ -77,48 +77,19 @@ fn row(name: &str, keel: f64, native: f64) {
     );
 }
 
-struct Keel {
-    child: Child,
-    base: String,
-}
-
-impl Keel {
-    fn start(bin: &Path, wasm: &Path, dir: &Path) -> anyhow::Result<Keel> {
-        let config = dir.join("keel.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[server]\nlisten = \"127.0.0.1:0\"\ndata-dir = \"keel-data\"\n\n[components.probe]\nwasm = {:?}\nroute = \"/probe/...\"\ngrants = [\"kv\", \"sql\", \"events\", \"edge-operations\"]\n",
-                wasm.display().to_string()
-            ),
-        )?;
-        let mut child = Command::new(bin)
-            .args(["--log-format", "json", "up", "--config"])
-            .arg(&config)
-            .env_remove("RUST_BACKTRACE")
-            .env("KEEL_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()?;
-        let stdout = child.stdout.take().expect("stdout is piped");
-        let mut line = String::new();
-        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)?;
-        let addr = line
-            .trim()
-            .strip_prefix("keel listening on ")
-            .ok_or_else(|| anyhow::anyhow!("unexpected keel output {line:?}"))?;
-        Ok(Keel {
-            child,
-            base: format!("{addr}/probe"),
-        })
-    }
-}
-
-impl Drop for Keel {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Starts keel on a fresh config in `dir`; `base` is the component's URL prefix.
+fn start_keel(bin: &Path, wasm: &Path, dir: &Path) -> anyhow::Result<(KeelProcess, String)> {
+    let config = dir.join("keel.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\ndata-dir = \"keel-data\"\n\n[components.probe]\nwasm = {:?}\nroute = \"/probe/...\"\ngrants = [\"kv\", \"sql\", \"events\", \"edge-operations\"]\n",
+            wasm.display().to_string()
+        ),
+    )?;
+    let keel = KeelProcess::start(bin, &config)?;
+    let base = format!("{}/probe", keel.base);
+    Ok((keel, base))
 }
 
 /// Ops/s of `POST /bench/<op>?n=N` from one connection for `window`.

@@ -22,9 +22,8 @@ use keel_bus::{Bus, ConnectionState};
 use keel_crdt::{Crdt, Hlc, LwwMap, OrSet, PnCounter, ReplicaId};
 use keel_store::Namespace;
 use keel_sync::{Scope, Sync, SyncOptions};
-use keel_test_support::{FaultProxy, NatsServer};
+use keel_test_support::{FaultProxy, KeelProcess, NatsServer};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -51,9 +50,9 @@ fn main() -> anyhow::Result<()> {
     println!("|---|---|---|---|");
     let dir = tempfile::tempdir()?;
     {
-        let keel = Keel::start(Path::new(&args[1]), Path::new(&args[2]), dir.path())?;
+        let (keel, base) = start_keel(Path::new(&args[1]), Path::new(&args[2]), dir.path())?;
         for conns in [64, 256] {
-            let guest = rt.block_on(guest_increments(&keel.base, conns, 100, window))?;
+            let guest = rt.block_on(guest_increments(&base, conns, 100, window))?;
             let native = rt.block_on(native_increments(
                 &dir.path().join(format!("native-{conns}")),
                 conns,
@@ -107,48 +106,19 @@ fn quantile(v: &[f64], q: f64) -> f64 {
     s[((s.len() as f64 - 1.0) * q).round() as usize]
 }
 
-struct Keel {
-    child: Child,
-    base: String,
-}
-
-impl Keel {
-    fn start(bin: &Path, wasm: &Path, dir: &Path) -> anyhow::Result<Keel> {
-        let config = dir.join("keel.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[server]\nlisten = \"127.0.0.1:0\"\ndata-dir = \"keel-data\"\n\n[components.state]\nwasm = {:?}\nroute = \"/state/...\"\ngrants = [\"state\"]\n",
-                wasm.display().to_string()
-            ),
-        )?;
-        let mut child = Command::new(bin)
-            .args(["--log-format", "json", "up", "--config"])
-            .arg(&config)
-            .env_remove("RUST_BACKTRACE")
-            .env("KEEL_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()?;
-        let stdout = child.stdout.take().expect("stdout is piped");
-        let mut line = String::new();
-        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)?;
-        let addr = line
-            .trim()
-            .strip_prefix("keel listening on ")
-            .ok_or_else(|| anyhow::anyhow!("unexpected keel output {line:?}"))?;
-        Ok(Keel {
-            child,
-            base: format!("{addr}/state"),
-        })
-    }
-}
-
-impl Drop for Keel {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Starts keel on a fresh config in `dir`; `base` is the component's URL prefix.
+fn start_keel(bin: &Path, wasm: &Path, dir: &Path) -> anyhow::Result<(KeelProcess, String)> {
+    let config = dir.join("keel.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\ndata-dir = \"keel-data\"\n\n[components.state]\nwasm = {:?}\nroute = \"/state/...\"\ngrants = [\"state\"]\n",
+            wasm.display().to_string()
+        ),
+    )?;
+    let keel = KeelProcess::start(bin, &config)?;
+    let base = format!("{}/state", keel.base);
+    Ok((keel, base))
 }
 
 /// Increments/s of `POST /bench/counter-inc?n=N` from `conns` concurrent

@@ -5,12 +5,15 @@
 //!   directories, killed and reaped on drop.
 //! - [`FaultProxy`]: a TCP proxy to put between a client and a server, with
 //!   cut / heal / delay / black-hole controls that act immediately.
+//! - [`KeelProcess`]: a `keel up` child process (benchmarks).
 //! - [`wait_until`] / [`wait_until_async`]: poll a condition with a deadline
 //!   (tests synchronise by polling, never by sleeping a fixed time).
 
+mod keel;
 mod proxy;
 mod server;
 
+pub use keel::KeelProcess;
 pub use proxy::FaultProxy;
 pub use server::{ClusterBlock, NatsCluster, NatsServer, ServerConfig};
 
