@@ -34,7 +34,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 use tokio::sync::mpsc;
-use wire::{Digest, Id};
+use wire::{Digest, DigestRange, Id};
 
 /// Where a CRDT replicates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -701,9 +701,9 @@ impl Sync {
             .collect()
     }
 
-    /// Compares another replica's digest with ours: pushes what differs or
-    /// it lacks, asks for what differs or we lack.
-    fn compare_digest(&self, ns: Namespace, scope: Scope, theirs: Digest) {
+    /// Compares another replica's digest (one chunk of it) with ours: pushes
+    /// what differs or it lacks, asks for what differs or we lack.
+    fn compare_digest(&self, ns: Namespace, scope: Scope, theirs: Digest, range: &DigestRange) {
         let mut push = Vec::new();
         let mut need = Vec::new();
         {
@@ -728,7 +728,7 @@ impl Sync {
                 seen.insert(id);
             }
             for (n, id) in map.keys() {
-                if *n == ns && id.scope == scope && !seen.contains(id) {
+                if *n == ns && id.scope == scope && range.covers(id) && !seen.contains(id) {
                     push.push(id.clone());
                 }
             }

@@ -34,6 +34,25 @@ impl Id {
 /// A replica set's digest: each CRDT's id and the digest of its state.
 pub(crate) type Digest = Vec<(Id, u64)>;
 
+/// Digest entries per message, so a digest stays far below NATS's
+/// `max_payload` however many CRDTs a component has.
+const DIGEST_CHUNK: usize = 512;
+
+/// The ids a digest message speaks for: `after < id <= through` (`None` is
+/// unbounded), so a receiver can tell "absent from this chunk" from
+/// "absent at the sender".
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct DigestRange {
+    pub after: Option<Id>,
+    pub through: Option<Id>,
+}
+
+impl DigestRange {
+    pub fn covers(&self, id: &Id) -> bool {
+        self.after.as_ref().is_none_or(|a| id > a) && self.through.as_ref().is_none_or(|t| id <= t)
+    }
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) enum Wire {
     /// A delta, or a full state pushed as a repair (same merge).
@@ -43,7 +62,11 @@ pub(crate) enum Wire {
         value: Value,
     },
     /// Anti-entropy: the sender's digest of every CRDT of this component.
-    Digest { origin: String, entries: Digest },
+    Digest {
+        origin: String,
+        entries: Digest,
+        range: DigestRange,
+    },
     /// The sender lacks these CRDTs; whoever has them pushes them.
     Need { origin: String, ids: Vec<Id> },
 }
@@ -89,12 +112,24 @@ pub(crate) async fn publisher(
                 }
                 Outgoing::Digest => {
                     for (scope, ns, entries) in sync.digests() {
-                        sync.inner.metrics.digests_sent.inc();
-                        let w = Wire::Digest {
-                            origin: me.clone(),
-                            entries,
-                        };
-                        control.push((scope, ns, w));
+                        let chunks: Vec<&[(Id, u64)]> = entries.chunks(DIGEST_CHUNK).collect();
+                        for (i, chunk) in chunks.iter().enumerate() {
+                            let range = DigestRange {
+                                after: (i > 0)
+                                    .then(|| chunks[i - 1].last().map(|e| e.0.clone()))
+                                    .flatten(),
+                                through: (i + 1 < chunks.len())
+                                    .then(|| chunk.last().map(|e| e.0.clone()))
+                                    .flatten(),
+                            };
+                            sync.inner.metrics.digests_sent.inc();
+                            let w = Wire::Digest {
+                                origin: me.clone(),
+                                entries: chunk.to_vec(),
+                                range,
+                            };
+                            control.push((scope, ns.clone(), w));
+                        }
                     }
                 }
                 Outgoing::Need { ns, scope, ids } => control.push((
@@ -194,7 +229,7 @@ async fn receive(weak: Weak<Inner>, mut sub: Subscription, scope: Scope) {
                     sync.inner.metrics.rejected.inc();
                 }
             }
-            Wire::Digest { entries, .. } => sync.compare_digest(ns, scope, entries),
+            Wire::Digest { entries, range, .. } => sync.compare_digest(ns, scope, entries, &range),
             Wire::Need { ids, .. } => {
                 for id in ids.into_iter().filter(|id| id.scope == scope) {
                     sync.enqueue(Outgoing::Full { ns: ns.clone(), id });

@@ -209,3 +209,33 @@ async fn bad_input_is_refused_and_changes_nothing() {
         .unwrap();
     assert_eq!(s.counter_value(&app, Scope::Edge, "big").unwrap(), i64::MAX);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anti_entropy_repairs_more_crdts_than_one_digest_message_holds() {
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let app = ns("app");
+    // Each side writes alone (separate buses), so only anti-entropy can
+    // bring them together, across several digest chunks per side.
+    {
+        let (a, _) = open(da.path(), "a", Arc::new(LocalBus::new()));
+        let (b, _) = open(db.path(), "b", Arc::new(LocalBus::new()));
+        for i in 0..1200 {
+            let node = if i < 600 { &b } else { &a };
+            node.counter_inc(&app, Scope::Region, &format!("c{i:04}"), 1)
+                .await
+                .unwrap();
+        }
+    }
+    let bus: Arc<dyn Bus> = Arc::new(LocalBus::new());
+    let (a, _) = open(da.path(), "a", bus.clone());
+    let (b, mb) = open(db.path(), "b", bus.clone());
+    let all_there = |s: &Sync| {
+        (0..1200).all(|i| {
+            s.counter_value(&app, Scope::Region, &format!("c{i:04}"))
+                .unwrap()
+                == 1
+        })
+    };
+    eventually("both have all 1200", || all_there(&a) && all_there(&b)).await;
+    assert!(mb.digests_sent.get() >= 2, "digests were chunked");
+}
