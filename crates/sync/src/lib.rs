@@ -244,6 +244,11 @@ impl Sync {
         &self.inner.replica
     }
 
+    /// Replicas held (every scope and component).
+    pub fn replica_count(&self) -> usize {
+        self.inner.replicas.lock().map_or(0, |m| m.len())
+    }
+
     /// Notified (`notify_waiters`) each time a message from another replica
     /// changed a replica here. Create the `notified()` future before
     /// checking state, then await it, to never miss a change.
@@ -545,19 +550,18 @@ impl Sync {
         let id = self.id(scope, kind, name)?;
         let key = (ns.clone(), id);
         let mut map = self.lock()?;
-        let slot = map.entry(key.clone()).or_insert_with(|| Slot {
-            value: Value::empty(kind),
-            digest: keel_crdt::digest(&Value::empty(kind)),
-            pending_saves: 0,
-            poisoned: false,
-        });
-        if slot.poisoned {
-            return Err(StoreError::Unavailable(
-                "an earlier write of this CRDT failed to persist; retry shortly".into(),
-            ));
-        }
-        // Mutate a copy: a write that would exceed the limit changes nothing.
-        let mut next = slot.value.clone();
+        let current = match map.get(&key) {
+            Some(slot) if slot.poisoned => {
+                return Err(StoreError::Unavailable(
+                    "an earlier write of this CRDT failed to persist; retry shortly".into(),
+                ));
+            }
+            Some(slot) => slot.value.clone(),
+            None => Value::empty(kind),
+        };
+        // Mutate a copy: a refused write (bad input, over the limit)
+        // changes nothing, not even by creating an empty replica.
+        let mut next = current;
         let stamp = || self.stamp();
         let (delta, r) = f(&mut next, &stamp)?;
         let bytes = keel_crdt::encode(&next);
@@ -569,6 +573,12 @@ impl Sync {
                 self.inner.opts.max_state_bytes
             )));
         }
+        let slot = map.entry(key.clone()).or_insert_with(|| Slot {
+            value: Value::empty(kind),
+            digest: 0,
+            pending_saves: 0,
+            poisoned: false,
+        });
         slot.digest = keel_crdt::digest_encoded(&bytes);
         slot.value = next;
         slot.pending_saves += 1;

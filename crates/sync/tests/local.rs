@@ -166,6 +166,8 @@ async fn bad_input_is_refused_and_changes_nothing() {
             .await
             .unwrap_err()
     ));
+    // Refused writes leave no (empty) replica behind.
+    assert_eq!(s.replica_count(), 0);
     assert!(limit(
         s.register_set(&app, Scope::Region, "r", vec![0; 257])
             .await
