@@ -11,7 +11,7 @@ use keel_sync::{Scope, Sync, SyncOptions};
 use keel_telemetry::SyncMetrics;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 fn open(dir: &Path, edge: &str, bus: Arc<dyn Bus>) -> (Sync, SyncMetrics) {
     let options = RocksOptions {
@@ -25,14 +25,13 @@ fn open(dir: &Path, edge: &str, bus: Arc<dyn Bus>) -> (Sync, SyncMetrics) {
     };
     // A store reopened in the same process waits until the previous
     // instance's last task let go of it (RocksDB's lock).
-    let end = Instant::now() + Duration::from_secs(10);
-    let store = loop {
-        match RocksStore::open(dir, options.clone()) {
-            Ok(s) => break s,
-            Err(e) => assert!(Instant::now() < end, "reopen: {e}"),
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
+    let mut store = None;
+    let opened = keel_test_support::wait_until(Duration::from_secs(10), || {
+        store = RocksStore::open(dir, options.clone()).ok();
+        store.is_some()
+    });
+    assert!(opened, "reopening {} timed out", dir.display());
+    let store = store.expect("opened");
     let metrics = SyncMetrics::default();
     let sync = Sync::start(
         Arc::new(store),
@@ -58,11 +57,10 @@ fn ns(n: &str) -> Namespace {
 }
 
 async fn eventually(what: &str, f: impl Fn() -> bool) {
-    let end = Instant::now() + Duration::from_secs(10);
-    while !f() {
-        assert!(Instant::now() < end, "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let ok =
+        keel_test_support::wait_until_async(Duration::from_secs(10), || std::future::ready(f()))
+            .await;
+    assert!(ok, "timed out: {what}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
