@@ -7,6 +7,7 @@
 mod auth;
 mod diagnostic;
 mod infra;
+mod regions;
 mod units;
 
 pub use auth::{AuthConfig, AuthKey, DEFAULT_LEEWAY, JwtAlgorithm, KeySource};
@@ -14,6 +15,10 @@ pub use diagnostic::{Diagnostic, Diagnostics, Location};
 pub use infra::{
     EventLogBackend, EventStreamBackend, InfrastructureConfig, KvBackend, NodeConfig, SqlBackend,
     StateBackend,
+};
+pub use regions::{
+    CacheTier, ConsensusProtocol, Coordination, GLOBAL_REGION, GlobalEventStream, NatsServerAddr,
+    NatsTopology, PartitionTolerance, Region, RegionalDatabase, RegionsConfig, Residency,
 };
 pub use units::{parse_duration, parse_size};
 
