@@ -33,12 +33,37 @@ enum Command {
         /// Override `[server] listen` (e.g. 127.0.0.1:0 for a free port).
         #[arg(long)]
         listen: Option<std::net::SocketAddr>,
+        /// This node is this edge of a regions.toml deployment (overrides
+        /// `[node] edge`); its region, NATS servers and credentials come from
+        /// the regions.toml.
+        #[arg(long, env = "KEEL_EDGE")]
+        edge: Option<String>,
+        /// The deployment's regions.toml (overrides `[node] regions`).
+        #[arg(long, env = "KEEL_REGIONS")]
+        regions: Option<PathBuf>,
     },
     /// Validate a keel.toml and every component's imports against its
     /// grants, without serving.
     Check {
         #[arg(short, long, default_value = "keel.toml", env = "KEEL_CONFIG")]
         config: PathBuf,
+    },
+    /// Print (or write) the NATS server configs of a regions.toml: one
+    /// cluster per region, gateways between them, an account per residency
+    /// zone. Passwords are derived from the secret in an environment
+    /// variable.
+    Topology {
+        /// The topology.
+        #[arg(short, long, default_value = "regions.toml", env = "KEEL_REGIONS")]
+        regions: PathBuf,
+        /// Write `<server>.conf` per server and a README.txt into this
+        /// directory instead of printing.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Environment variable holding the secret (default: the
+        /// regions.toml's `nats.secret_env`, else KEEL_NATS_SECRET).
+        #[arg(long)]
+        secret_env: Option<String>,
     },
 }
 
@@ -51,7 +76,17 @@ fn main() -> ExitCode {
     });
     match cli.command {
         Command::Check { config } => check(&config),
-        Command::Up { config, listen } => match up(&config, listen) {
+        Command::Topology {
+            regions,
+            out,
+            secret_env,
+        } => topology(&regions, out.as_deref(), secret_env.as_deref()),
+        Command::Up {
+            config,
+            listen,
+            edge,
+            regions,
+        } => match up(&config, listen, edge, regions) {
             Ok(code) => code,
             Err(e) => {
                 eprintln!("error: {e:#}");
@@ -92,11 +127,84 @@ fn check(path: &std::path::Path) -> ExitCode {
     }
 }
 
-fn up(path: &std::path::Path, listen: Option<std::net::SocketAddr>) -> anyhow::Result<ExitCode> {
+/// `keel topology`: config problems and a missing secret exit 2, write
+/// failures 1.
+fn topology(
+    path: &std::path::Path,
+    out: Option<&std::path::Path>,
+    secret_env: Option<&str>,
+) -> ExitCode {
+    let regions = match keel_config::RegionsConfig::load(path) {
+        Ok(r) => r,
+        Err(d) => {
+            eprintln!("{d}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let problems = keel_topology::validate(&regions);
+    if !problems.is_empty() {
+        for p in problems {
+            eprintln!("error: {}: {p}", path.display());
+        }
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let var = secret_env.unwrap_or(regions.nats.secret_env.as_str());
+    let secret = match std::env::var_os(var) {
+        Some(v) if !v.is_empty() => v,
+        _ => {
+            eprintln!(
+                "error: environment variable {var} is not set or empty: it must hold the secret \
+                 every NATS password is derived from (set it, or name another variable with \
+                 --secret-env or `secret_env` in [nats] of {})",
+                path.display()
+            );
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let secret = std::os::unix::ffi::OsStrExt::as_bytes(secret.as_os_str());
+    let rendered = keel_topology::render(&regions, secret);
+    let mut stdout = std::io::stdout().lock();
+    match out {
+        None => {
+            for s in &rendered {
+                let _ = writeln!(stdout, "# ---- {} ----", s.file_name());
+                let _ = write!(stdout, "{}", s.config);
+            }
+        }
+        Some(dir) => match keel_topology::write(dir, &rendered) {
+            Ok(paths) => {
+                for p in paths {
+                    let _ = writeln!(stdout, "{}", p.display());
+                }
+            }
+            Err(e) => {
+                eprintln!("error: writing {}: {e}", dir.display());
+                return ExitCode::FAILURE;
+            }
+        },
+    }
+    if stdout.flush().is_err() {
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
+}
+
+fn up(
+    path: &std::path::Path,
+    listen: Option<std::net::SocketAddr>,
+    edge: Option<String>,
+    regions: Option<PathBuf>,
+) -> anyhow::Result<ExitCode> {
     let mut config = match load_config(path) {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
+    if (edge.is_some() || regions.is_some())
+        && let Err(d) = config.place_node(edge, regions)
+    {
+        eprintln!("{d}");
+        return Ok(ExitCode::from(EXIT_CONFIG));
+    }
     if let Some(l) = listen {
         config.server.listen = l;
     }

@@ -9,5 +9,6 @@ mod crash;
 mod edge_tier;
 mod http_limits;
 mod isolation;
+mod regions;
 mod serving;
 mod sync;

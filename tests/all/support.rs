@@ -45,6 +45,8 @@ pub fn keel_bin() -> &'static str {
 /// A temp dir with a keel.toml in it.
 pub struct Node {
     pub dir: tempfile::TempDir,
+    /// Extra environment of every `keel` command run for this node.
+    pub env: Vec<(String, String)>,
 }
 
 impl Node {
@@ -52,14 +54,14 @@ impl Node {
         let dir = tempfile::tempdir().unwrap();
         let full = format!("[server]\nlisten = \"127.0.0.1:0\"\nworkers = 2\n{toml}");
         std::fs::write(dir.path().join("keel.toml"), full).unwrap();
-        Node { dir }
+        Node { dir, env: vec![] }
     }
 
     /// keel.toml exactly as given (no [server] prelude).
     pub fn raw(toml: &str) -> Node {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("keel.toml"), toml).unwrap();
-        Node { dir }
+        Node { dir, env: vec![] }
     }
 
     pub fn config(&self) -> PathBuf {
@@ -75,7 +77,8 @@ impl Node {
             .arg(self.config())
             .env_remove("RUST_BACKTRACE")
             .env_remove("RUST_LIB_BACKTRACE")
-            .env("KEEL_LOG", "info");
+            .env("KEEL_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
         c
     }
 
@@ -236,6 +239,19 @@ impl Keel {
             "keel exited with {status}; log:\n{}",
             self.log()
         );
+    }
+
+    /// Poll `/_keel/ready` until `f` holds for its JSON (30 s deadline).
+    pub async fn wait_ready(&self, f: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        let end = Instant::now() + Duration::from_secs(30);
+        loop {
+            let v = self.get("/_keel/ready").await.json();
+            if f(&v) {
+                return v;
+            }
+            assert!(Instant::now() < end, "timed out; last /_keel/ready: {v}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Poll `/_keel/components` until `f` holds for component `name`.

@@ -177,7 +177,7 @@ fn open_sync(dir: &Path, edge: &str, bus: Arc<dyn Bus>) -> anyhow::Result<Sync> 
     )?;
     Ok(Sync::start(
         Arc::new(store),
-        bus,
+        keel_bus::Buses::single(bus),
         SyncOptions {
             edge: edge.into(),
             region: "bench".into(),

@@ -95,6 +95,26 @@ pub struct StreamSpec {
     pub duplicate_window: Duration,
     /// Age after which messages are removed; `None` keeps them.
     pub max_age: Option<Duration>,
+    /// Where a NATS super-cluster places the stream (ignored in-process).
+    pub placement: Option<Placement>,
+}
+
+/// JetStream placement: the cluster (region) and server tags a stream's
+/// replicas must be on. Residency depends on it: a region's stream is
+/// always placed in that region's cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Placement {
+    pub cluster: Option<String>,
+    pub tags: Vec<String>,
+}
+
+/// One message for [`Bus::stream_append_many`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamAppend {
+    pub subject: String,
+    pub headers: Headers,
+    pub payload: Bytes,
+    pub msg_id: Option<String>,
 }
 
 /// Acknowledgement of a stream append.
@@ -128,6 +148,8 @@ pub struct KvSpec {
     /// Age after which entries expire; `None` keeps them.
     pub max_age: Option<Duration>,
     pub replicas: usize,
+    /// Where a NATS super-cluster places the bucket (ignored in-process).
+    pub placement: Option<Placement>,
 }
 
 /// One KV entry (or a deletion, in a watch).
@@ -230,6 +252,26 @@ pub trait Bus: Send + Sync + 'static {
         msg_id: Option<&str>,
     ) -> BusResult<StreamAck>;
 
+    /// Appends several messages, pipelined where the backend can, and
+    /// returns the acknowledgements of a prefix of `msgs` in order: it stops
+    /// at the first failure, whose error is the last element. Messages after
+    /// a failure may or may not have been stored; appending them again with
+    /// the same `msg_id` is safe within the duplicate window.
+    async fn stream_append_many(&self, msgs: Vec<StreamAppend>) -> Vec<BusResult<StreamAck>> {
+        let mut out = Vec::with_capacity(msgs.len());
+        for m in msgs {
+            let r = self
+                .stream_append(&m.subject, m.headers, m.payload, m.msg_id.as_deref())
+                .await;
+            let failed = r.is_err();
+            out.push(r);
+            if failed {
+                break;
+            }
+        }
+        out
+    }
+
     /// Reads up to `max` messages with sequence ≥ `from_sequence` whose
     /// subject matches `filter` (wildcards allowed; `>` for all).
     async fn stream_read(
@@ -267,6 +309,41 @@ pub trait Bus: Send + Sync + 'static {
 
     /// Watches keys matching `key_pattern` (NATS wildcards; `>` for all).
     async fn kv_watch(&self, bucket: &str, key_pattern: &str) -> BusResult<KvWatch>;
+}
+
+/// A node's connections. In a `regions.toml` deployment a node holds two:
+/// its region's account (everything `keel.<region>.>`, the region's streams
+/// and buckets) and the `GLOBAL` account (`keel.global.>`, global buckets),
+/// because residency comes from NATS accounts (DESIGN §5 "Residency").
+/// Elsewhere both are the same bus.
+#[derive(Clone)]
+pub struct Buses {
+    pub region: std::sync::Arc<dyn Bus>,
+    pub global: std::sync::Arc<dyn Bus>,
+}
+
+impl Buses {
+    /// One bus for everything (embedded node, or one NATS without accounts).
+    pub fn single(bus: std::sync::Arc<dyn Bus>) -> Buses {
+        Buses {
+            region: bus.clone(),
+            global: bus,
+        }
+    }
+
+    /// The bus that carries `subject`: global for `keel.global.*`.
+    pub fn for_subject(&self, subject: &str) -> &std::sync::Arc<dyn Bus> {
+        if subject.starts_with("keel.global.") {
+            &self.global
+        } else {
+            &self.region
+        }
+    }
+
+    /// Whether region and global traffic share one connection.
+    pub fn is_single(&self) -> bool {
+        std::sync::Arc::ptr_eq(&self.region, &self.global)
+    }
 }
 
 /// Validates a subject for publishing: non-empty tokens of printable ASCII

@@ -63,7 +63,7 @@
 
 use crate::{
     Bus, BusError, BusResult, ConnectionState, Headers, KvEntry, KvSpec, KvWatch, KvWatchSource,
-    Message, StreamAck, StreamMessage, StreamSpec, Subscription, SubscriptionSource,
+    Message, StreamAck, StreamAppend, StreamMessage, StreamSpec, Subscription, SubscriptionSource,
     check_filter_subject, check_headers, check_kv_key, check_kv_key_pattern, check_name,
     check_publish_subject, check_queue_group,
 };
@@ -97,6 +97,9 @@ pub struct NatsOptions {
     pub max_reconnect_delay: Duration,
     /// Deadline for JetStream calls (acks, stream/KV API, `stream_read`).
     pub request_timeout: Duration,
+    /// User and password, if the servers require them (a `regions.toml`
+    /// deployment derives them from its secret; see `keel-topology`).
+    pub credentials: Option<(String, String)>,
 }
 
 impl Default for NatsOptions {
@@ -109,6 +112,7 @@ impl Default for NatsOptions {
             min_reconnect_delay: Duration::from_millis(10),
             max_reconnect_delay: Duration::from_millis(500),
             request_timeout: Duration::from_secs(5),
+            credentials: None,
         }
     }
 }
@@ -278,7 +282,13 @@ impl NatsBus {
         });
         let (min, max) = (opts.min_reconnect_delay, opts.max_reconnect_delay);
         let cell = state.clone();
-        let client = async_nats::ConnectOptions::new()
+        let base = match &opts.credentials {
+            Some((user, password)) => {
+                async_nats::ConnectOptions::with_user_and_password(user.clone(), password.clone())
+            }
+            None => async_nats::ConnectOptions::new(),
+        };
+        let client = base
             .name(&opts.name)
             .connection_timeout(opts.connect_timeout)
             .ping_interval(opts.ping_interval)
@@ -889,6 +899,10 @@ impl Bus for NatsBus {
             max_age: spec.max_age.unwrap_or_default(),
             storage: stream::StorageType::File,
             allow_direct: true,
+            placement: spec.placement.as_ref().map(|p| stream::Placement {
+                cluster: p.cluster.clone(),
+                tags: p.tags.clone(),
+            }),
             ..Default::default()
         };
         let s = self
@@ -961,6 +975,60 @@ impl Bus for NatsBus {
         })
     }
 
+    /// Writes every publish before awaiting any acknowledgement, so a batch
+    /// costs about one round trip instead of one per message.
+    async fn stream_append_many(&self, msgs: Vec<StreamAppend>) -> Vec<BusResult<StreamAck>> {
+        let mut out = Vec::with_capacity(msgs.len());
+        let mut pending = Vec::with_capacity(msgs.len());
+        for m in msgs {
+            let checked = check_publish_subject(&m.subject)
+                .and_then(|()| check_headers(&m.headers))
+                .and_then(|()| match &m.msg_id {
+                    Some(id) if id.is_empty() || id.contains(['\r', '\n']) => {
+                        Err(BusError::Invalid(format!("invalid msg_id {id:?}")))
+                    }
+                    _ => Ok(()),
+                })
+                .and_then(|()| self.ensure_connected());
+            if let Err(e) = checked {
+                pending.push(Err(e));
+                break;
+            }
+            let mut msg = jetstream::message::PublishMessage::build().payload(m.payload);
+            if let Some(h) = to_header_map(m.headers) {
+                msg = msg.headers(h);
+            }
+            if let Some(id) = &m.msg_id {
+                msg = msg.message_id(id);
+            }
+            match self.inner.js.send_publish(m.subject, msg).await {
+                Ok(ack) => pending.push(Ok(ack)),
+                Err(e) => {
+                    pending.push(Err(self.classify(&e)));
+                    break;
+                }
+            }
+        }
+        for p in pending {
+            let r = match p {
+                Ok(ack) => ack
+                    .await
+                    .map(|a| StreamAck {
+                        sequence: a.sequence,
+                        duplicate: a.duplicate,
+                    })
+                    .map_err(|e| self.classify(&e)),
+                Err(e) => Err(e),
+            };
+            let failed = r.is_err();
+            out.push(r);
+            if failed {
+                break;
+            }
+        }
+        out
+    }
+
     async fn stream_read(
         &self,
         stream: &str,
@@ -1000,6 +1068,10 @@ impl Bus for NatsBus {
             max_age: spec.max_age.unwrap_or_default(),
             storage: stream::StorageType::File,
             num_replicas: spec.replicas.max(1),
+            placement: spec.placement.as_ref().map(|p| stream::Placement {
+                cluster: p.cluster.clone(),
+                tags: p.tags.clone(),
+            }),
             ..Default::default()
         };
         match self.inner.js.create_key_value(config).await {

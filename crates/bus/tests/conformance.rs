@@ -8,7 +8,8 @@ use bytes::Bytes;
 use keel_bus::local::LocalBus;
 use keel_bus::nats::{NatsBus, NatsOptions};
 use keel_bus::{
-    Bus, BusError, ConnectionState, Headers, KvEntry, KvSpec, StreamSpec, Subscription,
+    Bus, BusError, ConnectionState, Headers, KvEntry, KvSpec, StreamAppend, StreamSpec,
+    Subscription,
 };
 use keel_test_support::{NatsServer, wait_until_async};
 use std::collections::HashSet;
@@ -77,6 +78,7 @@ conformance!(
     request_without_subscribers_has_no_responders,
     stream_append_and_read,
     stream_dedups_by_msg_id,
+    stream_append_many_acks_a_prefix_in_order,
     stream_and_core_subjects_are_one_namespace,
     stream_and_bucket_errors,
     kv_get_put_create_update_delete,
@@ -267,6 +269,7 @@ fn stream_spec(name: &str, subjects: &[&str]) -> StreamSpec {
         replicas: 1,
         duplicate_window: Duration::from_secs(60),
         max_age: None,
+        placement: None,
     }
 }
 
@@ -400,6 +403,50 @@ async fn stream_dedups_by_msg_id(bus: Arc<dyn Bus>) {
     assert!(msgs.iter().all(|m| m.headers.is_empty()), "{msgs:?}");
 }
 
+async fn stream_append_many_acks_a_prefix_in_order(bus: Arc<dyn Bus>) {
+    bus.ensure_stream(&stream_spec("MANY", &["many.*"]))
+        .await
+        .unwrap();
+    let msg = |subject: &str, id: &str| StreamAppend {
+        subject: subject.into(),
+        headers: h(&[("k", id)]),
+        payload: b(id),
+        msg_id: Some(id.into()),
+    };
+    let batch: Vec<StreamAppend> = (1..=100).map(|i| msg("many.a", &format!("m{i}"))).collect();
+    let acks = bus.stream_append_many(batch.clone()).await;
+    assert_eq!(acks.len(), 100);
+    for (i, a) in acks.iter().enumerate() {
+        let a = a.as_ref().unwrap();
+        assert_eq!((a.sequence, a.duplicate), (i as u64 + 1, false));
+    }
+    // Replaying a batch is deduplicated message by message.
+    let again = bus.stream_append_many(batch[..10].to_vec()).await;
+    assert!(again.iter().all(|a| a.as_ref().unwrap().duplicate));
+    // A message no stream captures fails and ends the acknowledged prefix
+    // (a pipelining backend may still have stored what followed it).
+    let acks = bus
+        .stream_append_many(vec![
+            msg("many.b", "n1"),
+            msg("elsewhere", "n2"),
+            msg("many.b", "n3"),
+        ])
+        .await;
+    assert_eq!(acks.len(), 2, "{acks:?}");
+    assert_eq!(acks[0].as_ref().unwrap().sequence, 101);
+    assert!(acks[1].is_err(), "{acks:?}");
+    let read = bus.stream_read("MANY", ">", 95, 100).await.unwrap();
+    let payloads: Vec<Bytes> = read.iter().map(|m| m.payload.clone()).collect();
+    assert_eq!(
+        payloads[..7],
+        ["m95", "m96", "m97", "m98", "m99", "m100", "n1"].map(b)
+    );
+    assert!(
+        payloads.len() == 7 || payloads[7] == b("n3"),
+        "{payloads:?}"
+    );
+}
+
 async fn stream_and_core_subjects_are_one_namespace(bus: Arc<dyn Bus>) {
     bus.ensure_stream(&stream_spec("AUDIT", &["audit.>"]))
         .await
@@ -461,6 +508,7 @@ fn kv_spec(bucket: &str) -> KvSpec {
         bucket: bucket.into(),
         history: 5,
         max_age: None,
+        placement: None,
         replicas: 1,
     }
 }

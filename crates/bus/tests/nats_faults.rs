@@ -176,6 +176,7 @@ async fn stream_data_survives_server_restart() {
         replicas: 1,
         duplicate_window: Duration::from_secs(60),
         max_age: None,
+        placement: None,
     })
     .await
     .unwrap();
@@ -218,6 +219,7 @@ async fn replicated_stream_append_survives_killing_a_node() {
         replicas: 3,
         duplicate_window: Duration::from_secs(60),
         max_age: None,
+        placement: None,
     })
     .await
     .unwrap();

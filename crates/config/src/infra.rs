@@ -13,6 +13,13 @@ use toml::Spanned;
 pub struct NodeConfig {
     pub edge: String,
     pub region: String,
+    /// `regions = "regions.toml"` (resolved against keel.toml's directory):
+    /// the node is `edge` of a multi-region deployment, and its region, NATS
+    /// servers and credentials come from that file.
+    pub regions: Option<std::path::PathBuf>,
+    /// Whether `region` was written in keel.toml (it must then agree with
+    /// regions.toml).
+    pub region_explicit: bool,
 }
 
 impl Default for NodeConfig {
@@ -20,6 +27,8 @@ impl Default for NodeConfig {
         NodeConfig {
             edge: "local".into(),
             region: "local".into(),
+            regions: None,
+            region_explicit: false,
         }
     }
 }
@@ -111,6 +120,7 @@ impl Default for InfrastructureConfig {
 pub(crate) struct RawNode {
     edge: Option<Spanned<String>>,
     region: Option<Spanned<String>>,
+    regions: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -170,8 +180,27 @@ fn name_ok(s: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
-pub(crate) fn build_node(src: &Source, raw: RawNode, diags: &mut Vec<Diagnostic>) -> NodeConfig {
-    let mut n = NodeConfig::default();
+pub(crate) fn build_node(
+    src: &Source,
+    base: &std::path::Path,
+    raw: RawNode,
+    diags: &mut Vec<Diagnostic>,
+) -> NodeConfig {
+    let mut n = NodeConfig {
+        region_explicit: raw.region.is_some(),
+        ..NodeConfig::default()
+    };
+    if let Some(r) = raw.regions {
+        if r.get_ref().is_empty() {
+            diags.push(src.at(
+                Some(r.span()),
+                "node.regions",
+                "accepted: the path of a regions.toml, e.g. \"regions.toml\"".into(),
+            ));
+        } else {
+            n.regions = Some(base.join(r.get_ref()));
+        }
+    }
     for (v, key, out) in [
         (raw.edge, "node.edge", &mut n.edge),
         (raw.region, "node.region", &mut n.region),

@@ -55,6 +55,9 @@ pub struct KeelConfig {
     pub infrastructure: InfrastructureConfig,
     /// Components in file order.
     pub components: Vec<ComponentConfig>,
+    /// The deployment's topology when `node.regions` is set (see
+    /// [`KeelConfig::place_node`]); `None` on the embedded single node.
+    pub regions: Option<std::sync::Arc<RegionsConfig>>,
 }
 
 #[derive(Debug, Clone)]
@@ -250,7 +253,9 @@ impl KeelConfig {
     pub fn load(path: &Path) -> Result<KeelConfig, Diagnostics> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| Diagnostics::one(Diagnostic::file(path, format!("cannot read: {e}"))))?;
-        Self::parse(path, &text)
+        let mut config = Self::parse(path, &text)?;
+        config.place_node(None, None)?;
+        Ok(config)
     }
 
     /// Validate `text` as if it were the content of `path` (relative paths in
@@ -270,7 +275,7 @@ impl KeelConfig {
         let server = build_server(&src, &base, raw.server.unwrap_or_default(), &mut diags);
         let engine = build_engine(&src, raw.engine.unwrap_or_default(), &mut diags);
         let auth = auth::build(&src, &base, raw.auth, &mut diags);
-        let node = infra::build_node(&src, raw.node.unwrap_or_default(), &mut diags);
+        let node = infra::build_node(&src, &base, raw.node.unwrap_or_default(), &mut diags);
         let infrastructure =
             infra::build_infrastructure(&src, raw.infrastructure.unwrap_or_default(), &mut diags);
 
@@ -311,10 +316,60 @@ impl KeelConfig {
                 node,
                 infrastructure,
                 components,
+                regions: None,
             })
         } else {
             Err(Diagnostics(diags))
         }
+    }
+
+    /// Applies `keel up --edge/--regions` and, if the node belongs to a
+    /// `regions.toml` deployment, loads it and takes the node's region from
+    /// it. A region written in keel.toml must agree.
+    pub fn place_node(
+        &mut self,
+        edge: Option<String>,
+        regions: Option<PathBuf>,
+    ) -> Result<(), Diagnostics> {
+        if let Some(e) = edge {
+            self.node.edge = e;
+        }
+        if let Some(r) = regions {
+            self.node.regions = Some(r);
+        }
+        let Some(path) = self.node.regions.clone() else {
+            return Ok(());
+        };
+        let topology = RegionsConfig::load(&path)?;
+        let edge = &self.node.edge;
+        let Some(region) = topology.region_of_edge(edge) else {
+            let known: Vec<String> = topology
+                .regions
+                .iter()
+                .flat_map(|r| r.edges.iter().map(|e| format!("{e:?}")))
+                .collect();
+            return Err(Diagnostics::one(Diagnostic::file(
+                &path,
+                format!(
+                    "edge {edge:?} (this node) is not listed in any region; edges: {}",
+                    known.join(", ")
+                ),
+            )));
+        };
+        if self.node.region_explicit && self.node.region != region.name {
+            return Err(Diagnostics::one(Diagnostic::file(
+                &self.path,
+                format!(
+                    "node.region is {:?} but {} puts edge {edge:?} in region {:?}; remove node.region or make them agree",
+                    self.node.region,
+                    path.display(),
+                    region.name
+                ),
+            )));
+        }
+        self.node.region = region.name.clone();
+        self.regions = Some(std::sync::Arc::new(topology));
+        Ok(())
     }
 }
 

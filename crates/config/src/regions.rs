@@ -93,6 +93,17 @@ impl Residency {
     }
 
     pub const ACCEPTED: &'static [&'static str] = &["global", "us", "gdpr", "local"];
+
+    /// The class spelled `s` in `regions.toml` (one of [`Self::ACCEPTED`]).
+    pub fn parse(s: &str) -> Option<Residency> {
+        match s {
+            "global" => Some(Residency::Global),
+            "us" => Some(Residency::Us),
+            "gdpr" => Some(Residency::Gdpr),
+            "local" => Some(Residency::Local),
+            _ => None,
+        }
+    }
 }
 
 /// One member of a region's NATS cluster. Written as a URL string
@@ -109,9 +120,14 @@ pub struct NatsServerAddr {
 }
 
 impl NatsServerAddr {
-    /// `nats://host:client_port`, what edges connect to.
+    /// `nats://host:client_port`, what edges connect to (an IPv6 host in
+    /// brackets).
     pub fn client_url(&self) -> String {
-        format!("nats://{}:{}", self.host, self.client_port)
+        if self.host.contains(':') {
+            format!("nats://[{}]:{}", self.host, self.client_port)
+        } else {
+            format!("nats://{}:{}", self.host, self.client_port)
+        }
     }
 }
 
@@ -184,7 +200,9 @@ impl RegionsConfig {
 
     /// The region an edge belongs to.
     pub fn region_of_edge(&self, edge: &str) -> Option<&Region> {
-        self.regions.iter().find(|r| r.edges.iter().any(|e| e == edge))
+        self.regions
+            .iter()
+            .find(|r| r.edges.iter().any(|e| e == edge))
     }
 
     /// The residency zone of a region: regions of class `us` share zone
@@ -211,3 +229,5 @@ impl RegionsConfig {
 }
 
 mod parse;
+#[cfg(test)]
+mod tests;

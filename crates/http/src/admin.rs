@@ -19,10 +19,17 @@ pub(crate) fn handle<B>(shared: &Arc<Shared>, req: &Request<B>) -> http::Respons
                 // and the outbox drains after the heal). It is reported so
                 // operators and load balancers can tell.
                 let bus = shared.runtime.services().map(|s| {
-                    serde_json::json!({
+                    let mut v = serde_json::json!({
                         "backend": s.bus.kind(),
                         "state": s.bus.connection_state().as_str(),
-                    })
+                        "region": s.node.region,
+                        "edge": s.node.edge,
+                    });
+                    if !std::sync::Arc::ptr_eq(&s.bus, &s.global_bus) {
+                        v["global_state"] = s.global_bus.connection_state().as_str().into();
+                        v["outbox_depth"] = shared.metrics.outbox.depth.get().into();
+                    }
+                    v
                 });
                 json(
                     StatusCode::OK,

@@ -93,3 +93,13 @@ pub fn meta_incarnation() -> Vec<u8> {
 pub fn meta_node_seq() -> Vec<u8> {
     b"nodeseq".to_vec()
 }
+
+/// Last outbox sequence handed out (gapless, forwarded writes only).
+pub fn meta_outbox_seq() -> Vec<u8> {
+    b"outboxseq".to_vec()
+}
+
+/// Highest outbox sequence the region acknowledged.
+pub fn meta_outbox_acked() -> Vec<u8> {
+    b"outboxacked".to_vec()
+}

@@ -18,7 +18,8 @@ use keel_core::{Hlc, HlcClock};
 
 use keel_store::{
     Activity, ActivityRecord, CrdtStore, EdgeStore, EventData, EventLog, KvStore, Namespace,
-    StateValue, StoreError, StoreLimits, StoreResult, StoredCrdt, StoredEvent, WriteFuture,
+    Outbox, OutboxEntry, StateValue, StoreError, StoreLimits, StoreResult, StoredCrdt, StoredEvent,
+    WriteFuture,
 };
 use rocksdb::{BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, Options};
 use serde::{Deserialize, Serialize};
@@ -79,20 +80,6 @@ pub struct RocksOptions {
     pub block_cache_bytes: usize,
 }
 
-/// A write waiting in the outbox for the region, keyed by its node sequence.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum OutboxEntry {
-    Event {
-        component: String,
-        event: StoredEvent,
-    },
-    Activity {
-        component: String,
-        user: String,
-        record: ActivityRecord,
-    },
-}
-
 /// The id of a node-sequenced write: event ids, and the outbox entry's
 /// deduplication id for JetStream (`Nats-Msg-Id`): `<edge>:<node-seq>`.
 pub fn node_write_id(edge: &str, node_seq: u64) -> String {
@@ -113,6 +100,7 @@ pub(crate) struct Inner {
     clock: Mutex<HlcClock>,
     forwarding: bool,
     incarnation: u64,
+    outbox_signal: Arc<tokio::sync::Notify>,
 }
 
 /// Version byte in front of every encoded value, so the format can evolve.
@@ -193,52 +181,9 @@ impl RocksStore {
                 node: options.node,
                 forwarding: options.forwarding,
                 incarnation,
+                outbox_signal: Arc::new(tokio::sync::Notify::new()),
             }),
         })
-    }
-
-    /// Entries waiting for the region, oldest first.
-    pub fn outbox_peek(&self, limit: usize) -> StoreResult<Vec<(u64, OutboxEntry)>> {
-        let db = &self.inner.db;
-        let cf = committer::handle(db, Cf::Outbox)?;
-        let mut out = Vec::new();
-        for item in db.iterator_cf(cf, rocksdb::IteratorMode::Start).take(limit) {
-            let (k, v) = item.map_err(map_err)?;
-            out.push((keys::decode_u64(&k)?, decode(&v)?));
-        }
-        Ok(out)
-    }
-
-    /// Removes outbox entries up to and including `seq` (after the region
-    /// acknowledged them).
-    pub fn outbox_ack(&self, seq: u64) -> WriteFuture<()> {
-        let acked = match self.outbox_keys_through(seq) {
-            Ok(k) => k,
-            Err(e) => return ready(Err(e)),
-        };
-        self.inner.committer.write(move |tx: &mut Txn| {
-            for k in acked {
-                tx.delete(Cf::Outbox, k);
-            }
-            Ok(())
-        })
-    }
-
-    fn outbox_keys_through(&self, seq: u64) -> StoreResult<Vec<Vec<u8>>> {
-        let db = &self.inner.db;
-        let mut it = db.raw_iterator_cf(committer::handle(db, Cf::Outbox)?);
-        it.seek_to_first();
-        let end = keys::u64_key(seq);
-        let mut out = Vec::new();
-        while let Some(k) = it.key() {
-            if k > end.as_slice() {
-                break;
-            }
-            out.push(k.to_vec());
-            it.next();
-        }
-        it.status().map_err(map_err)?;
-        Ok(out)
     }
 }
 
@@ -280,12 +225,90 @@ fn ready<T: Send + 'static>(r: StoreResult<T>) -> WriteFuture<T> {
     Box::pin(std::future::ready(r))
 }
 
-/// Allocates the next node-wide sequence (event ids, outbox keys).
+/// Allocates the next node-wide sequence (event ids).
 fn next_node_seq(tx: &mut Txn) -> StoreResult<u64> {
     let key = keys::meta_node_seq();
     let n = tx.get_u64(Cf::Meta, &key)? + 1;
     tx.put(Cf::Meta, key, n.to_be_bytes().to_vec());
     Ok(n)
+}
+
+/// Appends `entry` to the outbox under the next outbox sequence, in the
+/// caller's batch.
+fn enqueue_outbox(tx: &mut Txn, entry: &OutboxEntry) -> StoreResult<()> {
+    let key = keys::meta_outbox_seq();
+    let seq = tx.get_u64(Cf::Meta, &key)? + 1;
+    tx.put(Cf::Meta, key, seq.to_be_bytes().to_vec());
+    tx.put(Cf::Outbox, keys::u64_key(seq), encode(entry)?);
+    Ok(())
+}
+
+/// Wakes the forwarder once `write` (which queued outbox entries) is durable.
+fn signal_outbox<T: Send + 'static>(inner: &Inner, write: WriteFuture<T>) -> WriteFuture<T> {
+    let signal = inner.outbox_signal.clone();
+    Box::pin(async move {
+        let r = write.await;
+        if r.is_ok() {
+            signal.notify_one();
+        }
+        r
+    })
+}
+
+impl Outbox for RocksStore {
+    fn outbox_peek(&self, after: u64, limit: usize) -> StoreResult<Vec<(u64, OutboxEntry)>> {
+        let db = &self.inner.db;
+        let mut it = db.raw_iterator_cf(committer::handle(db, Cf::Outbox)?);
+        it.seek(keys::u64_key(after.saturating_add(1)));
+        let mut out = Vec::new();
+        while out.len() < limit {
+            let (Some(k), Some(v)) = (it.key(), it.value()) else {
+                break;
+            };
+            out.push((keys::decode_u64(k)?, decode(v)?));
+            it.next();
+        }
+        it.status().map_err(map_err)?;
+        Ok(out)
+    }
+
+    fn outbox_ack(&self, through: u64) -> WriteFuture<()> {
+        self.inner.committer.write(move |tx: &mut Txn| {
+            let acked_key = keys::meta_outbox_acked();
+            let acked = tx.get_u64(Cf::Meta, &acked_key)?;
+            let last = tx.get_u64(Cf::Meta, &keys::meta_outbox_seq())?;
+            let through = through.min(last);
+            if through <= acked {
+                return Ok(());
+            }
+            // Gapless sequence: exactly the keys acked+1..=through exist.
+            for seq in acked + 1..=through {
+                tx.delete(Cf::Outbox, keys::u64_key(seq));
+            }
+            tx.put(Cf::Meta, acked_key, through.to_be_bytes().to_vec());
+            Ok(())
+        })
+    }
+
+    fn outbox_depth(&self) -> StoreResult<u64> {
+        let db = &self.inner.db;
+        let meta = committer::handle(db, Cf::Meta)?;
+        let read = |k: Vec<u8>| -> StoreResult<u64> {
+            match db.get_cf(meta, k).map_err(map_err)? {
+                Some(v) => keys::decode_u64(&v),
+                None => Ok(0),
+            }
+        };
+        Ok(read(keys::meta_outbox_seq())?.saturating_sub(read(keys::meta_outbox_acked())?))
+    }
+
+    fn outbox_signal(&self) -> Arc<tokio::sync::Notify> {
+        self.inner.outbox_signal.clone()
+    }
+
+    fn outbox_incarnation(&self) -> u64 {
+        self.inner.incarnation
+    }
 }
 
 impl KvStore for RocksStore {
@@ -401,7 +424,7 @@ impl EventLog for RocksStore {
         }
         let inner = self.inner.clone();
         let ns = ns.clone();
-        self.inner.committer.write(move |tx| {
+        let write = self.inner.committer.write(move |tx| {
             let seq_key = keys::meta_event_seq(&ns);
             let sequence = tx.get_u64(Cf::Meta, &seq_key)? + 1;
             let node_seq = next_node_seq(tx)?;
@@ -422,10 +445,15 @@ impl EventLog for RocksStore {
                     component: ns.to_string(),
                     event: stored.clone(),
                 };
-                tx.put(Cf::Outbox, keys::u64_key(node_seq), encode(&entry)?);
+                enqueue_outbox(tx, &entry)?;
             }
             Ok(stored)
-        })
+        });
+        if forward && self.inner.forwarding {
+            signal_outbox(&self.inner, write)
+        } else {
+            write
+        }
     }
 
     fn read(&self, ns: &Namespace, from: u64, limit: usize) -> StoreResult<Vec<StoredEvent>> {
@@ -561,7 +589,7 @@ impl EdgeStore for RocksStore {
         let k = keys::activity_key(ns, &user);
         let inner = self.inner.clone();
         let ns = ns.clone();
-        self.inner.committer.write(move |tx| {
+        let write = self.inner.committer.write(move |tx| {
             let record = ActivityRecord {
                 activity,
                 edge: inner.node.edge.clone(),
@@ -569,16 +597,20 @@ impl EdgeStore for RocksStore {
             };
             tx.put(Cf::Users, k, encode(&record)?);
             if inner.forwarding {
-                let node_seq = next_node_seq(tx)?;
                 let entry = OutboxEntry::Activity {
                     component: ns.to_string(),
                     user,
                     record,
                 };
-                tx.put(Cf::Outbox, keys::u64_key(node_seq), encode(&entry)?);
+                enqueue_outbox(tx, &entry)?;
             }
             Ok(())
-        })
+        });
+        if self.inner.forwarding {
+            signal_outbox(&self.inner, write)
+        } else {
+            write
+        }
     }
 
     fn last_activity(&self, ns: &Namespace, user: &str) -> StoreResult<Option<ActivityRecord>> {

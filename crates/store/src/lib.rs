@@ -105,6 +105,39 @@ pub trait EdgeStore: Send + Sync + 'static {
     fn register_user(&self, user: String, region: String) -> WriteFuture<String>;
 }
 
+/// A write waiting in the outbox for the region.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum OutboxEntry {
+    Event {
+        component: String,
+        event: StoredEvent,
+    },
+    Activity {
+        component: String,
+        user: String,
+        record: ActivityRecord,
+    },
+}
+
+/// The durable queue of writes bound for the region (DESIGN §5 "Edge
+/// tier"). Entries are appended in the same atomic write as the local write
+/// they belong to, numbered by a gapless outbox sequence (1, 2, 3, ...), and
+/// removed only after the region acknowledged them.
+pub trait Outbox: Send + Sync + 'static {
+    /// Up to `limit` entries with sequence > `after`, oldest first.
+    fn outbox_peek(&self, after: u64, limit: usize) -> StoreResult<Vec<(u64, OutboxEntry)>>;
+    /// Removes entries up to and including `through` (acknowledged by the
+    /// region). Durable when the future resolves.
+    fn outbox_ack(&self, through: u64) -> WriteFuture<()>;
+    /// Entries waiting (appended and not yet acknowledged).
+    fn outbox_depth(&self) -> StoreResult<u64>;
+    /// Notified after every committed write that added outbox entries.
+    fn outbox_signal(&self) -> std::sync::Arc<tokio::sync::Notify>;
+    /// This store's incarnation (see [`CrdtStore::incarnation`]): part of the
+    /// outbox's deduplication ids, so a wiped node never reuses them.
+    fn outbox_incarnation(&self) -> u64;
+}
+
 /// One persisted CRDT replica.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct StoredCrdt {

@@ -24,7 +24,7 @@
 
 mod wire;
 
-use keel_bus::{Bus, ConnectionState};
+use keel_bus::{Buses, ConnectionState};
 use keel_core::{Hlc, HlcClock};
 use keel_crdt::{Crdt, LwwMap, LwwRegister, OrSet, PnCounter, ReplicaId};
 use keel_store::{CrdtStore, Namespace, StoreError, StoreResult};
@@ -193,7 +193,7 @@ impl Sync {
     /// runtime that owns the bus connection).
     pub fn start(
         store: Arc<dyn CrdtStore>,
-        bus: Arc<dyn Bus>,
+        buses: Buses,
         opts: SyncOptions,
         metrics: SyncMetrics,
         rt: &tokio::runtime::Handle,
@@ -233,9 +233,9 @@ impl Sync {
         // The tasks hold weak references: dropping the last `Sync` closes
         // the store and ends them.
         let weak = Arc::downgrade(&inner);
-        rt.spawn(wire::publisher(weak.clone(), bus.clone(), rx));
-        rt.spawn(wire::receiver(weak.clone(), bus.clone()));
-        rt.spawn(anti_entropy_timer(weak, bus));
+        rt.spawn(wire::publisher(weak.clone(), buses.clone(), rx));
+        rt.spawn(wire::receiver(weak.clone(), buses.clone()));
+        rt.spawn(anti_entropy_timer(weak, buses));
         Ok(Sync { inner })
     }
 
@@ -772,8 +772,9 @@ fn unreachable_kind<T>() -> StoreResult<T> {
 }
 
 /// Runs anti-entropy every interval, at start and after every reconnect.
-async fn anti_entropy_timer(weak: Weak<Inner>, bus: Arc<dyn Bus>) {
-    let mut events = bus.connection_events();
+async fn anti_entropy_timer(weak: Weak<Inner>, buses: Buses) {
+    let mut events = buses.region.connection_events();
+    let mut global_events = buses.global.connection_events();
     let Some(interval) = weak.upgrade().map(|i| i.opts.anti_entropy_interval) else {
         return;
     };
@@ -787,6 +788,12 @@ async fn anti_entropy_timer(weak: Weak<Inner>, bus: Arc<dyn Bus>) {
                     return;
                 }
                 *events.borrow_and_update() == ConnectionState::Connected
+            }
+            changed = global_events.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                *global_events.borrow_and_update() == ConnectionState::Connected
             }
         };
         let Some(inner) = weak.upgrade() else { return };

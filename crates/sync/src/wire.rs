@@ -5,11 +5,11 @@
 
 use super::{Inner, Kind, Outgoing, Scope, Sync, Value, subject};
 use bytes::Bytes;
-use keel_bus::{Bus, Subscription};
+use keel_bus::{Buses, Subscription};
 use keel_store::{Namespace, StoreError, StoreResult};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::sync::{Arc, Weak};
+use std::sync::Weak;
 use tokio::sync::mpsc;
 
 /// Identifies a CRDT within its component.
@@ -77,11 +77,7 @@ const BATCH: usize = 1024;
 /// Drains the outgoing queue. Deltas of one CRDT queued together are merged
 /// into one message (a delta group), so a hot counter costs one message per
 /// round, not one per increment.
-pub(crate) async fn publisher(
-    weak: Weak<Inner>,
-    bus: Arc<dyn Bus>,
-    mut rx: mpsc::Receiver<Outgoing>,
-) {
+pub(crate) async fn publisher(weak: Weak<Inner>, buses: Buses, mut rx: mpsc::Receiver<Outgoing>) {
     let mut batch = Vec::with_capacity(BATCH);
     while rx.recv_many(&mut batch, BATCH).await > 0 {
         let Some(inner) = weak.upgrade() else { return };
@@ -152,20 +148,20 @@ pub(crate) async fn publisher(
                 id,
                 value,
             };
-            if let Some(n) = send(&*bus, &region, scope, &ns, &w).await {
+            if let Some(n) = send(&buses, &region, scope, &ns, &w).await {
                 sync.inner.metrics.deltas_sent.inc();
                 sync.inner.metrics.delta_bytes_sent.inc_by(n as u64);
             }
         }
         for (scope, ns, w) in control {
-            send(&*bus, &region, scope, &ns, &w).await;
+            send(&buses, &region, scope, &ns, &w).await;
         }
     }
 }
 
 /// Publishes one message; the payload size if the bus took it.
 async fn send(
-    bus: &dyn Bus,
+    buses: &Buses,
     region: &str,
     scope: Scope,
     ns: &Namespace,
@@ -174,7 +170,8 @@ async fn send(
     let subject = subject(region, scope, ns)?;
     let payload = keel_crdt::encode(w);
     let n = payload.len();
-    match bus
+    match buses
+        .for_subject(&subject)
         .publish(&subject, Vec::new(), Bytes::from(payload))
         .await
     {
@@ -189,7 +186,7 @@ async fn send(
 
 /// Subscribes to the region's and the globe's sync subjects and merges
 /// what arrives.
-pub(crate) async fn receiver(weak: Weak<Inner>, bus: Arc<dyn Bus>) {
+pub(crate) async fn receiver(weak: Weak<Inner>, buses: Buses) {
     let Some(region) = weak.upgrade().map(|i| i.region.clone()) else {
         return;
     };
@@ -197,7 +194,7 @@ pub(crate) async fn receiver(weak: Weak<Inner>, bus: Arc<dyn Bus>) {
         (format!("keel.{region}.crdt.*"), Scope::Region),
         ("keel.global.crdt.*".to_string(), Scope::Global),
     ] {
-        match bus.subscribe(&filter, None).await {
+        match buses.for_subject(&filter).subscribe(&filter, None).await {
             Ok(sub) => {
                 tokio::spawn(receive(weak.clone(), sub, scope));
             }

@@ -35,7 +35,7 @@ fn open(dir: &Path, edge: &str, bus: Arc<dyn Bus>) -> (Sync, SyncMetrics) {
     let metrics = SyncMetrics::default();
     let sync = Sync::start(
         Arc::new(store),
-        bus,
+        keel_bus::Buses::single(bus),
         SyncOptions {
             edge: edge.into(),
             region: "r".into(),

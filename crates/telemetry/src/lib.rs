@@ -1,7 +1,9 @@
 //! Logging setup and the process-wide metrics registry.
 
 pub mod metrics;
-pub use metrics::{BusMetrics, ComponentMetrics, Metrics, RejectReason, SyncMetrics};
+pub use metrics::{
+    BusMetrics, ComponentMetrics, Metrics, OutboxMetrics, RejectReason, SyncMetrics,
+};
 
 use std::io::IsTerminal;
 use tracing_subscriber::EnvFilter;

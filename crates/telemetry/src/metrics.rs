@@ -49,6 +49,8 @@ pub struct Metrics {
     pub sync: SyncMetrics,
     /// The bus connection (`keel-bus`).
     pub bus: BusMetrics,
+    /// The outbox forwarder (`keel-coord`).
+    pub outbox: OutboxMetrics,
 }
 
 /// Counters of the state-sync service. Cheap to clone (shared atomics).
@@ -78,6 +80,19 @@ pub struct BusMetrics {
     pub connected: Gauge,
     /// Times the connection was lost.
     pub disconnects: Counter,
+}
+
+/// The outbox and its forwarder to the region's stream.
+#[derive(Clone, Default)]
+pub struct OutboxMetrics {
+    /// Entries waiting for the region's acknowledgement.
+    pub depth: Gauge,
+    /// Entries acknowledged by the region's stream (duplicates included).
+    pub forwarded: Counter,
+    /// Acknowledgements that said "duplicate": the region already had it.
+    pub duplicates: Counter,
+    /// Failed forwarding rounds (partition, stream missing, timeout).
+    pub errors: Counter,
 }
 
 impl Default for Metrics {
@@ -185,9 +200,35 @@ impl Metrics {
             "Times the bus connection was lost",
             bus.disconnects.clone(),
         );
+        let outbox = OutboxMetrics::default();
+        registry.register(
+            "outbox_depth",
+            "Writes waiting in the outbox for the region",
+            outbox.depth.clone(),
+        );
+        for (name, help, c) in [
+            (
+                "outbox_forwarded",
+                "Outbox entries acknowledged by the region's stream",
+                &outbox.forwarded,
+            ),
+            (
+                "outbox_duplicates",
+                "Outbox entries the region's stream already had",
+                &outbox.duplicates,
+            ),
+            (
+                "outbox_errors",
+                "Failed outbox forwarding rounds",
+                &outbox.errors,
+            ),
+        ] {
+            registry.register(name, help, c.clone());
+        }
         Metrics {
             sync,
             bus,
+            outbox,
             registry,
             requests,
             duration,

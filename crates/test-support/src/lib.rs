@@ -3,6 +3,10 @@
 //! - [`NatsServer`] / [`NatsCluster`]: real `nats-server` child processes
 //!   with JetStream, on free loopback ports, in their own temporary
 //!   directories, killed and reaped on drop.
+//! - [`NatsSupercluster`]: servers started from config texts (e.g. rendered
+//!   by `keel topology`), waited for until routes, gateways and the
+//!   JetStream meta group have formed; [`NatsServer::start_rendered`] for
+//!   one such server on its own.
 //! - [`FaultProxy`]: a TCP proxy to put between a client and a server, with
 //!   cut / heal / delay / black-hole controls that act immediately.
 //! - [`KeelProcess`]: a `keel up` child process (benchmarks).
@@ -12,10 +16,12 @@
 mod keel;
 mod proxy;
 mod server;
+mod supercluster;
 
 pub use keel::KeelProcess;
 pub use proxy::FaultProxy;
-pub use server::{ClusterBlock, NatsCluster, NatsServer, ServerConfig};
+pub use server::{ClusterBlock, NatsCluster, NatsServer, ServerConfig, ServerSpec};
+pub use supercluster::NatsSupercluster;
 
 use std::future::Future;
 use std::net::TcpListener;

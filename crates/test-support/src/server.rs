@@ -106,6 +106,28 @@ impl ServerConfig {
     }
 }
 
+/// A server whose config file is given as text, e.g. rendered by
+/// `keel topology`. The addresses repeat what the text says, so tests can
+/// connect and poll the monitoring endpoints.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerSpec {
+    /// `server_name` in the text.
+    pub server_name: String,
+    /// `cluster.name` in the text (the region), `None` without a cluster
+    /// block. [`crate::NatsSupercluster`] waits for routes to the other
+    /// members of the same cluster and gateways to every other cluster.
+    pub cluster: Option<String>,
+    /// Host of the client and monitoring listeners.
+    pub host: String,
+    pub client_port: u16,
+    pub monitor_port: u16,
+    /// `jetstream.store_dir` in the text (put it in a temporary directory
+    /// the test owns).
+    pub store_dir: PathBuf,
+    /// The config file's text.
+    pub config: String,
+}
+
 /// A minimal HTTP GET against the monitoring port: `(status, body)`.
 fn http_get(host: &str, port: u16, path: &str) -> Option<(u16, String)> {
     let addr: SocketAddr = format!("{host}:{port}").parse().ok()?;
@@ -128,6 +150,11 @@ fn http_get(host: &str, port: u16, path: &str) -> Option<(u16, String)> {
 /// JetStream store) is removed after.
 pub struct NatsServer {
     config: ServerConfig,
+    /// The config file's text when given as text ([`ServerSpec`]); else
+    /// `config` is rendered.
+    text: Option<String>,
+    /// The cluster a [`ServerSpec`] names.
+    spec_cluster: Option<String>,
     child: Option<Child>,
     config_path: PathBuf,
     log_path: PathBuf,
@@ -157,8 +184,62 @@ impl NatsServer {
             config_path: dir.path().join("nats-server.conf"),
             log_path: dir.path().join("nats-server.log"),
             config,
+            text: None,
+            spec_cluster: None,
             child: None,
             dir,
+        }
+    }
+
+    /// A server for a config given as text (not started); its config file
+    /// and log live in a new temporary directory, its store where the text
+    /// says.
+    pub(crate) fn from_spec(spec: ServerSpec) -> NatsServer {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("keel-nats-{}-", spec.server_name))
+            .tempdir()
+            .expect("create temp dir");
+        let config = ServerConfig {
+            server_name: spec.server_name,
+            host: spec.host,
+            port: spec.client_port,
+            http_port: spec.monitor_port,
+            store_dir: spec.store_dir,
+            cluster: None,
+        };
+        let mut server = NatsServer::new(config, dir);
+        server.text = Some(spec.config);
+        server.spec_cluster = spec.cluster;
+        server
+    }
+
+    /// Starts a server from a config given as text (e.g. one rendered by
+    /// `keel topology`) and waits until `/healthz` says it is ready. For a
+    /// server that needs peers to become healthy (a cluster or gateway
+    /// member) use [`crate::NatsSupercluster`]. Panics with the server's
+    /// log if it does not come up; ports are the text's, so there is no
+    /// retry on other ports.
+    pub fn start_rendered(spec: ServerSpec) -> NatsServer {
+        let mut server = NatsServer::from_spec(spec);
+        server.spawn();
+        if let Err(why) = server.wait_ready(&|s| s.healthy()) {
+            server.fail(&why);
+        }
+        server
+    }
+
+    /// The name of the cluster this server belongs to, if any.
+    pub fn cluster(&self) -> Option<&str> {
+        self.spec_cluster
+            .as_deref()
+            .or(self.config.cluster.as_ref().map(|c| c.name.as_str()))
+    }
+
+    /// The config file's text.
+    pub fn config_text(&self) -> String {
+        match &self.text {
+            Some(t) => t.clone(),
+            None => self.config.render(),
         }
     }
 
@@ -180,15 +261,15 @@ impl NatsServer {
         }
     }
 
-    fn port_taken(&self) -> bool {
+    pub(crate) fn port_taken(&self) -> bool {
         std::fs::read_to_string(&self.log_path)
             .is_ok_and(|log| log.contains("address already in use"))
     }
 
     /// Writes the config and spawns the process (does not wait).
-    fn spawn(&mut self) {
+    pub(crate) fn spawn(&mut self) {
         assert!(self.child.is_none(), "nats-server already running");
-        std::fs::write(&self.config_path, self.config.render()).expect("write nats-server config");
+        std::fs::write(&self.config_path, self.config_text()).expect("write nats-server config");
         let log = OpenOptions::new()
             .create(true)
             .append(true)
@@ -234,7 +315,7 @@ impl NatsServer {
             "nats-server {} ({}) {why}\nconfig:\n{}\nlast log lines ({}):\n{}",
             self.config.server_name,
             nats_server_binary().display(),
-            self.config.render(),
+            self.config_text(),
             self.log_path.display(),
             self.log_tail(40)
         );
@@ -246,7 +327,7 @@ impl NatsServer {
         matches!(self.http("/healthz"), Some((200, _)))
     }
 
-    fn http(&self, path: &str) -> Option<(u16, String)> {
+    pub(crate) fn http(&self, path: &str) -> Option<(u16, String)> {
         http_get(&self.config.host, self.config.http_port, path)
     }
 
@@ -285,6 +366,8 @@ impl NatsServer {
         &self.config.server_name
     }
 
+    /// The server's name, addresses and store; for a server started from
+    /// text ([`ServerSpec`]) `cluster` is `None` whatever the text says.
     pub fn config(&self) -> &ServerConfig {
         &self.config
     }
@@ -454,7 +537,7 @@ impl NatsCluster {
                 "--- {} (running: {running}, healthz: {:?})\nconfig:\n{}last log lines:\n{}",
                 node.server_name(),
                 node.http("/healthz"),
-                node.config.render(),
+                node.config_text(),
                 node.log_tail(25)
             );
         }

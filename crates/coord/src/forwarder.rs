@@ -1,0 +1,150 @@
+//! The outbox forwarder: drains the edge's durable outbox into the region's
+//! JetStream stream.
+//!
+//! Invariants:
+//! - an entry leaves the outbox only after the stream acknowledged it (or
+//!   said it already had it): nothing acknowledged to a guest is lost;
+//! - entries are sent in outbox order with `Nats-Msg-Id = <origin>:<seq>`,
+//!   so a resend after a lost acknowledgement is dropped by JetStream inside
+//!   its window and by consumers ([`crate::Dedup`]) beyond it;
+//! - a partition only delays: the loop waits for the connection and
+//!   retries with backoff, and the guest-facing writes never wait for it.
+
+use crate::envelope::{self, CONTENT_TYPE};
+use bytes::Bytes;
+use keel_bus::{Bus, BusError, ConnectionState, StreamAppend, StreamSpec};
+use keel_store::Outbox;
+use keel_telemetry::OutboxMetrics;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Entries sent per round (one pipelined batch).
+const BATCH: usize = 512;
+/// Backoff after a failed round: doubles from `MIN` to `MAX`.
+const RETRY_MIN: Duration = Duration::from_millis(20);
+const RETRY_MAX: Duration = Duration::from_secs(1);
+/// Re-check the outbox this often even without a signal (belt and braces:
+/// a signal raised while a round ran is kept by `Notify`, so this is only
+/// for entries left by a previous process).
+const IDLE_CHECK: Duration = Duration::from_secs(1);
+
+/// Where the forwarder sends.
+#[derive(Debug, Clone)]
+pub struct ForwarderOptions {
+    pub region: String,
+    pub edge: String,
+    /// The region's event stream (created if missing).
+    pub stream: StreamSpec,
+}
+
+/// Subject an edge's outbox is forwarded to.
+pub fn edge_events_subject(region: &str, edge: &str) -> String {
+    format!("keel.{region}.edge.{edge}.events")
+}
+
+/// Starts the forwarder on `rt`. It runs until the runtime shuts down.
+pub fn start_forwarder(
+    outbox: Arc<dyn Outbox>,
+    bus: Arc<dyn Bus>,
+    opts: ForwarderOptions,
+    metrics: OutboxMetrics,
+    rt: &tokio::runtime::Handle,
+) {
+    rt.spawn(run(outbox, bus, opts, metrics));
+}
+
+async fn run(
+    outbox: Arc<dyn Outbox>,
+    bus: Arc<dyn Bus>,
+    opts: ForwarderOptions,
+    metrics: OutboxMetrics,
+) {
+    let origin = envelope::origin_id(&opts.edge, outbox.outbox_incarnation());
+    let subject = edge_events_subject(&opts.region, &opts.edge);
+    let signal = outbox.outbox_signal();
+    let mut connection = bus.connection_events();
+    let mut stream_ready = false;
+    let mut backoff = RETRY_MIN;
+    loop {
+        if let Ok(d) = outbox.outbox_depth() {
+            metrics.depth.set(i64::try_from(d).unwrap_or(i64::MAX));
+        }
+        let batch = match outbox.outbox_peek(0, BATCH) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the outbox");
+                metrics.errors.inc();
+                tokio::time::sleep(RETRY_MAX).await;
+                continue;
+            }
+        };
+        if batch.is_empty() {
+            tokio::select! {
+                _ = signal.notified() => {}
+                _ = tokio::time::sleep(IDLE_CHECK) => {}
+            }
+            continue;
+        }
+        if *connection.borrow_and_update() != ConnectionState::Connected {
+            tokio::select! {
+                _ = connection.changed() => {}
+                _ = tokio::time::sleep(RETRY_MAX) => {}
+            }
+            continue;
+        }
+        if !stream_ready {
+            match bus.ensure_stream(&opts.stream).await {
+                Ok(()) => stream_ready = true,
+                Err(e) => {
+                    tracing::warn!(error = %e, stream = %opts.stream.name, "cannot ensure the region's stream");
+                    metrics.errors.inc();
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(RETRY_MAX);
+                    continue;
+                }
+            }
+        }
+        let msgs: Vec<StreamAppend> = batch
+            .iter()
+            .map(|(seq, entry)| StreamAppend {
+                subject: subject.clone(),
+                headers: vec![("content-type".into(), CONTENT_TYPE.into())],
+                payload: Bytes::from(
+                    envelope::outbox_event(&opts.region, &origin, *seq, entry).to_json(),
+                ),
+                msg_id: Some(envelope::outbox_msg_id(&origin, *seq)),
+            })
+            .collect();
+        let acks = bus.stream_append_many(msgs).await;
+        let acked = acks.iter().take_while(|a| a.is_ok()).count();
+        for a in acks.iter().take(acked).flatten() {
+            metrics.forwarded.inc();
+            if a.duplicate {
+                metrics.duplicates.inc();
+            }
+        }
+        if acked > 0 {
+            let through = batch[acked - 1].0;
+            if let Err(e) = outbox.outbox_ack(through).await {
+                // Resending is safe (dedup ids); just try again later.
+                tracing::error!(error = %e, "cannot remove forwarded entries from the outbox");
+                metrics.errors.inc();
+                tokio::time::sleep(RETRY_MAX).await;
+                continue;
+            }
+        }
+        match acks.get(acked) {
+            None => backoff = RETRY_MIN,
+            Some(Err(e)) => {
+                metrics.errors.inc();
+                if matches!(e, BusError::NotFound(_)) {
+                    stream_ready = false;
+                }
+                tracing::debug!(error = %e, waiting = batch.len() - acked, "outbox forwarding paused");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(RETRY_MAX);
+            }
+            Some(Ok(_)) => {}
+        }
+    }
+}
