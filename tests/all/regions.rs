@@ -210,6 +210,7 @@ fn snoop(bus: &NatsBus, rt: &tokio::runtime::Handle) -> Arc<Mutex<Vec<(String, S
 
 #[test]
 fn events_reach_their_region_and_personal_data_stays_in_its_zone() {
+    let _heavy = heavy_test();
     let world = world(&[
         RegionSpec {
             name: "us-west",
@@ -383,6 +384,7 @@ fn steady_load(
 
 #[test]
 fn partitioned_edge_keeps_serving_and_replays_exactly_once() {
+    let _heavy = heavy_test();
     let world = world(&[RegionSpec {
         name: "us-west",
         residency: "us",
@@ -470,4 +472,58 @@ fn partitioned_edge_keeps_serving_and_replays_exactly_once() {
     rt.block_on(keel.wait_ready(|v| v["bus"]["outbox_depth"] == 0));
     let metrics = rt.block_on(keel.get("/metrics")).body;
     assert!(metrics.contains("keel_outbox_forwarded_total"), "{metrics}");
+}
+
+#[test]
+fn a_regional_node_with_a_bad_placement_or_no_secret_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let regions = dir.path().join("regions.toml");
+    std::fs::write(
+        &regions,
+        regions_text(
+            &[RegionSpec {
+                name: "us-west",
+                residency: "us",
+                edges: &["sfo"],
+                servers: 1,
+            }],
+            &dir.path().join("nats"),
+        ),
+    )
+    .unwrap();
+    let node = |edge: &str, extra: &str| {
+        Node::new(&format!(
+            "[node]\nedge = \"{edge}\"\nregions = {:?}\n{extra}\n",
+            regions.display().to_string()
+        ))
+    };
+    // Not an edge of the file.
+    let (code, err) = node("xyz", "").up_fails();
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("edge \"xyz\" (this node) is not listed in any region; edges: \"sfo\""),
+        "{err}"
+    );
+    // keel.toml and regions.toml disagree on the region.
+    let (code, err) = node("sfo", "region = \"eu-central\"").up_fails();
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("node.region is \"eu-central\" but") && err.contains("region \"us-west\""),
+        "{err}"
+    );
+    // The deployment secret is not in the environment.
+    let (code, err) = node("sfo", "").up_fails();
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains(&format!("environment variable {SECRET_ENV} is not set")),
+        "{err}"
+    );
+    // A broken regions.toml is reported with its own file and line.
+    std::fs::write(&regions, "[regions.eu]\nedges = [\"sfo\"]\ncoordinator = \"nope\"\ndata_residency = \"gdpr\"\nservers = [\"nats://127.0.0.1:4222\"]\n").unwrap();
+    let (code, err) = node("sfo", "").up_fails();
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("regions.toml:3:") && err.contains("regions.eu.coordinator"),
+        "{err}"
+    );
 }

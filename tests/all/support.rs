@@ -38,6 +38,15 @@ pub fn component(name: &str, guest_name: &str, route: &str, extra: &str) -> Stri
     )
 }
 
+/// Tests that run several keel nodes under load (plus NATS servers) take
+/// this lock, so on a 2-core machine they do not starve each other into
+/// request deadlines; everything else still runs in parallel.
+pub fn heavy_test() -> std::sync::MutexGuard<'static, ()> {
+    static HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    // A failed heavy test poisons the lock; the next one may still run.
+    HEAVY.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 pub fn keel_bin() -> &'static str {
     env!("CARGO_BIN_EXE_keel")
 }

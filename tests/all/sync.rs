@@ -98,6 +98,7 @@ async fn wait_bus(node: &Keel, state: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_nodes_converge_on_30000_concurrent_increments_and_one_set() {
+    let _heavy = heavy_test();
     let nats = NatsServer::start();
     let nodes: Vec<Node> = ["fra", "ams", "par"]
         .iter()
@@ -336,7 +337,7 @@ async fn every_state_function_on_the_embedded_node_and_bad_input_is_refused() {
     let k = n.start();
     assert_eq!(
         k.get("/_keel/ready").await.json()["bus"],
-        json!({"backend": "local", "state": "connected"})
+        json!({"backend": "local", "state": "connected", "region": "eu-central", "edge": "local"})
     );
     assert_eq!(
         ok_json(&k, "POST", "/state/counter/c/inc?by=3").await,
