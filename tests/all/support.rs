@@ -41,10 +41,16 @@ pub fn component(name: &str, guest_name: &str, route: &str, extra: &str) -> Stri
 /// Tests that run several keel nodes under load (plus NATS servers) take
 /// this lock, so on a 2-core machine they do not starve each other into
 /// request deadlines; everything else still runs in parallel.
-pub fn heavy_test() -> std::sync::MutexGuard<'static, ()> {
-    static HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    // A failed heavy test poisons the lock; the next one may still run.
-    HEAVY.lock().unwrap_or_else(|e| e.into_inner())
+static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// [`HEAVY`] from a plain `#[test]` (must not run inside a runtime).
+pub fn heavy_test() -> tokio::sync::MutexGuard<'static, ()> {
+    HEAVY.blocking_lock()
+}
+
+/// [`HEAVY`] from a `#[tokio::test]`.
+pub async fn heavy_test_async() -> tokio::sync::MutexGuard<'static, ()> {
+    HEAVY.lock().await
 }
 
 pub fn keel_bin() -> &'static str {

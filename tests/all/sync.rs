@@ -98,7 +98,7 @@ async fn wait_bus(node: &Keel, state: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_nodes_converge_on_30000_concurrent_increments_and_one_set() {
-    let _heavy = heavy_test();
+    let _heavy = heavy_test_async().await;
     let nats = NatsServer::start();
     let nodes: Vec<Node> = ["fra", "ams", "par"]
         .iter()
