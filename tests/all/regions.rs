@@ -146,6 +146,16 @@ impl World {
     }
 }
 
+/// The tests' own runtime: they are plain `#[test]`s because starting NATS
+/// servers and keel processes blocks.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 /// Records one event at the node; its id.
 async fn record(node: &Keel, kind: &str, key: &str, payload: &str, user: Option<&str>) -> String {
     let mut body = json!({"kind": kind, "key": key, "payload": payload});
@@ -231,11 +241,7 @@ fn events_reach_their_region_and_personal_data_stays_in_its_zone() {
             servers: 1,
         },
     ]);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     // Wildcard subscribers on every non-EU server, in both accounts an edge
     // there holds.
     let mut snoopers = Vec::new();
@@ -391,11 +397,7 @@ fn partitioned_edge_keeps_serving_and_replays_exactly_once() {
         edges: &["sfo", "lax"],
         servers: 1,
     }]);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let upstream = world.regions.region("us-west").unwrap().servers[0].clone();
     let proxy = FaultProxy::start(
         format!("127.0.0.1:{}", upstream.client_port)

@@ -65,11 +65,16 @@ async fn run(
     let mut connection = bus.connection_events();
     let mut stream_ready = false;
     let mut backoff = RETRY_MIN;
+    // Entries through `sent` are acknowledged by the stream; their removal
+    // from the outbox may still be committing (`removing`), so the next
+    // batch goes out while that fsync runs.
+    let mut sent = 0u64;
+    let mut removing: Option<Removal> = None;
     loop {
         if let Ok(d) = outbox.outbox_depth() {
             metrics.depth.set(i64::try_from(d).unwrap_or(i64::MAX));
         }
-        let batch = match outbox.outbox_peek(0, BATCH) {
+        let batch = match outbox.outbox_peek(sent, BATCH) {
             Ok(b) => b,
             Err(e) => {
                 tracing::error!(error = %e, "cannot read the outbox");
@@ -79,6 +84,10 @@ async fn run(
             }
         };
         if batch.is_empty() {
+            if let Some(r) = removing.take() {
+                finish_removal(r, &metrics, &mut sent).await;
+                continue;
+            }
             tokio::select! {
                 _ = signal.notified() => {}
                 _ = tokio::time::sleep(IDLE_CHECK) => {}
@@ -124,14 +133,13 @@ async fn run(
             }
         }
         if acked > 0 {
-            let through = batch[acked - 1].0;
-            if let Err(e) = outbox.outbox_ack(through).await {
-                // Resending is safe (dedup ids); just try again later.
-                tracing::error!(error = %e, "cannot remove forwarded entries from the outbox");
-                metrics.errors.inc();
-                tokio::time::sleep(RETRY_MAX).await;
-                continue;
+            // One removal in flight at a time, in order.
+            if let Some(r) = removing.take() {
+                finish_removal(r, &metrics, &mut sent).await;
             }
+            sent = batch[acked - 1].0;
+            // Spawned: the write future only starts when polled.
+            removing = Some(tokio::spawn(outbox.outbox_ack(sent)));
         }
         match acks.get(acked) {
             None => backoff = RETRY_MIN,
@@ -146,5 +154,22 @@ async fn run(
             }
             Some(Ok(_)) => {}
         }
+    }
+}
+
+/// An outbox removal committing in the background.
+type Removal = tokio::task::JoinHandle<keel_store::StoreResult<()>>;
+
+/// Awaits an outbox removal. If it failed, the entries are still in the
+/// outbox: rewind so they are sent again (their msg ids make that safe).
+async fn finish_removal(removal: Removal, metrics: &OutboxMetrics, sent: &mut u64) {
+    let result = removal
+        .await
+        .unwrap_or_else(|e| Err(keel_store::StoreError::Internal(e.to_string())));
+    if let Err(e) = result {
+        tracing::error!(error = %e, "cannot remove forwarded entries from the outbox");
+        metrics.errors.inc();
+        *sent = 0;
+        tokio::time::sleep(RETRY_MAX).await;
     }
 }

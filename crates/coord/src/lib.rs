@@ -4,11 +4,22 @@
 //! - [`start_forwarder`]: the outbox → region stream forwarder;
 //! - [`envelope`]: CloudEvents 1.0 JSON envelopes of everything Keel puts on
 //!   shared streams;
-//! - [`Dedup`]: exactly-once-in-effect application on the consumer side.
+//! - [`Dedup`]: exactly-once-in-effect application on the consumer side;
+//! - [`start_feed`]: the consumer side of a region's stream, in order, each
+//!   write once in effect, into a [`FeedHandler`];
+//! - [`views`]: regional views built by feeds ([`UserStateView`],
+//!   [`MetricsView`]).
 
 mod dedup;
 pub mod envelope;
+mod feed;
 mod forwarder;
+pub mod views;
 
 pub use dedup::Dedup;
+pub use feed::{FeedHandle, FeedHandler, FeedOptions, start_feed};
 pub use forwarder::{ForwarderOptions, edge_events_subject, start_forwarder};
+pub use views::{
+    LastActivity, METRIC_TYPE, MetricPoint, MetricsView, UserState, UserStateView,
+    metric_event_data,
+};

@@ -183,6 +183,15 @@ fn zones(regions: &RegionsConfig) -> Vec<Zone<'_>> {
     out
 }
 
+/// JetStream API subjects only a region's coordinator may publish to.
+const STREAM_ADMIN_SUBJECTS: &[&str] = &[
+    "$JS.API.STREAM.CREATE.>",
+    "$JS.API.STREAM.UPDATE.>",
+    "$JS.API.STREAM.RESTORE.>",
+    "$JS.API.STREAM.DELETE.>",
+    "$JS.API.ACCOUNT.STREAM.MOVE.>",
+];
+
 fn api_subject(region: &str) -> String {
     format!("keel.{region}.api.>")
 }
@@ -419,7 +428,24 @@ fn render_accounts(
         if z.account == own {
             let _ = writeln!(c, "    users: [");
             for e in &region.edges {
-                let _ = writeln!(c, "      {}", user(&edge_user(e)));
+                if *e == region.coordinator {
+                    // The coordinator creates the region's streams and
+                    // buckets (always placed on the region's cluster).
+                    let _ = writeln!(c, "      {}", user(&edge_user(e)));
+                } else {
+                    // JetStream does not enforce placement per account, so
+                    // only the coordinator may create, change or move
+                    // streams: no other edge can place zone data elsewhere.
+                    let deny: Vec<String> = STREAM_ADMIN_SUBJECTS.iter().map(|s| q(s)).collect();
+                    let _ = writeln!(
+                        c,
+                        "      {{ user: {}, password: {}, permissions: {{ publish: {{ allow: [{}], deny: [{}] }} }} }}",
+                        q(&edge_user(e)),
+                        q(&password(secret, &edge_user(e))),
+                        q(">"),
+                        deny.join(", ")
+                    );
+                }
             }
             let _ = writeln!(c, "    ]");
         }

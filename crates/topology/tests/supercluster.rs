@@ -809,6 +809,36 @@ async fn eu_stream_is_placed_replicated_and_deduplicated_in_the_eu() {
     members.sort();
     assert_eq!(members, [EU1, EU2, EU3]);
 
+    // Another edge of the region appends to it, but may not create streams
+    // (only the coordinator places zone data).
+    let ams = t.connect(EU2, "ams").await;
+    let mut ams_js = jetstream::new(ams);
+    ams_js.set_timeout(Duration::from_secs(2));
+    let ack = ams_js
+        .send_publish(
+            "keel.eu-central.edge.ams.events",
+            jetstream::message::PublishMessage::build()
+                .message_id("ams:1")
+                .payload("event from ams".into()),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("ams appends to the region's stream");
+    assert_eq!(ack.stream, "KEEL_EU_CENTRAL_EVENTS");
+    let refused = ams_js
+        .create_stream(stream::Config {
+            name: "EU_ELSEWHERE".into(),
+            subjects: vec!["keel.eu-central.user.>".into()],
+            placement: Some(stream::Placement {
+                cluster: Some("us-west".into()),
+                tags: vec![],
+            }),
+            ..Default::default()
+        })
+        .await;
+    assert!(refused.is_err(), "a non-coordinator edge created a stream");
+
     // Other zones' accounts do not see it.
     for (server, user) in [(US, "sfo"), (AP, "bom")] {
         let c = t.connect(server, user).await;
@@ -832,7 +862,7 @@ async fn single_region_topologies_run() {
     }
     for (make, server, user, replicas_want) in [
         (one_server as fn(&Path) -> RegionsConfig, "solo-1", "x", 1),
-        (one_cluster, "eu-central-2", "ams", 3),
+        (one_cluster, "eu-central-2", "fra", 3),
     ] {
         let t = tokio::task::spawn_blocking(move || start(make))
             .await

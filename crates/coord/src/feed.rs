@@ -1,0 +1,472 @@
+//! The consumer side of a region's stream: a task that follows
+//! `KEEL_<REGION>_EVENTS` in stream order and hands every event that is new
+//! *in effect* to a [`FeedHandler`].
+//!
+//! Invariants:
+//! - **Stream order, no gaps.** The handler sees events in increasing stream
+//!   sequence. An event whose `apply` fails is retried, with backoff, until
+//!   it succeeds: nothing is skipped and nothing after it is applied first.
+//!   (An `Err` must therefore mean "nothing applied", or the handler must be
+//!   idempotent for that event.)
+//! - **Once per write.** [`Dedup`] on `(keelorigin, keeloutboxseq)` drops
+//!   copies the stream holds twice (a resend after JetStream's duplicate
+//!   window) and messages read again.
+//! - **Bad input changes nothing.** A message that is not a Keel CloudEvent
+//!   is counted ([`FeedHandle::undecodable`]), logged (1st, then every
+//!   100th) and stepped over; it never stops the feed.
+//!
+//! **Dedup state is rebuilt from the stream.** `Dedup` lives in memory. A
+//! feed always reads the stream from sequence 1: messages at or below
+//! [`FeedOptions::start_after`] only go through `Dedup` (counted as
+//! [`FeedHandle::replayed`]); the handler is called only for sequences above
+//! it. `Dedup`'s decisions are a pure function of the (filtered) stream
+//! prefix, so a feed restarted with `start_after = ` the last sequence the
+//! handler durably applied (it gets the sequence with every event, so it can
+//! persist it in the same write as the effect) decides exactly as the first
+//! one did. This holds while the stream keeps every message a late resend
+//! could duplicate: with `max_age`, the region's stream must outlive the
+//! longest partition an edge may resend across, and the filter must be the
+//! same on every start.
+//!
+//! **Wake-ups.** A core subscription to the filter (a stream append is also
+//! delivered to core subscribers) wakes the feed for new messages; it then
+//! reads `stream_read(stream, filter, cursor + 1, batch)` until a read comes
+//! back empty. Subscriptions are at most once, so the feed also reads every
+//! [`FeedOptions::poll_interval`], right after each reconnect, and once more
+//! shortly after a notification whose read found nothing (the notification
+//! can overtake the stream's store on NATS). A missing stream
+//! (`BusError::NotFound`: no edge has forwarded yet) is waited for.
+
+use crate::Dedup;
+use crate::envelope::CloudEvent;
+use async_trait::async_trait;
+use keel_bus::{Bus, BusError, ConnectionState, StreamMessage, Subscription};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+/// Backoff after a failed read: doubles from `MIN` to `MAX` (and never
+/// beyond the poll interval).
+const READ_RETRY_MIN: Duration = Duration::from_millis(20);
+const READ_RETRY_MAX: Duration = Duration::from_secs(1);
+/// Backoff between attempts of a failing handler: doubles from `MIN` to `MAX`.
+const APPLY_RETRY_MIN: Duration = Duration::from_millis(20);
+const APPLY_RETRY_MAX: Duration = Duration::from_secs(5);
+/// Second look after a notification whose read found nothing new.
+const RECHECK: Duration = Duration::from_millis(25);
+/// Undecodable messages are logged on the 1st, 101st, 201st, ...
+const UNDECODABLE_LOG_EVERY: u64 = 100;
+/// Queued notifications swallowed per wake-up (one read covers them all).
+const NOTIFICATIONS_PER_WAKE: usize = 4096;
+
+/// What a feed follows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FeedOptions {
+    /// The region's stream, e.g. `KEEL_EU_CENTRAL_EVENTS`.
+    pub stream: String,
+    /// Subjects to follow, e.g. `keel.eu-central.edge.*.events`.
+    pub filter: String,
+    /// Stream sequence the handler already applied (0: none). The feed
+    /// still reads from 1 to rebuild its dedup state; see the module docs.
+    pub start_after: u64,
+    /// Fallback read period when no notification arrives.
+    pub poll_interval: Duration,
+    /// Messages per `stream_read` (at least 1).
+    pub batch: usize,
+}
+
+impl FeedOptions {
+    /// Follows `filter` in `stream` from the start, polling every second,
+    /// 256 messages per read.
+    pub fn new(stream: impl Into<String>, filter: impl Into<String>) -> FeedOptions {
+        FeedOptions {
+            stream: stream.into(),
+            filter: filter.into(),
+            start_after: 0,
+            poll_interval: Duration::from_secs(1),
+            batch: 256,
+        }
+    }
+}
+
+/// What a feed does with each new-in-effect event.
+#[async_trait]
+pub trait FeedHandler: Send + Sync {
+    /// Applies one event. Called in stream order, once per (origin, outbox
+    /// sequence). `Err` makes the feed call it again with the same event
+    /// (with backoff) until it returns `Ok`: return `Err` only for transient
+    /// failures, and ignore (or count) events that can never apply, or the
+    /// feed stops there for good. The future may be dropped at an `.await`
+    /// when the feed stops.
+    async fn apply(&self, stream_sequence: u64, event: &CloudEvent) -> Result<(), String>;
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    applied: AtomicU64,
+    duplicates: AtomicU64,
+    undecodable: AtomicU64,
+    replayed: AtomicU64,
+    handler_errors: AtomicU64,
+    read_errors: AtomicU64,
+    caught_up: AtomicBool,
+}
+
+fn bump(c: &AtomicU64) -> u64 {
+    c.fetch_add(1, Ordering::Relaxed) + 1
+}
+
+/// A running feed. Dropping it stops the feed (the task is aborted, also in
+/// the middle of an `apply`).
+pub struct FeedHandle {
+    counters: Arc<Counters>,
+    cursor: watch::Receiver<u64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FeedHandle {
+    /// The last stream sequence the feed is done with: everything at or
+    /// below it was applied, or found to be a duplicate or undecodable (or
+    /// was at or below `start_after`). Starts at `start_after`.
+    pub fn cursor(&self) -> u64 {
+        *self.cursor.borrow()
+    }
+
+    /// Events the handler applied (successful `apply` calls).
+    pub fn applied(&self) -> u64 {
+        self.counters.applied.load(Ordering::Relaxed)
+    }
+
+    /// Events above `start_after` skipped as already applied.
+    pub fn duplicates(&self) -> u64 {
+        self.counters.duplicates.load(Ordering::Relaxed)
+    }
+
+    /// Messages above `start_after` that were not Keel CloudEvents.
+    pub fn undecodable(&self) -> u64 {
+        self.counters.undecodable.load(Ordering::Relaxed)
+    }
+
+    /// Messages at or below `start_after`, read only to rebuild dedup state.
+    pub fn replayed(&self) -> u64 {
+        self.counters.replayed.load(Ordering::Relaxed)
+    }
+
+    /// Failed `apply` calls (each one was retried).
+    pub fn handler_errors(&self) -> u64 {
+        self.counters.handler_errors.load(Ordering::Relaxed)
+    }
+
+    /// Failed stream reads, a missing stream included.
+    pub fn read_errors(&self) -> u64 {
+        self.counters.read_errors.load(Ordering::Relaxed)
+    }
+
+    /// Whether the feed is idle after a read that found nothing new: it
+    /// had everything the stream held then (a view behind it is warm).
+    /// False while it reads, retries a handler or a read, or waits for the
+    /// stream to exist.
+    pub fn caught_up(&self) -> bool {
+        self.counters.caught_up.load(Ordering::Relaxed)
+    }
+
+    /// Whether the task still runs (false only if a handler panicked).
+    pub fn is_running(&self) -> bool {
+        !self.task.is_finished()
+    }
+
+    /// Waits until [`cursor`](Self::cursor) reaches `sequence`; `false` on
+    /// timeout or if the feed ended.
+    pub async fn wait_cursor(&self, sequence: u64, timeout: Duration) -> bool {
+        let mut rx = self.cursor.clone();
+        matches!(
+            tokio::time::timeout(timeout, rx.wait_for(|c| *c >= sequence)).await,
+            Ok(Ok(_))
+        )
+    }
+}
+
+impl Drop for FeedHandle {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Starts a feed on `rt`; it runs until the handle is dropped.
+pub fn start_feed(
+    bus: Arc<dyn Bus>,
+    opts: FeedOptions,
+    handler: Arc<dyn FeedHandler>,
+    rt: &tokio::runtime::Handle,
+) -> FeedHandle {
+    let counters = Arc::new(Counters::default());
+    let (cursor_tx, cursor_rx) = watch::channel(opts.start_after);
+    let feed = Feed {
+        bus,
+        handler,
+        counters: counters.clone(),
+        cursor: cursor_tx,
+        dedup: Dedup::new(),
+        position: 0,
+        opts,
+    };
+    FeedHandle {
+        counters,
+        cursor: cursor_rx,
+        task: rt.spawn(feed.run()),
+    }
+}
+
+struct Feed {
+    bus: Arc<dyn Bus>,
+    opts: FeedOptions,
+    handler: Arc<dyn FeedHandler>,
+    counters: Arc<Counters>,
+    cursor: watch::Sender<u64>,
+    dedup: Dedup,
+    /// Last stream sequence read (replayed, applied or skipped); the next
+    /// read starts after it.
+    position: u64,
+}
+
+/// Why the feed woke up.
+enum Wake {
+    Notification,
+    SubscriptionClosed,
+    Connection(ConnectionState),
+    ConnectionEventsClosed,
+    Timer,
+}
+
+impl Feed {
+    async fn run(mut self) {
+        let poll = self.opts.poll_interval.max(Duration::from_millis(1));
+        let mut connection = self.bus.connection_events();
+        let mut connection_open = true;
+        let mut subscription: Option<Subscription> = None;
+        let mut subscribe_at = Instant::now();
+        let mut read_backoff = READ_RETRY_MIN;
+        let mut failing = false;
+        let mut notified = false;
+        loop {
+            let connected = *connection.borrow_and_update() == ConnectionState::Connected;
+            // Subscribe before reading, so nothing appended after the read
+            // goes unnoticed.
+            if connected && subscription.is_none() && Instant::now() >= subscribe_at {
+                match self.bus.subscribe(&self.opts.filter, None).await {
+                    Ok(s) => subscription = Some(s),
+                    Err(e) => {
+                        tracing::debug!(error = %e, filter = %self.opts.filter, "feed: cannot subscribe; polling");
+                        subscribe_at = Instant::now() + poll;
+                    }
+                }
+            }
+            let wait = if !connected {
+                // Reads would fail fast; the reconnect wakes us.
+                poll
+            } else {
+                self.counters.caught_up.store(false, Ordering::Relaxed);
+                let drained = self.drain().await;
+                self.counters
+                    .caught_up
+                    .store(drained.is_ok(), Ordering::Relaxed);
+                match drained {
+                    Ok(read) => {
+                        if failing {
+                            tracing::info!(stream = %self.opts.stream, "feed: reading again");
+                            failing = false;
+                        }
+                        read_backoff = READ_RETRY_MIN;
+                        if notified && read == 0 {
+                            RECHECK.min(poll)
+                        } else {
+                            poll
+                        }
+                    }
+                    Err(e) => {
+                        bump(&self.counters.read_errors);
+                        if !failing {
+                            if matches!(e, BusError::NotFound(_)) {
+                                tracing::info!(stream = %self.opts.stream, "feed: waiting for the stream to be created");
+                            } else {
+                                tracing::warn!(error = %e, stream = %self.opts.stream, "feed: cannot read the stream; retrying");
+                            }
+                            failing = true;
+                        }
+                        let wait = read_backoff.min(poll);
+                        read_backoff = (read_backoff * 2).min(READ_RETRY_MAX);
+                        wait
+                    }
+                }
+            };
+            notified = false;
+            let wake = {
+                let next = async {
+                    match subscription.as_mut() {
+                        Some(s) => s.next().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    m = next => if m.is_some() { Wake::Notification } else { Wake::SubscriptionClosed },
+                    changed = connection.changed(), if connection_open => match changed {
+                        Ok(()) => Wake::Connection(*connection.borrow_and_update()),
+                        Err(_) => Wake::ConnectionEventsClosed,
+                    },
+                    _ = tokio::time::sleep(wait) => Wake::Timer,
+                }
+            };
+            match wake {
+                Wake::Notification => {
+                    notified = true;
+                    if !swallow_queued(&mut subscription).await {
+                        subscription = None;
+                        subscribe_at = Instant::now() + poll;
+                    }
+                }
+                Wake::SubscriptionClosed => {
+                    subscription = None;
+                    subscribe_at = Instant::now() + poll;
+                }
+                Wake::Connection(state) => {
+                    if state == ConnectionState::Connected {
+                        // Read (and resubscribe, if that had failed) now.
+                        subscribe_at = Instant::now();
+                        read_backoff = READ_RETRY_MIN;
+                    }
+                }
+                Wake::ConnectionEventsClosed => connection_open = false,
+                Wake::Timer => {}
+            }
+        }
+    }
+
+    /// Reads from the cursor until a read comes back empty; returns how many
+    /// messages it processed.
+    async fn drain(&mut self) -> Result<u64, BusError> {
+        let mut read = 0;
+        loop {
+            let msgs = self
+                .bus
+                .stream_read(
+                    &self.opts.stream,
+                    &self.opts.filter,
+                    self.position.saturating_add(1),
+                    self.opts.batch.max(1),
+                )
+                .await?;
+            if msgs.is_empty() {
+                return Ok(read);
+            }
+            for m in msgs {
+                // A backend never returns these; stepping over them keeps
+                // the order invariant even if one did.
+                if m.sequence <= self.position {
+                    continue;
+                }
+                self.process(m).await;
+                read += 1;
+            }
+        }
+    }
+
+    async fn process(&mut self, m: StreamMessage) {
+        let live = m.sequence > self.opts.start_after;
+        match CloudEvent::from_json(&m.payload) {
+            Err(e) if live => {
+                let n = bump(&self.counters.undecodable);
+                if n % UNDECODABLE_LOG_EVERY == 1 {
+                    tracing::warn!(
+                        stream = %self.opts.stream,
+                        sequence = m.sequence,
+                        subject = %m.subject,
+                        error = %e,
+                        undecodable_total = n,
+                        "feed: skipping a message that is not a Keel CloudEvent"
+                    );
+                }
+            }
+            Err(_) => {
+                bump(&self.counters.replayed);
+            }
+            Ok(event) => {
+                let first = self
+                    .dedup
+                    .first_time(&event.keelorigin, event.keeloutboxseq);
+                if !live {
+                    bump(&self.counters.replayed);
+                } else if !first {
+                    bump(&self.counters.duplicates);
+                    tracing::debug!(
+                        sequence = m.sequence,
+                        origin = %event.keelorigin,
+                        outbox_sequence = event.keeloutboxseq,
+                        "feed: duplicate skipped"
+                    );
+                } else {
+                    self.apply(m.sequence, &event).await;
+                    bump(&self.counters.applied);
+                }
+            }
+        }
+        self.position = m.sequence;
+        if live {
+            self.cursor.send_replace(m.sequence);
+        }
+    }
+
+    /// Calls the handler until it succeeds.
+    async fn apply(&self, sequence: u64, event: &CloudEvent) {
+        let mut backoff = APPLY_RETRY_MIN;
+        let mut attempts: u64 = 0;
+        loop {
+            match self.handler.apply(sequence, event).await {
+                Ok(()) => {
+                    if attempts > 0 {
+                        tracing::info!(
+                            sequence,
+                            attempts = attempts + 1,
+                            "feed: applied after retries"
+                        );
+                    }
+                    return;
+                }
+                Err(e) => {
+                    attempts += 1;
+                    bump(&self.counters.handler_errors);
+                    if attempts.is_power_of_two() {
+                        tracing::warn!(
+                            stream = %self.opts.stream,
+                            sequence,
+                            origin = %event.keelorigin,
+                            outbox_sequence = event.keeloutboxseq,
+                            attempts,
+                            error = %e,
+                            "feed: handler failed; retrying the same event"
+                        );
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(APPLY_RETRY_MAX);
+                }
+            }
+        }
+    }
+}
+
+/// Takes the notifications already queued (the read that follows covers
+/// them all) without waiting; `false` if the subscription closed.
+async fn swallow_queued(subscription: &mut Option<Subscription>) -> bool {
+    let Some(s) = subscription.as_mut() else {
+        return true;
+    };
+    for _ in 0..NOTIFICATIONS_PER_WAKE {
+        tokio::select! {
+            biased;
+            m = s.next() => if m.is_none() { return false },
+            () = std::future::ready(()) => return true,
+        }
+    }
+    true
+}
