@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// Entries sent per round (one pipelined batch).
-const BATCH: usize = 512;
+const BATCH: usize = 2048;
 /// Backoff after a failed round: doubles from `MIN` to `MAX`.
 const RETRY_MIN: Duration = Duration::from_millis(20);
 const RETRY_MAX: Duration = Duration::from_secs(1);
