@@ -771,10 +771,26 @@ fn unreachable_kind<T>() -> StoreResult<T> {
     Err(StoreError::Internal("CRDT kind mismatch".into()))
 }
 
+/// The next connection state of `events`; `None` once its bus is gone;
+/// pending forever without a receiver.
+async fn changed_or_never(
+    events: Option<&mut tokio::sync::watch::Receiver<ConnectionState>>,
+) -> Option<ConnectionState> {
+    match events {
+        Some(rx) => match rx.changed().await {
+            Ok(()) => Some(*rx.borrow_and_update()),
+            Err(_) => None,
+        },
+        None => std::future::pending().await,
+    }
+}
+
 /// Runs anti-entropy every interval, at start and after every reconnect.
 async fn anti_entropy_timer(weak: Weak<Inner>, buses: Buses) {
     let mut events = buses.region.connection_events();
-    let mut global_events = buses.global.connection_events();
+    // With one bus for both scopes, one watch is enough (two receivers of
+    // the same channel would run anti-entropy twice per reconnect).
+    let mut global_events = (!buses.is_single()).then(|| buses.global.connection_events());
     let Some(interval) = weak.upgrade().map(|i| i.opts.anti_entropy_interval) else {
         return;
     };
@@ -789,12 +805,10 @@ async fn anti_entropy_timer(weak: Weak<Inner>, buses: Buses) {
                 }
                 *events.borrow_and_update() == ConnectionState::Connected
             }
-            changed = global_events.changed() => {
-                if changed.is_err() {
-                    return;
-                }
-                *global_events.borrow_and_update() == ConnectionState::Connected
-            }
+            changed = changed_or_never(global_events.as_mut()) => match changed {
+                Some(state) => state == ConnectionState::Connected,
+                None => return,
+            },
         };
         let Some(inner) = weak.upgrade() else { return };
         if now {
