@@ -366,6 +366,34 @@ impl NatsBus {
         }
     }
 
+    /// Checks a stream append's arguments and connection, and builds the
+    /// JetStream message (shared by `stream_append` and
+    /// `stream_append_many`).
+    fn stream_message(
+        &self,
+        subject: &str,
+        headers: Headers,
+        payload: Bytes,
+        msg_id: Option<&str>,
+    ) -> BusResult<jetstream::message::PublishMessage> {
+        check_publish_subject(subject)?;
+        check_headers(&headers)?;
+        if let Some(id) = msg_id
+            && (id.is_empty() || id.contains(['\r', '\n']))
+        {
+            return Err(BusError::Invalid(format!("invalid msg_id {id:?}")));
+        }
+        self.ensure_connected()?;
+        let mut msg = jetstream::message::PublishMessage::build().payload(payload);
+        if let Some(h) = to_header_map(headers) {
+            msg = msg.headers(h);
+        }
+        if let Some(id) = msg_id {
+            msg = msg.message_id(id);
+        }
+        Ok(msg)
+    }
+
     fn classify(&self, err: &(dyn StdError + 'static)) -> BusError {
         classify(err, self.inner.request_timeout)
     }
@@ -929,21 +957,7 @@ impl Bus for NatsBus {
         payload: Bytes,
         msg_id: Option<&str>,
     ) -> BusResult<StreamAck> {
-        check_publish_subject(subject)?;
-        check_headers(&headers)?;
-        if let Some(id) = msg_id
-            && (id.is_empty() || id.contains(['\r', '\n']))
-        {
-            return Err(BusError::Invalid(format!("invalid msg_id {id:?}")));
-        }
-        self.ensure_connected()?;
-        let mut msg = jetstream::message::PublishMessage::build().payload(payload);
-        if let Some(h) = to_header_map(headers) {
-            msg = msg.headers(h);
-        }
-        if let Some(id) = msg_id {
-            msg = msg.message_id(id);
-        }
+        let msg = self.stream_message(subject, headers, payload, msg_id)?;
         let classify = |e: jetstream::context::PublishError| match self.classify(&e) {
             BusError::NotFound(_) => {
                 BusError::NotFound(format!("no stream captures subject {subject:?}"))
@@ -981,26 +995,14 @@ impl Bus for NatsBus {
         let mut out = Vec::with_capacity(msgs.len());
         let mut pending = Vec::with_capacity(msgs.len());
         for m in msgs {
-            let checked = check_publish_subject(&m.subject)
-                .and_then(|()| check_headers(&m.headers))
-                .and_then(|()| match &m.msg_id {
-                    Some(id) if id.is_empty() || id.contains(['\r', '\n']) => {
-                        Err(BusError::Invalid(format!("invalid msg_id {id:?}")))
+            let msg =
+                match self.stream_message(&m.subject, m.headers, m.payload, m.msg_id.as_deref()) {
+                    Ok(msg) => msg,
+                    Err(e) => {
+                        pending.push(Err(e));
+                        break;
                     }
-                    _ => Ok(()),
-                })
-                .and_then(|()| self.ensure_connected());
-            if let Err(e) = checked {
-                pending.push(Err(e));
-                break;
-            }
-            let mut msg = jetstream::message::PublishMessage::build().payload(m.payload);
-            if let Some(h) = to_header_map(m.headers) {
-                msg = msg.headers(h);
-            }
-            if let Some(id) = &m.msg_id {
-                msg = msg.message_id(id);
-            }
+                };
             match self.inner.js.send_publish(m.subject, msg).await {
                 Ok(ack) => pending.push(Ok(ack)),
                 Err(e) => {
