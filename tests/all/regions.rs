@@ -9,10 +9,13 @@ use keel_bus::Bus;
 use keel_bus::nats::{NatsBus, NatsOptions};
 use keel_config::RegionsConfig;
 use keel_coord::envelope::CloudEvent;
-use keel_test_support::{FaultProxy, NatsSupercluster, ServerSpec, free_port, wait_until_async};
+use keel_test_support::{
+    FaultProxy, NatsSupercluster, ServerSpec, free_port, wait_until, wait_until_async,
+};
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -355,37 +358,53 @@ fn events_reach_their_region_and_personal_data_stays_in_its_zone() {
     assert!(outside.is_err(), "an EU user connected to a us-west server");
 }
 
-/// Records events every few milliseconds until told to stop; the ids of
-/// the acknowledged ones. Every call must succeed, partition or not.
-fn steady_load(
-    keel: &Keel,
-    rt: &tokio::runtime::Handle,
-    prefix: &'static str,
-) -> (
-    Arc<std::sync::atomic::AtomicBool>,
-    tokio::task::JoinHandle<Vec<String>>,
-) {
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let flag = stop.clone();
-    let addr = keel.addr;
-    let handle = rt.spawn(async move {
-        let mut ids = Vec::new();
-        let mut i = 0;
-        while !flag.load(std::sync::atomic::Ordering::Relaxed) {
-            let body = json!({"kind": "load", "key": format!("{prefix}{i}"), "payload": "x"});
-            let r = request(addr, "POST", "/probe/edge/event", body.to_string().into()).await;
-            assert_eq!(
-                r.status, 200,
-                "an edge operation failed during the partition: {}",
-                r.body
-            );
-            ids.push(r.json()["id"].as_str().unwrap().to_string());
-            i += 1;
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        ids
-    });
-    (stop, handle)
+/// A load generator recording events every few milliseconds until stopped.
+/// Every call must succeed, partition or not.
+struct SteadyLoad {
+    stop: Arc<AtomicBool>,
+    /// Events acknowledged so far.
+    acked: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<Vec<String>>,
+}
+
+impl SteadyLoad {
+    fn start(keel: &Keel, rt: &tokio::runtime::Handle, prefix: &'static str) -> SteadyLoad {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked = Arc::new(AtomicUsize::new(0));
+        let (flag, count, addr) = (stop.clone(), acked.clone(), keel.addr);
+        let task = rt.spawn(async move {
+            let mut ids = Vec::new();
+            while !flag.load(Ordering::Relaxed) {
+                let body = json!({"kind": "load", "key": format!("{prefix}{}", ids.len()), "payload": "x"});
+                let r = request(addr, "POST", "/probe/edge/event", body.to_string().into()).await;
+                assert_eq!(
+                    r.status, 200,
+                    "an edge operation failed during the partition: {}",
+                    r.body
+                );
+                ids.push(r.json()["id"].as_str().unwrap().to_string());
+                count.store(ids.len(), Ordering::Relaxed);
+                // Pacing of the load, not synchronisation.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            ids
+        });
+        SteadyLoad { stop, acked, task }
+    }
+
+    /// Waits until `n` more events than now are acknowledged.
+    fn wait_more(&self, n: usize) {
+        let target = self.acked.load(Ordering::Relaxed) + n;
+        assert!(
+            wait_until(WAIT, || self.acked.load(Ordering::Relaxed) >= target),
+            "the load stalled"
+        );
+    }
+
+    fn finish(self, rt: &tokio::runtime::Runtime) -> Vec<String> {
+        self.stop.store(true, Ordering::Relaxed);
+        rt.block_on(self.task).unwrap()
+    }
 }
 
 #[test]
@@ -411,29 +430,36 @@ fn partitioned_edge_keeps_serving_and_replays_exactly_once() {
     // 1. Steady load; the edge is cut from its region for 10 s meanwhile.
     let keel = node.start();
     rt.block_on(keel.wait_ready(|v| v["bus"]["state"] == "connected"));
-    let (stop, load) = steady_load(&keel, rt.handle(), "a");
-    std::thread::sleep(Duration::from_millis(500));
+    let load = SteadyLoad::start(&keel, rt.handle(), "a");
+    load.wait_more(50);
     proxy.cut();
     let cut_at = Instant::now();
     rt.block_on(keel.wait_ready(|v| v["bus"]["state"] != "connected"));
+    // The partition lasts 10 s (the minimum). Meanwhile the node
+    // stays ready and its outbox grows with the load.
     let cut_for = Duration::from_secs(10);
     rt.block_on(async {
+        let depth = |v: &serde_json::Value| v["bus"]["outbox_depth"].as_i64().unwrap();
+        let mut first = None;
+        let mut last = 0;
         while cut_at.elapsed() < cut_for {
-            let depth = keel.get("/_keel/ready").await.json()["bus"]["outbox_depth"]
-                .as_i64()
-                .unwrap();
-            assert!(depth >= 0);
+            let r = keel.get("/_keel/ready").await;
+            assert_eq!(r.status, 200, "a partition must not make the node unready");
+            let v = r.json();
+            assert_ne!(v["bus"]["state"], "connected");
+            last = depth(&v);
+            first.get_or_insert(last);
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+        assert!(
+            last > first.unwrap_or(0),
+            "the outbox did not queue the load during the partition"
+        );
     });
-    let queued = rt.block_on(keel.get("/_keel/ready")).json()["bus"]["outbox_depth"]
-        .as_i64()
-        .unwrap();
-    assert!(queued > 0, "nothing queued during the partition");
     proxy.heal();
-    std::thread::sleep(Duration::from_millis(300));
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let acked = rt.block_on(load).unwrap();
+    // The load keeps going across the heal.
+    load.wait_more(50);
+    let acked = load.finish(&rt);
     assert!(acked.len() > 200, "steady load too thin: {}", acked.len());
     let want: BTreeSet<String> = acked.iter().cloned().collect();
     assert_eq!(want.len(), acked.len(), "ids are unique");
