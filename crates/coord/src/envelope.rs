@@ -153,6 +153,28 @@ pub fn outbox_event(region: &str, origin: &str, seq: u64, entry: &OutboxEntry) -
                 keeluser: Some(user.clone()),
             }
         }
+        OutboxEntry::Metric {
+            component,
+            metric,
+            value,
+            edge,
+            at,
+        } => CloudEvent {
+            specversion: "1.0".into(),
+            id: outbox_msg_id(origin, seq),
+            source: format!("keel://{region}/{edge}/{component}"),
+            event_type: crate::views::METRIC_TYPE.into(),
+            subject: Some(metric.clone()),
+            time: rfc3339_ms(at.physical_ms),
+            datacontenttype: Some("application/json".into()),
+            data_base64: Some(b64(&crate::views::metric_event_data(metric, *value))),
+            traceparent: Some(traceparent(origin, seq)),
+            keelorigin: origin.to_string(),
+            keeloutboxseq: seq,
+            keelsequence: None,
+            keelhlc: format_hlc(at),
+            keeluser: None,
+        },
     }
 }
 

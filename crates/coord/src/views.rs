@@ -135,6 +135,7 @@ impl UserStateView {
             self.ignored.fetch_add(1, Ordering::Relaxed);
             return false;
         };
+        let user = scoped(event.component(), &user);
         let edge = data.edge.unwrap_or_else(|| event.edge().to_string());
         let activity = LastActivity {
             kind: data.kind,
@@ -173,14 +174,14 @@ impl UserStateView {
 
     /// The user's state, with `online_edges` for the view's window at the
     /// current wall-clock time.
-    pub fn get(&self, user: &str) -> Option<UserState> {
-        self.get_at(user, wall_clock_ms())
+    pub fn get(&self, component: &str, user: &str) -> Option<UserState> {
+        self.get_at(component, user, wall_clock_ms())
     }
 
     /// [`get`](Self::get) at `now_ms`.
-    pub fn get_at(&self, user: &str, now_ms: u64) -> Option<UserState> {
+    pub fn get_at(&self, component: &str, user: &str, now_ms: u64) -> Option<UserState> {
         let users = lock(&self.users);
-        let entry = users.get(user)?;
+        let entry = users.get(&scoped(component, user))?;
         Some(UserState {
             last_seen: entry.last_seen.clone(),
             last_seen_edge: entry.last_seen_edge.clone(),
@@ -191,9 +192,15 @@ impl UserStateView {
 
     /// Edges where `user` was active less than `window_ms` before `now_ms`,
     /// most recent first (empty for an unknown user).
-    pub fn online_edges(&self, user: &str, now_ms: u64, window_ms: u64) -> Vec<String> {
+    pub fn online_edges(
+        &self,
+        component: &str,
+        user: &str,
+        now_ms: u64,
+        window_ms: u64,
+    ) -> Vec<String> {
         lock(&self.users)
-            .get(user)
+            .get(&scoped(component, user))
             .map(|e| online(e, now_ms, window_ms))
             .unwrap_or_default()
     }
@@ -217,6 +224,12 @@ fn online(entry: &UserEntry, now_ms: u64, window_ms: u64) -> Vec<String> {
         .collect();
     edges.sort_by(|a, b| b.1.cmp(a.1).then_with(|| a.0.cmp(b.0)));
     edges.into_iter().map(|(e, _)| e.clone()).collect()
+}
+
+/// Views keep each component's users and metrics apart (a component sees
+/// only what it wrote): keys are `<component>\0<name>`.
+fn scoped(component: &str, name: &str) -> String {
+    format!("{component}\0{name}")
 }
 
 fn wall_clock_ms() -> u64 {
@@ -302,7 +315,9 @@ impl MetricsView {
             Some((data.metric, at.physical_ms, data.value?))
         })();
         let recorded = match sample {
-            Some((metric, at_ms, value)) => self.record_sample(&metric, at_ms, value),
+            Some((metric, at_ms, value)) => {
+                self.record_sample(event.component(), &metric, at_ms, value)
+            }
             None => false,
         };
         if !recorded {
@@ -313,10 +328,11 @@ impl MetricsView {
 
     /// Adds one sample at `at_ms`; `false` (nothing changed) if `value` is
     /// NaN or infinite.
-    pub fn record_sample(&self, metric: &str, at_ms: u64, value: f64) -> bool {
+    pub fn record_sample(&self, component: &str, metric: &str, at_ms: u64, value: f64) -> bool {
         if !value.is_finite() {
             return false;
         }
+        let metric = &scoped(component, metric);
         let start_ms = at_ms - at_ms % self.resolution_ms;
         let mut series = lock(&self.series);
         let buckets = match series.get_mut(metric) {
@@ -346,13 +362,19 @@ impl MetricsView {
     /// omitted. With bucket-aligned bounds that is exactly the buckets
     /// starting in the range; an unaligned `start_ms` includes the bucket
     /// containing it (whole: buckets are the resolution).
-    pub fn query(&self, metric: &str, start_ms: u64, end_ms: u64) -> Vec<MetricPoint> {
+    pub fn query(
+        &self,
+        component: &str,
+        metric: &str,
+        start_ms: u64,
+        end_ms: u64,
+    ) -> Vec<MetricPoint> {
         if start_ms >= end_ms {
             return Vec::new();
         }
         let first = start_ms - start_ms % self.resolution_ms;
         lock(&self.series)
-            .get(metric)
+            .get(&scoped(component, metric))
             .map(|b| b.range(first..end_ms).map(|(_, p)| *p).collect())
             .unwrap_or_default()
     }
@@ -450,7 +472,7 @@ mod tests {
         assert!(v.record(&activity("u1", "fra", "early", hlc(1_000, 5, "fra"))));
         // Same millisecond, higher logical counter: newer.
         assert!(v.record(&activity("u1", "ams", "tie", hlc(2_000, 1, "ams"))));
-        let s = v.get_at("u1", 2_500).unwrap();
+        let s = v.get_at("app", "u1", 2_500).unwrap();
         assert_eq!(s.last_seen, hlc(2_000, 1, "ams"));
         assert_eq!(s.last_seen_edge, "ams");
         assert_eq!(s.last_activity.kind, "tie");
@@ -460,8 +482,8 @@ mod tests {
         );
         // Re-applying an older event (or the same one) changes nothing.
         v.record(&activity("u1", "par", "late", hlc(2_000, 0, "par")));
-        assert_eq!(v.get_at("u1", 2_500).unwrap(), s);
-        assert!(v.get_at("nobody", 2_500).is_none());
+        assert_eq!(v.get_at("app", "u1", 2_500).unwrap(), s);
+        assert!(v.get_at("app", "nobody", 2_500).is_none());
         assert_eq!(v.users(), 1);
     }
 
@@ -474,18 +496,18 @@ mod tests {
         v.record(&activity("u1", "fra", "a", hlc(5_000, 0, "fra")));
         v.record(&activity("u2", "ams", "a", hlc(10_900, 0, "ams")));
         // Most recent first; the boundary: age must be < window.
-        assert_eq!(v.online_edges("u1", 10_999, 1_000), ["par", "fra"]);
-        assert_eq!(v.online_edges("u1", 11_000, 1_000), ["par"]);
-        assert_eq!(v.online_edges("u1", 11_499, 1_000), ["par"]);
-        assert!(v.online_edges("u1", 11_500, 1_000).is_empty());
+        assert_eq!(v.online_edges("app", "u1", 10_999, 1_000), ["par", "fra"]);
+        assert_eq!(v.online_edges("app", "u1", 11_000, 1_000), ["par"]);
+        assert_eq!(v.online_edges("app", "u1", 11_499, 1_000), ["par"]);
+        assert!(v.online_edges("app", "u1", 11_500, 1_000).is_empty());
         // Stamped slightly ahead of the reader's clock: still online.
-        assert_eq!(v.online_edges("u1", 9_000, 1_000), ["par", "fra"]);
-        assert!(v.online_edges("nobody", 10_000, 1_000).is_empty());
+        assert_eq!(v.online_edges("app", "u1", 9_000, 1_000), ["par", "fra"]);
+        assert!(v.online_edges("app", "nobody", 10_000, 1_000).is_empty());
         // `get_at` uses the view's window.
-        assert_eq!(v.get_at("u1", 11_000).unwrap().online_edges, ["par"]);
-        assert_eq!(v.get_at("u2", 11_000).unwrap().online_edges, ["ams"]);
+        assert_eq!(v.get_at("app", "u1", 11_000).unwrap().online_edges, ["par"]);
+        assert_eq!(v.get_at("app", "u2", 11_000).unwrap().online_edges, ["ams"]);
         // `get` reads the wall clock: these are decades old.
-        assert!(v.get("u1").unwrap().online_edges.is_empty());
+        assert!(v.get("app", "u1").unwrap().online_edges.is_empty());
     }
 
     #[test]
@@ -521,7 +543,7 @@ mod tests {
             assert!(v.record(&metric("latency", at, value)));
         }
         assert!(v.record(&metric("other", 0, 100.0)));
-        let all = v.query("latency", 0, u64::MAX);
+        let all = v.query("app", "latency", 0, u64::MAX);
         assert_eq!(
             all,
             vec![
@@ -550,7 +572,7 @@ mod tests {
             ]
         );
         let starts = |s, e| -> Vec<u64> {
-            v.query("latency", s, e)
+            v.query("app", "latency", s, e)
                 .into_iter()
                 .map(|p| p.start_ms)
                 .collect()
@@ -566,8 +588,8 @@ mod tests {
         assert!(starts(120_000, 180_000).is_empty());
         assert!(starts(60_000, 60_000).is_empty());
         assert!(starts(70_000, 10_000).is_empty());
-        assert!(v.query("missing", 0, u64::MAX).is_empty());
-        assert_eq!(v.query("other", 0, 1)[0].sum, 100.0);
+        assert!(v.query("app", "missing", 0, u64::MAX).is_empty());
+        assert_eq!(v.query("app", "other", 0, 1)[0].sum, 100.0);
     }
 
     #[test]
@@ -580,15 +602,15 @@ mod tests {
                 serde_json::from_slice(&metric_event_data("cpu", bad)).unwrap();
             assert!(data["value"].is_null());
             assert!(!v.record(&metric("cpu", 1_000, bad)));
-            assert!(!v.record_sample("cpu", 1_000, bad));
+            assert!(!v.record_sample("app", "cpu", 1_000, bad));
         }
         let mut not_json = metric("cpu", 1_000, 1.0);
         not_json.data_base64 = None;
         assert!(!v.record(&not_json));
         assert_eq!(v.ignored(), 4);
-        assert!(v.query("cpu", 0, u64::MAX).is_empty());
+        assert!(v.query("app", "cpu", 0, u64::MAX).is_empty());
         assert!(v.record(&metric("cpu", 1_000, 0.5)));
-        assert_eq!(v.query("cpu", 0, u64::MAX).len(), 1);
+        assert_eq!(v.query("app", "cpu", 0, u64::MAX).len(), 1);
         // Activity events are not metrics.
         assert!(!v.record(&activity("u1", "fra", "a", hlc(1, 0, "fra"))));
         assert_eq!(v.ignored(), 4);
@@ -598,22 +620,22 @@ mod tests {
     fn prune_drops_buckets_that_ended() {
         let v = MetricsView::new(10);
         for at in [0, 10, 20, 35] {
-            v.record_sample("m", at, 1.0);
+            v.record_sample("app", "m", at, 1.0);
         }
-        v.record_sample("n", 5, 1.0);
+        v.record_sample("app", "n", 5, 1.0);
         // Buckets [0,10) and [10,20) ended by 20; [20,30) has not.
         assert_eq!(v.prune_before(20), 3);
         let starts: Vec<u64> = v
-            .query("m", 0, u64::MAX)
+            .query("app", "m", 0, u64::MAX)
             .into_iter()
             .map(|p| p.start_ms)
             .collect();
         assert_eq!(starts, [20, 30]);
-        assert!(v.query("n", 0, u64::MAX).is_empty());
+        assert!(v.query("app", "n", 0, u64::MAX).is_empty());
         assert_eq!(v.prune_before(0), 0);
         // Nothing has ended before the first bucket's end.
         let w = MetricsView::new(10);
-        w.record_sample("m", 0, 1.0);
+        w.record_sample("app", "m", 0, 1.0);
         assert_eq!(w.prune_before(9), 0);
         assert_eq!(w.prune_before(10), 1);
     }

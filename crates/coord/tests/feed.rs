@@ -465,14 +465,14 @@ async fn views_follow_the_stream(bus: Arc<dyn Bus>) {
 
     wait_cursor(&user_feed, last).await;
     wait_cursor(&metric_feed, last).await;
-    let alice = users.get_at("alice", 130_000).unwrap();
+    let alice = users.get_at("app", "alice", 130_000).unwrap();
     assert_eq!(alice.last_seen, hlc(120_000, "par"));
     assert_eq!(alice.last_seen_edge, "par");
     assert_eq!(alice.last_activity.kind, "checkout");
     assert_eq!(alice.online_edges, ["par", "fra"]);
-    assert_eq!(users.online_edges("alice", 165_000, 60_000), ["par"]);
+    assert_eq!(users.online_edges("app", "alice", 165_000, 60_000), ["par"]);
 
-    let points = metrics.query("latency", 0, 180_000);
+    let points = metrics.query("app", "latency", 0, 180_000);
     let summary: Vec<(u64, u64, f64)> = points
         .iter()
         .map(|p| (p.start_ms, p.count, p.sum))

@@ -86,6 +86,21 @@ pub fn meta_event_seq(ns: &Namespace) -> Vec<u8> {
     k
 }
 
+/// `h\0<table>\0`: the host's own records (`HostRecords`). Table names are
+/// host constants without byte 0.
+pub fn host_table_prefix(table: &str) -> Vec<u8> {
+    let mut k = b"h\0".to_vec();
+    k.extend_from_slice(table.as_bytes());
+    k.push(0);
+    k
+}
+
+pub fn host_record_key(table: &str, key: &str) -> Vec<u8> {
+    let mut k = host_table_prefix(table);
+    k.extend_from_slice(key.as_bytes());
+    k
+}
+
 pub fn meta_incarnation() -> Vec<u8> {
     b"incarnation".to_vec()
 }

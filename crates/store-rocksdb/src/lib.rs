@@ -17,6 +17,7 @@ use committer::{Committer, Txn};
 use keel_core::{Hlc, HlcClock};
 
 use keel_store::{
+    AppendedBatch, HostRecords,
     Activity, ActivityRecord, CrdtStore, EdgeStore, EventData, EventLog, KvStore, Namespace,
     Outbox, OutboxEntry, StateValue, StoreError, StoreLimits, StoreResult, StoredCrdt, StoredEvent,
     WriteFuture,
@@ -234,13 +235,13 @@ fn next_node_seq(tx: &mut Txn) -> StoreResult<u64> {
 }
 
 /// Appends `entry` to the outbox under the next outbox sequence, in the
-/// caller's batch.
-fn enqueue_outbox(tx: &mut Txn, entry: &OutboxEntry) -> StoreResult<()> {
+/// caller's batch; returns that sequence.
+fn enqueue_outbox(tx: &mut Txn, entry: &OutboxEntry) -> StoreResult<u64> {
     let key = keys::meta_outbox_seq();
     let seq = tx.get_u64(Cf::Meta, &key)? + 1;
     tx.put(Cf::Meta, key, seq.to_be_bytes().to_vec());
     tx.put(Cf::Outbox, keys::u64_key(seq), encode(entry)?);
-    Ok(())
+    Ok(seq)
 }
 
 /// Wakes the forwarder once `write` (which queued outbox entries) is durable.
@@ -291,6 +292,11 @@ impl Outbox for RocksStore {
     }
 
     fn outbox_depth(&self) -> StoreResult<u64> {
+        let (last, acked) = self.outbox_positions()?;
+        Ok(last.saturating_sub(acked))
+    }
+
+    fn outbox_positions(&self) -> StoreResult<(u64, u64)> {
         let db = &self.inner.db;
         let meta = committer::handle(db, Cf::Meta)?;
         let read = |k: Vec<u8>| -> StoreResult<u64> {
@@ -299,7 +305,10 @@ impl Outbox for RocksStore {
                 None => Ok(0),
             }
         };
-        Ok(read(keys::meta_outbox_seq())?.saturating_sub(read(keys::meta_outbox_acked())?))
+        // Acked first: a concurrent ack can then only make `last` look
+        // further ahead, never `acked` beyond `last`.
+        let acked = read(keys::meta_outbox_acked())?;
+        Ok((read(keys::meta_outbox_seq())?, acked))
     }
 
     fn outbox_signal(&self) -> Arc<tokio::sync::Notify> {
@@ -308,6 +317,52 @@ impl Outbox for RocksStore {
 
     fn outbox_incarnation(&self) -> u64 {
         self.inner.incarnation
+    }
+}
+
+impl HostRecords for RocksStore {
+    fn host_record(&self, table: &str, key: &str) -> StoreResult<Option<Vec<u8>>> {
+        let db = &self.inner.db;
+        db.get_cf(
+            committer::handle(db, Cf::Meta)?,
+            keys::host_record_key(table, key),
+        )
+        .map_err(map_err)
+    }
+
+    fn host_records(&self, table: &str) -> StoreResult<Vec<(String, Vec<u8>)>> {
+        let db = &self.inner.db;
+        let prefix = keys::host_table_prefix(table);
+        let mut it = db.raw_iterator_cf(committer::handle(db, Cf::Meta)?);
+        it.seek(&prefix);
+        let mut out = Vec::new();
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            let Some(key) = k.strip_prefix(prefix.as_slice()) else {
+                break;
+            };
+            let key = String::from_utf8(key.to_vec())
+                .map_err(|_| StoreError::Internal("corrupt host record key".into()))?;
+            out.push((key, v.to_vec()));
+            it.next();
+        }
+        it.status().map_err(map_err)?;
+        Ok(out)
+    }
+
+    fn put_host_record(&self, table: &str, key: String, value: Vec<u8>) -> WriteFuture<()> {
+        let k = keys::host_record_key(table, &key);
+        self.inner.committer.write(move |tx| {
+            tx.put(Cf::Meta, k, value);
+            Ok(())
+        })
+    }
+
+    fn delete_host_record(&self, table: &str, key: String) -> WriteFuture<()> {
+        let k = keys::host_record_key(table, &key);
+        self.inner.committer.write(move |tx| {
+            tx.delete(Cf::Meta, k);
+            Ok(())
+        })
     }
 }
 
@@ -408,48 +463,97 @@ impl KvStore for RocksStore {
     }
 }
 
-impl EventLog for RocksStore {
-    fn append(&self, ns: &Namespace, event: EventData, forward: bool) -> WriteFuture<StoredEvent> {
+impl RocksStore {
+    /// Refuses an event the log must not take; nothing is written.
+    fn check_event(&self, event: &EventData) -> StoreResult<()> {
         let size = event.payload.len() + event.kind.len() + event.key.len();
         if size > self.inner.limits.max_event_bytes {
-            return ready(Err(StoreError::Invalid(format!(
+            return Err(StoreError::Invalid(format!(
                 "event of {size} bytes exceeds the limit of {} bytes",
                 self.inner.limits.max_event_bytes
-            ))));
-        }
-        if event.kind.is_empty() {
-            return ready(Err(StoreError::Invalid(
-                "event kind must not be empty".into(),
             )));
         }
+        if event.kind.is_empty() {
+            return Err(StoreError::Invalid("event kind must not be empty".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Most events one `append_batch` takes.
+const MAX_BATCH_EVENTS: usize = 1024;
+
+impl EventLog for RocksStore {
+    fn append(&self, ns: &Namespace, event: EventData, forward: bool) -> WriteFuture<StoredEvent> {
+        let batch = self.append_batch(ns, vec![event], forward);
+        Box::pin(async move {
+            let mut b = batch.await?;
+            b.events
+                .pop()
+                .ok_or_else(|| StoreError::Internal("append wrote no event".into()))
+        })
+    }
+
+    fn append_batch(
+        &self,
+        ns: &Namespace,
+        events: Vec<EventData>,
+        forward: bool,
+    ) -> WriteFuture<AppendedBatch> {
+        if events.len() > MAX_BATCH_EVENTS {
+            return ready(Err(StoreError::Limit(format!(
+                "{} events in one batch; at most {MAX_BATCH_EVENTS}",
+                events.len()
+            ))));
+        }
+        for (i, e) in events.iter().enumerate() {
+            if let Err(e) = self.check_event(e) {
+                let msg = if events.len() == 1 {
+                    e.to_string()
+                } else {
+                    format!("event {i}: {e}")
+                };
+                return ready(Err(StoreError::Invalid(msg)));
+            }
+        }
+        let forward = forward && self.inner.forwarding;
         let inner = self.inner.clone();
         let ns = ns.clone();
         let write = self.inner.committer.write(move |tx| {
             let seq_key = keys::meta_event_seq(&ns);
-            let sequence = tx.get_u64(Cf::Meta, &seq_key)? + 1;
-            let node_seq = next_node_seq(tx)?;
-            // Stamped on the committer: HLC order equals log order.
-            let at = stamp(&inner)?;
-            let stored = StoredEvent {
-                id: node_write_id(&inner.node.edge, node_seq),
-                sequence,
-                origin: inner.node.edge.clone(),
-                region: inner.node.region.clone(),
-                at,
-                data: event,
-            };
-            tx.put(Cf::Events, keys::event_key(&ns, sequence), encode(&stored)?);
-            tx.put(Cf::Meta, seq_key, sequence.to_be_bytes().to_vec());
-            if forward && inner.forwarding {
-                let entry = OutboxEntry::Event {
-                    component: ns.to_string(),
-                    event: stored.clone(),
+            let mut sequence = tx.get_u64(Cf::Meta, &seq_key)?;
+            let mut stored_events = Vec::with_capacity(events.len());
+            let mut last_outbox_seq = None;
+            for event in events {
+                sequence += 1;
+                let node_seq = next_node_seq(tx)?;
+                // Stamped on the committer: HLC order equals log order.
+                let at = stamp(&inner)?;
+                let stored = StoredEvent {
+                    id: node_write_id(&inner.node.edge, node_seq),
+                    sequence,
+                    origin: inner.node.edge.clone(),
+                    region: inner.node.region.clone(),
+                    at,
+                    data: event,
                 };
-                enqueue_outbox(tx, &entry)?;
+                tx.put(Cf::Events, keys::event_key(&ns, sequence), encode(&stored)?);
+                if forward {
+                    let entry = OutboxEntry::Event {
+                        component: ns.to_string(),
+                        event: stored.clone(),
+                    };
+                    last_outbox_seq = Some(enqueue_outbox(tx, &entry)?);
+                }
+                stored_events.push(stored);
             }
-            Ok(stored)
+            tx.put(Cf::Meta, seq_key, sequence.to_be_bytes().to_vec());
+            Ok(AppendedBatch {
+                events: stored_events,
+                last_outbox_seq,
+            })
         });
-        if forward && self.inner.forwarding {
+        if forward {
             signal_outbox(&self.inner, write)
         } else {
             write
@@ -567,6 +671,36 @@ impl EdgeStore for RocksStore {
             }
             Ok(())
         })
+    }
+
+    fn record_metric(&self, ns: &Namespace, metric: String, value: f64) -> WriteFuture<()> {
+        if let Err(e) = self.inner.limits.check_key(&metric) {
+            return ready(Err(e));
+        }
+        if !value.is_finite() {
+            return ready(Err(StoreError::Invalid(format!(
+                "metric value must be a finite number, got {value}"
+            ))));
+        }
+        if !self.inner.forwarding {
+            return ready(Err(StoreError::Unavailable(
+                "this node does not forward to a region".into(),
+            )));
+        }
+        let inner = self.inner.clone();
+        let ns = ns.clone();
+        let write = self.inner.committer.write(move |tx| {
+            let entry = OutboxEntry::Metric {
+                component: ns.to_string(),
+                metric,
+                value,
+                edge: inner.node.edge.clone(),
+                at: stamp(&inner)?,
+            };
+            enqueue_outbox(tx, &entry)?;
+            Ok(())
+        });
+        signal_outbox(&self.inner, write)
     }
 
     fn record_activity(&self, ns: &Namespace, user: String, activity: Activity) -> WriteFuture<()> {

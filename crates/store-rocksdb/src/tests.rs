@@ -406,3 +406,116 @@ async fn crdt_states_persist_per_namespace_and_incarnation_is_stable() {
         incarnation
     );
 }
+
+#[tokio::test]
+async fn append_batch_is_atomic_and_reports_its_outbox_position() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = options(true);
+    o.limits.max_event_bytes = 100;
+    let s = RocksStore::open(dir.path(), o).unwrap();
+    let a = ns("a");
+    let b = s
+        .append_batch(&a, vec![event("x", b"1"), event("y", b"2")], true)
+        .await
+        .unwrap();
+    assert_eq!(
+        b.events.iter().map(|e| e.sequence).collect::<Vec<_>>(),
+        [1, 2]
+    );
+    assert_eq!(b.last_outbox_seq, Some(2));
+    assert_eq!(s.outbox_positions().unwrap(), (2, 0));
+    // One bad event refuses the whole batch, naming it.
+    let err = s
+        .append_batch(&a, vec![event("ok", b"3"), event("e", &[0; 200])], true)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Invalid(m) if m.starts_with("event 1: ")),
+        "{err:?}"
+    );
+    assert_eq!(s.last_sequence(&a).unwrap(), Some(2));
+    assert_eq!(s.outbox_positions().unwrap(), (2, 0));
+    // Too many events: `Limit`, nothing written.
+    let many = (0..1025).map(|_| event("e", b"")).collect();
+    assert!(matches!(
+        s.append_batch(&a, many, true).await,
+        Err(StoreError::Limit(_))
+    ));
+    // Not forwarded: nothing queued, no position.
+    let local = s.append_batch(&a, vec![event("z", b"")], false).await.unwrap();
+    assert_eq!(local.last_outbox_seq, None);
+    s.outbox_ack(1).await.unwrap();
+    assert_eq!(s.outbox_positions().unwrap(), (2, 1));
+}
+
+#[tokio::test]
+async fn metrics_are_queued_for_the_region_and_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = RocksStore::open(dir.path(), options(true)).unwrap();
+    let a = ns("a");
+    s.record_metric(&a, "latency".into(), 12.5).await.unwrap();
+    for bad in [f64::NAN, f64::INFINITY] {
+        assert!(matches!(
+            s.record_metric(&a, "latency".into(), bad).await,
+            Err(StoreError::Invalid(_))
+        ));
+    }
+    assert!(matches!(
+        s.record_metric(&a, String::new(), 1.0).await,
+        Err(StoreError::Invalid(_))
+    ));
+    let out = s.outbox_peek(0, 10).unwrap();
+    assert_eq!(out.len(), 1);
+    match &out[0].1 {
+        OutboxEntry::Metric {
+            component,
+            metric,
+            value,
+            edge,
+            ..
+        } => {
+            assert_eq!((component.as_str(), metric.as_str()), ("a", "latency"));
+            assert_eq!((*value, edge.as_str()), (12.5, "fra"));
+        }
+        other => panic!("{other:?}"),
+    }
+    // A node that does not forward says so instead of dropping the sample.
+    let dir = tempfile::tempdir().unwrap();
+    let s = RocksStore::open(dir.path(), options(false)).unwrap();
+    assert!(matches!(
+        s.record_metric(&a, "latency".into(), 1.0).await,
+        Err(StoreError::Unavailable(_))
+    ));
+}
+
+#[tokio::test]
+async fn host_records_are_kept_per_table_and_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = RocksStore::open(dir.path(), options(false)).unwrap();
+    s.put_host_record("subs", "a/1".into(), b"one".to_vec())
+        .await
+        .unwrap();
+    s.put_host_record("subs", "a/2".into(), b"two".to_vec())
+        .await
+        .unwrap();
+    s.put_host_record("subsx", "a/1".into(), b"other".to_vec())
+        .await
+        .unwrap();
+    // A guest's kv key that looks like the record changes nothing.
+    s.set(&ns("subs"), "a/1".into(), b"guest".to_vec())
+        .await
+        .unwrap();
+    drop(s);
+    let s = RocksStore::open(dir.path(), options(false)).unwrap();
+    assert_eq!(
+        s.host_records("subs").unwrap(),
+        [
+            ("a/1".to_string(), b"one".to_vec()),
+            ("a/2".to_string(), b"two".to_vec())
+        ]
+    );
+    assert_eq!(s.host_record("subsx", "a/1").unwrap(), Some(b"other".to_vec()));
+    s.delete_host_record("subs", "a/1".into()).await.unwrap();
+    assert_eq!(s.host_record("subs", "a/1").unwrap(), None);
+    assert_eq!(s.host_records("subs").unwrap().len(), 1);
+}

@@ -17,6 +17,7 @@ mod types;
 pub use limits::StoreLimits;
 pub use types::*;
 
+use keel_core::Hlc;
 use std::future::Future;
 use std::pin::Pin;
 
@@ -76,6 +77,16 @@ pub trait EventLog: Send + Sync + 'static {
     /// `forward`, the event is also queued for the region in the same atomic
     /// write (when this node forwards at all).
     fn append(&self, ns: &Namespace, event: EventData, forward: bool) -> WriteFuture<StoredEvent>;
+    /// Appends `events` in one atomic write (all or none), each with the
+    /// next sequence. With `forward` (on a forwarding node) they are queued
+    /// for the region in the same write; the result then carries the outbox
+    /// sequence of the last one (see [`Outbox::outbox_acked`]).
+    fn append_batch(
+        &self,
+        ns: &Namespace,
+        events: Vec<EventData>,
+        forward: bool,
+    ) -> WriteFuture<AppendedBatch>;
     /// Up to `limit` events with sequence >= `from`, in order.
     fn read(&self, ns: &Namespace, from: u64, limit: usize) -> StoreResult<Vec<StoredEvent>>;
     fn last_sequence(&self, ns: &Namespace) -> StoreResult<Option<u64>>;
@@ -95,6 +106,10 @@ pub trait EdgeStore: Send + Sync + 'static {
         name: String,
         value: Option<String>,
     ) -> WriteFuture<()>;
+    /// Queues one sample of a regional metric for the region (nothing is
+    /// kept on the edge). `Invalid` for an empty or oversized name or a
+    /// value that is NaN or infinite.
+    fn record_metric(&self, ns: &Namespace, metric: String, value: f64) -> WriteFuture<()>;
     /// Stores the user's last activity and queues it for the region.
     fn record_activity(&self, ns: &Namespace, user: String, activity: Activity) -> WriteFuture<()>;
     fn last_activity(&self, ns: &Namespace, user: &str) -> StoreResult<Option<ActivityRecord>>;
@@ -105,8 +120,17 @@ pub trait EdgeStore: Send + Sync + 'static {
     fn register_user(&self, user: String, region: String) -> WriteFuture<String>;
 }
 
+/// Result of [`EventLog::append_batch`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppendedBatch {
+    pub events: Vec<StoredEvent>,
+    /// Outbox sequence of the batch's last entry; `None` when nothing was
+    /// queued (not forwarded, or an empty batch).
+    pub last_outbox_seq: Option<u64>,
+}
+
 /// A write waiting in the outbox for the region.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum OutboxEntry {
     Event {
         component: String,
@@ -116,6 +140,14 @@ pub enum OutboxEntry {
         component: String,
         user: String,
         record: ActivityRecord,
+    },
+    /// One sample of a regional metric (`regional-coordination.record-metric`).
+    Metric {
+        component: String,
+        metric: String,
+        value: f64,
+        edge: String,
+        at: Hlc,
     },
 }
 
@@ -131,6 +163,9 @@ pub trait Outbox: Send + Sync + 'static {
     fn outbox_ack(&self, through: u64) -> WriteFuture<()>;
     /// Entries waiting (appended and not yet acknowledged).
     fn outbox_depth(&self) -> StoreResult<u64>;
+    /// `(last appended, last acknowledged)` outbox sequences: an entry
+    /// `s` with `acked < s <= last` is waiting, `s <= acked` reached the region.
+    fn outbox_positions(&self) -> StoreResult<(u64, u64)>;
     /// Notified after every committed write that added outbox entries.
     fn outbox_signal(&self) -> std::sync::Arc<tokio::sync::Notify>;
     /// This store's incarnation (see [`CrdtStore::incarnation`]): part of the
@@ -160,6 +195,17 @@ pub trait CrdtStore: Send + Sync + 'static {
     /// include it, so a node whose data was wiped never reuses the dots and
     /// counter slots of its former self.
     fn incarnation(&self) -> u64;
+}
+
+/// Small durable records the host keeps for itself (subscriptions, migration
+/// jobs), in tables apart from every component's data: no guest call can
+/// reach them. Writes are fsynced like every other write.
+pub trait HostRecords: Send + Sync + 'static {
+    fn host_record(&self, table: &str, key: &str) -> StoreResult<Option<Vec<u8>>>;
+    /// Every record of `table`, by key ascending.
+    fn host_records(&self, table: &str) -> StoreResult<Vec<(String, Vec<u8>)>>;
+    fn put_host_record(&self, table: &str, key: String, value: Vec<u8>) -> WriteFuture<()>;
+    fn delete_host_record(&self, table: &str, key: String) -> WriteFuture<()>;
 }
 
 /// One SQLite (or other) database per component (`sql`).
