@@ -9,6 +9,7 @@ mod crash;
 mod edge_tier;
 mod http_limits;
 mod isolation;
+mod regional;
 mod regions;
 mod serving;
 mod sync;

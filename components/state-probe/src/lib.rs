@@ -140,8 +140,12 @@ fn route(req: &Request) -> Result<Reply, Failure> {
     let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
     let json = |v: Value| Ok(Reply::Json(v));
     match (req.method.as_str(), parts.as_slice()) {
-        ("POST", ["counter", name, "inc"]) => json(state::counter_inc(name, s, number(req, "by", 1)?)?.into()),
-        ("POST", ["counter", name, "dec"]) => json(state::counter_dec(name, s, number(req, "by", 1)?)?.into()),
+        ("POST", ["counter", name, "inc"]) => {
+            json(state::counter_inc(name, s, number(req, "by", 1)?)?.into())
+        }
+        ("POST", ["counter", name, "dec"]) => {
+            json(state::counter_dec(name, s, number(req, "by", 1)?)?.into())
+        }
         ("GET", ["counter", name]) => json(state::counter_value(name, s)?.into()),
         ("POST", ["set", name, member]) => json(state::set_add(name, s, member)?.into()),
         ("DELETE", ["set", name, member]) => json(state::set_remove(name, s, member)?.into()),

@@ -66,6 +66,14 @@ impl CloudEvent {
         self.source.rsplit('/').next().unwrap_or_default()
     }
 
+    /// The region it was written in (first segment of `source`).
+    pub fn region(&self) -> &str {
+        self.source
+            .strip_prefix("keel://")
+            .and_then(|r| r.split('/').next())
+            .unwrap_or_default()
+    }
+
     /// The edge that wrote it (second-to-last segment of `source`).
     pub fn edge(&self) -> &str {
         self.source.rsplit('/').nth(1).unwrap_or_default()

@@ -8,12 +8,16 @@
 //! - [`start_feed`]: the consumer side of a region's stream, in order, each
 //!   write once in effect, into a [`FeedHandler`];
 //! - [`views`]: regional views built by feeds ([`UserStateView`],
-//!   [`MetricsView`]).
+//!   [`MetricsView`]);
+//! - [`directory`]: the global user directory (user → home region, CAS);
+//! - [`migration`]: resumable user migrations between regions.
 
 mod dedup;
+pub mod directory;
 pub mod envelope;
 mod feed;
 mod forwarder;
+pub mod migration;
 pub mod views;
 
 pub use dedup::Dedup;

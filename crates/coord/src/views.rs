@@ -24,6 +24,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 /// CloudEvents `type` of a metric sample; data is [`metric_event_data`].
 pub const METRIC_TYPE: &str = "keel.metric";
 
+/// CloudEvents `type` of a user's tombstone in a region (a migration moved
+/// the user away): the region's views forget the user's state written up to
+/// the tombstone's HLC. Subject and `keeluser` are the user.
+pub const TOMBSTONE_TYPE: &str = "keel.user.tombstone";
+
 /// Default bucket width of [`MetricsView`].
 pub const DEFAULT_RESOLUTION_MS: u64 = 60_000;
 
@@ -122,6 +127,9 @@ impl UserStateView {
     /// counted in [`ignored`](Self::ignored). Idempotent: applying an event
     /// again changes nothing.
     pub fn record(&self, event: &CloudEvent) -> bool {
+        if event.event_type == TOMBSTONE_TYPE {
+            return self.tombstone(event);
+        }
         if event.event_type != ACTIVITY_TYPE {
             return false;
         }
@@ -203,6 +211,45 @@ impl UserStateView {
             .get(&scoped(component, user))
             .map(|e| online(e, now_ms, window_ms))
             .unwrap_or_default()
+    }
+
+    /// Forgets the user's state (every component's) seen at or before the
+    /// tombstone's HLC; later activity survives.
+    fn tombstone(&self, event: &CloudEvent) -> bool {
+        let (Some(user), Some(at)) = (event.keeluser.as_deref(), event.hlc()) else {
+            self.ignored.fetch_add(1, Ordering::Relaxed);
+            return false;
+        };
+        lock(&self.users).retain(|k, e| {
+            let of_user = k.split_once('\0').is_some_and(|(_, u)| u == user);
+            !(of_user && e.last_seen <= at)
+        });
+        true
+    }
+
+    /// The user's state in every component that has one, by component
+    /// name (what a migration copies).
+    pub fn snapshot(&self, user: &str) -> Vec<(String, UserState)> {
+        let now_ms = wall_clock_ms();
+        let mut out: Vec<(String, UserState)> = lock(&self.users)
+            .iter()
+            .filter_map(|(k, e)| {
+                let (component, u) = k.split_once('\0')?;
+                (u == user).then(|| {
+                    (
+                        component.to_string(),
+                        UserState {
+                            last_seen: e.last_seen.clone(),
+                            last_seen_edge: e.last_seen_edge.clone(),
+                            last_activity: e.last_activity.clone(),
+                            online_edges: online(e, now_ms, self.online_window_ms),
+                        },
+                    )
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
     }
 
     /// Users known.

@@ -26,6 +26,7 @@
 
 mod context;
 mod counter;
+mod counter_map;
 mod dot_store;
 mod encoding;
 mod lww;
@@ -36,6 +37,7 @@ mod replica;
 
 pub use context::CausalContext;
 pub use counter::{GCounter, PnCounter};
+pub use counter_map::CounterMap;
 pub use dot_store::{CausalCrdt, DotFun, DotMap, DotSet, DotStore};
 pub use encoding::{
     DecodeError, EncodeError, FORMAT_VERSION, decode, digest, digest_encoded, encode, try_encode,

@@ -179,12 +179,55 @@ impl Model for OrMapModel {
     }
 }
 
+/// `(member, delta)`: mostly small adjustments (exact sums are checked), a
+/// few zero deltas (must store nothing) and extremes (must not panic).
+struct CounterMapModel;
+impl Model for CounterMapModel {
+    type S = CounterMap;
+    type Op = (u8, i64);
+    fn op() -> BoxedStrategy<(u8, i64)> {
+        let delta = prop_oneof![
+            12 => -4..=4i64,
+            1 => prop_oneof![Just(i64::MIN), Just(i64::MAX), Just(i64::MIN + 1)],
+        ];
+        (0..3u8, delta).boxed()
+    }
+    fn apply(
+        s: &mut CounterMap,
+        r: &ReplicaId,
+        _: &mut HlcClock,
+        (m, by): &(u8, i64),
+    ) -> CounterMap {
+        s.apply(r, &key(*m), *by)
+    }
+    fn check_converged(s: &CounterMap, ops: &[(u8, i64)]) -> Result<(), TestCaseError> {
+        let touched: BTreeSet<u8> = ops
+            .iter()
+            .filter(|(_, by)| *by != 0)
+            .map(|(m, _)| *m)
+            .collect();
+        prop_assert_eq!(
+            s.len(),
+            touched.len(),
+            "exactly the adjusted members are stored"
+        );
+        for m in 0..3u8 {
+            let deltas = ops.iter().filter(|(o, _)| *o == m).map(|(_, by)| *by);
+            if deltas.clone().all(|by| by.unsigned_abs() <= 4) {
+                prop_assert_eq!(s.score(&key(m)), deltas.sum::<i64>());
+            }
+        }
+        Ok(())
+    }
+}
+
 crdt_properties!(gcounter, GCounterModel);
 crdt_properties!(pncounter, PnCounterModel);
 crdt_properties!(lww_register, LwwRegisterModel);
 crdt_properties!(or_set, OrSetModel);
 crdt_properties!(lww_map, LwwMapModel);
 crdt_properties!(or_map_of_or_sets, OrMapModel);
+crdt_properties!(counter_map, CounterMapModel);
 
 // ------------------------------------------------------- type semantics
 
@@ -332,6 +375,32 @@ proptest! {
         b.merge(&sim.states[0]);
         prop_assert_eq!(&a, &b);
         prop_assert!(a.get(&k).is_some_and(|s| s.contains(&e)));
+    }
+
+    /// `top` agrees with a naive ranking: sorted by score descending then
+    /// member, rank = 1 + number of members with a strictly higher score,
+    /// cut at `limit`; and it is the same on every converged replica.
+    #[test]
+    fn counter_map_top_is_competition_ranking(
+        h in history::<CounterMapModel>(24),
+        limit in 0..5usize,
+    ) {
+        let mut sim = run_history::<CounterMapModel>(&h);
+        for i in 0..3 {
+            for j in 0..3 {
+                sim.sync(i, j);
+            }
+        }
+        let s = &sim.states[0];
+        let mut all: Vec<(String, i64)> = s.iter().map(|(m, v)| (m.to_string(), v)).collect();
+        all.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        let expected: Vec<(u32, String, i64)> = all
+            .iter()
+            .take(limit)
+            .map(|(m, v)| (1 + all.iter().filter(|(_, w)| w > v).count() as u32, m.clone(), *v))
+            .collect();
+        prop_assert_eq!(s.top(limit), expected);
+        prop_assert_eq!(sim.states[1].top(limit), sim.states[2].top(limit));
     }
 
     /// Dots inserted in any order and split across contexts that are then

@@ -16,10 +16,12 @@ mod cache;
 mod engine;
 mod host;
 mod linking;
+mod regional;
 mod services;
 mod state;
 
 pub use body::{BodyLimitFlag, LimitedBody};
+pub use regional::{RegionalTier, UpdateFilter};
 pub use services::Services;
 pub use state::{ComponentContext, HostState};
 pub use wasmtime_wasi_http::Error as HttpError;
@@ -28,6 +30,8 @@ pub use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use bytes::Bytes;
 use keel_config::{ComponentConfig, Diagnostic, Diagnostics, KeelConfig};
 use keel_telemetry::{ComponentMetrics, Metrics};
+use keel_world::bindings::exports::keel::platform::subscriber::GuestIndices as SubscriberIndices;
+use keel_world::bindings::keel::platform::types as wit;
 use sha2::Digest as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -60,6 +64,8 @@ pub struct LoadedComponent {
     pub load_time: Duration,
     pub metrics: ComponentMetrics,
     pre: ProxyPre<HostState>,
+    /// The exported `keel:platform/subscriber`, if any.
+    subscriber: Option<SubscriberIndices>,
     /// `None` only for `keel check`, which never serves.
     context: Option<Arc<ComponentContext>>,
     permits: Arc<Semaphore>,
@@ -91,7 +97,7 @@ impl Runtime {
         let mut components = Vec::new();
         for c in &config.components {
             match load_component(&engine, &cache, c, metrics, services.as_ref()) {
-                Ok(lc) => components.push(Arc::new(lc)),
+                Ok(lc) => components.push(lc),
                 Err(mut d) => diags.append(&mut d),
             }
         }
@@ -99,6 +105,12 @@ impl Runtime {
             return Err(Diagnostics(diags));
         }
         let epoch = engine::EpochTicker::start(&engine);
+        if let Some(s) = &services {
+            let (s, all) = (s.clone(), components.clone());
+            s.clone()
+                .background()
+                .spawn(async move { s.regional.restore(&all).await });
+        }
         Ok(Runtime {
             components,
             services,
@@ -158,7 +170,7 @@ fn load_component(
     c: &ComponentConfig,
     metrics: &Metrics,
     services: Option<&Arc<Services>>,
-) -> Result<LoadedComponent, Vec<Diagnostic>> {
+) -> Result<Arc<LoadedComponent>, Vec<Diagnostic>> {
     let started = Instant::now();
     let at_wasm = |msg: String| {
         vec![Diagnostic::new(
@@ -214,7 +226,18 @@ fn load_component(
         .instantiate_pre(&component)
         .and_then(ProxyPre::new)
         .map_err(|e| at_wasm(format!("cannot link {}: {e:#}", c.wasm.display())))?;
-    Ok(LoadedComponent {
+    let subscriber = if exports
+        .iter()
+        .any(|e| keel_world::interface_short_name(e) == Some("subscriber"))
+    {
+        Some(
+            SubscriberIndices::new(pre.instance_pre())
+                .map_err(|e| at_wasm(format!("keel:platform/subscriber export: {e:#}")))?,
+        )
+    } else {
+        None
+    };
+    Ok(Arc::new_cyclic(|this| LoadedComponent {
         config: c.clone(),
         digest,
         imports,
@@ -223,15 +246,17 @@ fn load_component(
         load_time: started.elapsed(),
         metrics: metrics.component(&c.name),
         pre,
+        subscriber,
         context: services.map(|s| {
             Arc::new(ComponentContext {
                 ns: keel_store::Namespace::new(&c.name)
                     .expect("config validated the component name as [a-z0-9_-]+"),
                 services: s.clone(),
+                component: this.clone(),
             })
         }),
         permits: Arc::new(Semaphore::new(c.limits.max_instances as usize)),
-    })
+    }))
 }
 
 impl LoadedComponent {
@@ -239,24 +264,14 @@ impl LoadedComponent {
         &self.config.name
     }
 
-    /// Reserve one instance slot, or `None` when all are busy.
-    pub fn try_reserve(&self) -> Option<OwnedSemaphorePermit> {
-        self.permits.clone().try_acquire_owned().ok()
+    /// Whether the component exports `keel:platform/subscriber`.
+    pub fn exports_subscriber(&self) -> bool {
+        self.subscriber.is_some()
     }
 
-    /// Runs one request in a fresh instance. The returned response may still
-    /// be streaming its body from the guest; the guest task stays bounded by
-    /// the component's deadline.
-    pub async fn handle<B>(
-        self: &Arc<Self>,
-        req: hyper::Request<B>,
-        permit: OwnedSemaphorePermit,
-    ) -> Result<hyper::Response<HyperOutgoingBody>, GuestFailure>
-    where
-        B: http_body::Body<Data = Bytes> + Send + 'static,
-        B::Error: Into<HttpError>,
-    {
-        let started = Instant::now();
+    /// A fresh store for one call started at `started`: limits, deadline,
+    /// and the epoch callback that enforces it.
+    fn new_store(&self, started: Instant) -> Result<Store<HostState>, GuestFailure> {
         let deadline = started + self.config.limits.timeout;
         let context = self
             .context
@@ -285,6 +300,87 @@ impl LoadedComponent {
                 }
             });
         }
+        Ok(store)
+    }
+
+    /// Calls the exported `subscriber.on-update` in a fresh instance, under
+    /// the component's limits (it waits for an instance slot). `Err` says
+    /// why the delivery failed: a returned error, a trap, the deadline.
+    pub(crate) async fn deliver_update(
+        self: &Arc<Self>,
+        subscription: u64,
+        update: wit::Update,
+    ) -> Result<(), String> {
+        let indices = self
+            .subscriber
+            .as_ref()
+            .ok_or("the component does not export keel:platform/subscriber")?;
+        let permit = self
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|e| e.to_string())?;
+        let started = Instant::now();
+        let mut store = self.new_store(started).map_err(|f| f.0)?;
+        let timeout = self.config.limits.timeout;
+        self.metrics.in_flight.inc();
+        let run = async {
+            let instance = self
+                .pre
+                .instance_pre()
+                .instantiate_async(&mut store)
+                .await?;
+            let guest = indices.load(&mut store, &instance)?;
+            guest
+                .call_on_update(&mut store, subscription, &update)
+                .await
+        };
+        let outcome = match tokio::time::timeout(timeout + HARD_DEADLINE_GRACE, run).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(e))) => Err(format!("on-update returned {e:?}")),
+            Ok(Err(trap)) => {
+                self.metrics.traps.inc();
+                Err(describe_guest_error(&trap, timeout))
+            }
+            Err(_) => {
+                self.metrics.traps.inc();
+                Err(format!(
+                    "deadline of {timeout:?} exceeded while blocked in a host call; instance dropped"
+                ))
+            }
+        };
+        drop(store);
+        drop(permit);
+        self.metrics.in_flight.dec();
+        self.metrics
+            .duration
+            .observe(started.elapsed().as_secs_f64());
+        if let Err(reason) = &outcome {
+            tracing::warn!(component = %self.config.name, subscription, sequence = update.sequence, reason, "delivery failed; will retry");
+        }
+        outcome
+    }
+
+    /// Reserve one instance slot, or `None` when all are busy.
+    pub fn try_reserve(&self) -> Option<OwnedSemaphorePermit> {
+        self.permits.clone().try_acquire_owned().ok()
+    }
+
+    /// Runs one request in a fresh instance. The returned response may still
+    /// be streaming its body from the guest; the guest task stays bounded by
+    /// the component's deadline.
+    pub async fn handle<B>(
+        self: &Arc<Self>,
+        req: hyper::Request<B>,
+        permit: OwnedSemaphorePermit,
+    ) -> Result<hyper::Response<HyperOutgoingBody>, GuestFailure>
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<HttpError>,
+    {
+        let started = Instant::now();
+        let mut store = self.new_store(started)?;
         let (sender, receiver) = tokio::sync::oneshot::channel();
         let setup = (|| -> wasmtime::Result<_> {
             let req = store

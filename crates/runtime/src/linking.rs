@@ -9,7 +9,14 @@ use wasmtime::component::Linker;
 /// `keel:platform` interfaces (short names) with a host implementation in
 /// this build. A granted interface outside this list makes the component
 /// fail to load rather than be linked with fake answers.
-pub const IMPLEMENTED_INTERFACES: &[&str] = &["edge-operations", "events", "kv", "sql", "state"];
+pub const IMPLEMENTED_INTERFACES: &[&str] = &[
+    "edge-operations",
+    "events",
+    "kv",
+    "regional-coordination",
+    "sql",
+    "state",
+];
 
 /// WASI 0.2 packages every component may import. They are linked with an
 /// empty capability context: no preopens, no env, no args, no sockets,

@@ -21,6 +21,9 @@ pub struct Services {
     pub kv: Arc<dyn KvStore>,
     pub events: Arc<dyn EventLog>,
     pub edge: Arc<dyn EdgeStore>,
+    /// The outbox of writes bound for the region (positions for
+    /// `get-sync-status`).
+    pub outbox: Arc<dyn keel_store::Outbox>,
     pub sql: Arc<dyn SqlStore>,
     pub auth: Arc<keel_auth::Authenticator>,
     pub local_cache: LocalCache,
@@ -31,6 +34,11 @@ pub struct Services {
     /// outside a `regions.toml` deployment.
     pub global_bus: Arc<dyn Bus>,
     pub sync: keel_sync::Sync,
+    /// The regional tier: views over the region's stream, subscriptions.
+    pub regional: crate::regional::RegionalTier,
+    /// User → home region (global, compare-and-set).
+    pub directory: Arc<keel_coord::directory::Directory>,
+    pub migrations: Arc<keel_coord::migration::Migrations>,
     /// Runs the bus connection and the sync tasks, apart from the serving
     /// threads (which run one current-thread runtime per core).
     background: Option<tokio::runtime::Runtime>,
@@ -46,6 +54,14 @@ impl Drop for Services {
 }
 
 impl Services {
+    /// The background runtime (bus, sync, feeds).
+    pub(crate) fn background(&self) -> &tokio::runtime::Handle {
+        self.background
+            .as_ref()
+            .expect("the background runtime lives as long as Services")
+            .handle()
+    }
+
     /// Opens the backends `[infrastructure]` selects, under `data-dir`.
     /// Connecting to NATS does not wait for the servers: a node started
     /// during a partition serves, and its bus reports `connecting`.
@@ -89,8 +105,7 @@ impl Services {
                     edge: config.node.edge.clone(),
                     region: config.node.region.clone(),
                 },
-                // The embedded node is its own region: nothing to forward to.
-                forwarding: config.regions.is_some(),
+                forwarding: true,
                 block_cache_bytes: 16 << 20,
             },
         )
@@ -113,20 +128,49 @@ impl Services {
         let buses = connect(config, &background)?;
         let bus = buses.region.clone();
         watch_connection(&background, bus.clone(), metrics.bus.clone());
-        if let Some(regions) = &config.regions {
-            let region = &config.node.region;
-            keel_coord::start_forwarder(
-                rocks.clone(),
-                bus.clone(),
-                keel_coord::ForwarderOptions {
-                    region: region.clone(),
-                    edge: config.node.edge.clone(),
-                    stream: region_stream(regions, region),
-                },
-                metrics.outbox.clone(),
-                background.handle(),
-            );
-        }
+        let region = &config.node.region;
+        // Every node forwards, the embedded one too (to the stream on its
+        // own bus): the regional tier reads the region's stream only.
+        let stream = region_stream(config.regions.as_deref(), region, bus.kind());
+        keel_coord::start_forwarder(
+            rocks.clone(),
+            bus.clone(),
+            keel_coord::ForwarderOptions {
+                region: region.clone(),
+                edge: config.node.edge.clone(),
+                stream: stream.clone(),
+            },
+            metrics.outbox.clone(),
+            background.handle(),
+        );
+        let regional = crate::regional::RegionalTier::start(
+            region,
+            bus.clone(),
+            &stream,
+            rocks.clone(),
+            background.handle(),
+        );
+        let directory = Arc::new(keel_coord::directory::Directory::new(
+            buses.global.clone(),
+            config
+                .regions
+                .as_deref()
+                .map_or(1, |r| keel_topology::replicas(r, region)),
+        ));
+        let migrations = keel_coord::migration::Migrations::new(
+            keel_coord::migration::MigrationOptions {
+                region: region.clone(),
+                edge: config.node.edge.clone(),
+                rules: residency_rules(config),
+                crash_after: crash_hook(),
+            },
+            bus.clone(),
+            directory.clone(),
+            regional.users.clone(),
+            rocks.clone(),
+            background.handle(),
+        );
+        migrations.start();
         let StateBackend::RocksDb {
             anti_entropy_interval,
             max_state_bytes,
@@ -152,6 +196,7 @@ impl Services {
             limits,
             kv: rocks.clone(),
             events: rocks.clone(),
+            outbox: rocks.clone(),
             edge: rocks,
             sql: Arc::new(sql),
             auth: Arc::new(auth),
@@ -159,24 +204,69 @@ impl Services {
             bus,
             global_bus: buses.global,
             sync,
+            regional,
+            directory,
+            migrations,
             background: Some(background),
         }))
     }
 }
 
+/// Region → residency zone of every region, and whether users may move
+/// between zones. A node without `regions.toml` is its own region and zone.
+fn residency_rules(config: &KeelConfig) -> keel_coord::migration::ResidencyRules {
+    match &config.regions {
+        Some(r) => keel_coord::migration::ResidencyRules {
+            zones: r
+                .regions
+                .iter()
+                .filter_map(|g| Some((g.name.clone(), r.zone_of(&g.name)?)))
+                .collect(),
+            allow_cross_zone_migration: r.coordination.allow_cross_zone_migration,
+        },
+        None => keel_coord::migration::ResidencyRules {
+            zones: [(config.node.region.clone(), config.node.region.clone())].into(),
+            allow_cross_zone_migration: false,
+        },
+    }
+}
+
+/// `KEEL_TEST_CRASH_MIGRATION_AFTER=<phase>`: the crash-at-each-step tests
+/// abort the node right after that migration phase's effect.
+fn crash_hook() -> Option<keel_coord::migration::Phase> {
+    let v = std::env::var("KEEL_TEST_CRASH_MIGRATION_AFTER").ok()?;
+    let phase = keel_coord::migration::Phase::parse(&v);
+    if phase.is_none() {
+        tracing::warn!(value = %v, "KEEL_TEST_CRASH_MIGRATION_AFTER names no migration phase; ignored");
+    }
+    phase
+}
+
 /// How long a region's events are kept in its stream.
 const REGION_STREAM_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+/// The same on the in-process bus, which holds the stream in memory.
+const LOCAL_STREAM_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(3600);
 
-/// The region's event stream: every edge's outbox lands here, placed on the
-/// region's own cluster (residency) and replicated per `consensus_protocol`.
-pub fn region_stream(regions: &RegionsConfig, region: &str) -> keel_bus::StreamSpec {
+/// The region's event stream: every edge's outbox lands here. In a
+/// `regions.toml` deployment it is placed on the region's own cluster
+/// (residency) and replicated per `consensus_protocol`; a node without one
+/// is its own region, with a one-replica stream on its bus (`bus_kind`).
+pub fn region_stream(
+    regions: Option<&RegionsConfig>,
+    region: &str,
+    bus_kind: &str,
+) -> keel_bus::StreamSpec {
     keel_bus::StreamSpec {
         name: keel_topology::stream_name(region),
         subjects: vec![format!("keel.{region}.edge.*.events")],
-        replicas: keel_topology::replicas(regions, region),
+        replicas: regions.map_or(1, |r| keel_topology::replicas(r, region)),
         duplicate_window: std::time::Duration::from_secs(120),
-        max_age: Some(REGION_STREAM_MAX_AGE),
-        placement: Some(keel_bus::Placement {
+        max_age: Some(if bus_kind == "local" {
+            LOCAL_STREAM_MAX_AGE
+        } else {
+            REGION_STREAM_MAX_AGE
+        }),
+        placement: regions.map(|_| keel_bus::Placement {
             cluster: Some(region.to_string()),
             tags: vec![format!("region:{region}")],
         }),

@@ -15,6 +15,9 @@ use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 pub struct ComponentContext {
     pub ns: Namespace,
     pub services: Arc<Services>,
+    /// The loaded component itself (weak: it owns this context), for host
+    /// calls that register it, e.g. subscriptions.
+    pub(crate) component: std::sync::Weak<crate::LoadedComponent>,
 }
 
 /// Everything one request's `Store` holds.

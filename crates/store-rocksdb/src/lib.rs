@@ -17,10 +17,9 @@ use committer::{Committer, Txn};
 use keel_core::{Hlc, HlcClock};
 
 use keel_store::{
-    AppendedBatch, HostRecords,
-    Activity, ActivityRecord, CrdtStore, EdgeStore, EventData, EventLog, KvStore, Namespace,
-    Outbox, OutboxEntry, StateValue, StoreError, StoreLimits, StoreResult, StoredCrdt, StoredEvent,
-    WriteFuture,
+    Activity, ActivityRecord, AppendedBatch, CrdtStore, EdgeStore, EventData, EventLog,
+    HostRecords, KvStore, Namespace, Outbox, OutboxEntry, StateValue, StoreError, StoreLimits,
+    StoreResult, StoredCrdt, StoredEvent, WriteFuture,
 };
 use rocksdb::{BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, Options};
 use serde::{Deserialize, Serialize};

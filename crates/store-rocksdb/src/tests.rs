@@ -442,7 +442,10 @@ async fn append_batch_is_atomic_and_reports_its_outbox_position() {
         Err(StoreError::Limit(_))
     ));
     // Not forwarded: nothing queued, no position.
-    let local = s.append_batch(&a, vec![event("z", b"")], false).await.unwrap();
+    let local = s
+        .append_batch(&a, vec![event("z", b"")], false)
+        .await
+        .unwrap();
     assert_eq!(local.last_outbox_seq, None);
     s.outbox_ack(1).await.unwrap();
     assert_eq!(s.outbox_positions().unwrap(), (2, 1));
@@ -514,7 +517,10 @@ async fn host_records_are_kept_per_table_and_survive_a_restart() {
             ("a/2".to_string(), b"two".to_vec())
         ]
     );
-    assert_eq!(s.host_record("subsx", "a/1").unwrap(), Some(b"other".to_vec()));
+    assert_eq!(
+        s.host_record("subsx", "a/1").unwrap(),
+        Some(b"other".to_vec())
+    );
     s.delete_host_record("subs", "a/1".into()).await.unwrap();
     assert_eq!(s.host_record("subs", "a/1").unwrap(), None);
     assert_eq!(s.host_records("subs").unwrap().len(), 1);

@@ -26,7 +26,7 @@ mod wire;
 
 use keel_bus::{Buses, ConnectionState};
 use keel_core::{Hlc, HlcClock};
-use keel_crdt::{Crdt, LwwMap, LwwRegister, OrSet, PnCounter, ReplicaId};
+use keel_crdt::{CounterMap, Crdt, LwwMap, LwwRegister, OrSet, PnCounter, ReplicaId};
 use keel_store::{CrdtStore, Namespace, StoreError, StoreResult};
 use keel_telemetry::SyncMetrics;
 use serde::{Deserialize, Serialize};
@@ -49,21 +49,29 @@ pub enum Scope {
 
 /// The type of a CRDT. A counter and a set with the same name are different
 /// objects.
+///
+/// Part of every persisted store key and sync message (postcard encodes the
+/// variant index): new variants go at the end, never in between, so keys
+/// and states written by older versions stay decodable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Kind {
     Counter,
     Set,
     Register,
     Map,
+    /// A map of per-member scores ([`CounterMap`]).
+    Leaderboard,
 }
 
-/// One replica's state.
+/// One replica's state. Persisted and sent as is: append variants only (see
+/// [`Kind`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 enum Value {
     Counter(PnCounter),
     Set(OrSet<String>),
     Register(LwwRegister<Vec<u8>>),
     Map(LwwMap<Vec<u8>>),
+    Leaderboard(CounterMap),
 }
 
 impl Value {
@@ -73,6 +81,7 @@ impl Value {
             Kind::Set => Value::Set(OrSet::default()),
             Kind::Register => Value::Register(LwwRegister::default()),
             Kind::Map => Value::Map(LwwMap::default()),
+            Kind::Leaderboard => Value::Leaderboard(CounterMap::default()),
         }
     }
 
@@ -82,6 +91,7 @@ impl Value {
             Value::Set(_) => Kind::Set,
             Value::Register(_) => Kind::Register,
             Value::Map(_) => Kind::Map,
+            Value::Leaderboard(_) => Kind::Leaderboard,
         }
     }
 
@@ -92,6 +102,7 @@ impl Value {
             (Value::Set(a), Value::Set(b)) => a.merge(b),
             (Value::Register(a), Value::Register(b)) => a.merge(b),
             (Value::Map(a), Value::Map(b)) => a.merge(b),
+            (Value::Leaderboard(a), Value::Leaderboard(b)) => a.merge(b),
             _ => return false,
         }
         true
@@ -105,7 +116,7 @@ impl Value {
                 .keys()
                 .filter_map(|k| m.get_write(k).map(|w| w.at.clone()))
                 .max(),
-            Value::Counter(_) | Value::Set(_) => None,
+            Value::Counter(_) | Value::Set(_) | Value::Leaderboard(_) => None,
         }
     }
 }
@@ -125,6 +136,9 @@ pub struct SyncOptions {
     /// Remote timestamps further ahead of the local clock are refused.
     pub max_clock_drift: Duration,
 }
+
+/// Most `(member, delta)` pairs one [`Sync::leaderboard_update`] accepts.
+pub const LEADERBOARD_MAX_UPDATES: usize = 1024;
 
 /// Deltas waiting for the publisher task; beyond this they are dropped and
 /// left to anti-entropy rather than blocking guests during a partition.
@@ -460,6 +474,72 @@ impl Sync {
             Some(Value::Map(m)) => m.keys().cloned().collect(),
             _ => Vec::new(),
         })
+    }
+
+    /// Adds each `(member, delta)` to the member's score in leaderboard
+    /// `category` (negative deltas subtract; a member may appear several
+    /// times). All updates are one mutation: one delta shipped, one save,
+    /// and on any error (empty or oversized member, more than
+    /// [`LEADERBOARD_MAX_UPDATES`] updates, state over `max_state_bytes`)
+    /// nothing changes.
+    pub fn leaderboard_update(
+        &self,
+        ns: &Namespace,
+        scope: Scope,
+        category: &str,
+        updates: Vec<(String, i64)>,
+    ) -> impl Future<Output = StoreResult<()>> + Send + 'static {
+        let r = self.inner.replica.clone();
+        let check = self.check_leaderboard_updates(&updates);
+        self.mutate(ns, scope, Kind::Leaderboard, category, move |v, _| {
+            check?;
+            match v {
+                Value::Leaderboard(board) => {
+                    let mut delta = CounterMap::default();
+                    for (member, by) in &updates {
+                        delta.merge(&board.apply(&r, member, *by));
+                    }
+                    Ok((Value::Leaderboard(delta), ()))
+                }
+                _ => unreachable_kind(),
+            }
+        })
+    }
+
+    /// The `limit` best members of leaderboard `category` as
+    /// `(rank, member, score)`: highest score first, ties by member name,
+    /// equal scores sharing a rank (1, 2, 2, 4). Empty for a category never
+    /// written.
+    pub fn leaderboard_top(
+        &self,
+        ns: &Namespace,
+        scope: Scope,
+        category: &str,
+        limit: u32,
+    ) -> StoreResult<Vec<(u32, String, i64)>> {
+        let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+        self.read(ns, scope, Kind::Leaderboard, category, |v| match v {
+            Some(Value::Leaderboard(board)) => board.top(limit),
+            _ => Vec::new(),
+        })
+    }
+
+    fn check_leaderboard_updates(&self, updates: &[(String, i64)]) -> StoreResult<()> {
+        if updates.len() > LEADERBOARD_MAX_UPDATES {
+            return Err(StoreError::Limit(format!(
+                "{} leaderboard updates exceed the limit of {LEADERBOARD_MAX_UPDATES} per call",
+                updates.len()
+            )));
+        }
+        for (member, _) in updates {
+            if member.is_empty() {
+                return Err(StoreError::Invalid(
+                    "a leaderboard member must not be empty".into(),
+                ));
+            }
+            self.check_key("leaderboard member", member)?;
+        }
+        Ok(())
     }
 
     fn check_key(&self, what: &str, s: &str) -> StoreResult<()> {
@@ -823,5 +903,44 @@ fn subject(region: &str, scope: Scope, ns: &Namespace) -> Option<String> {
         Scope::Edge => None,
         Scope::Region => Some(format!("keel.{region}.crdt.{}", ns.as_str())),
         Scope::Global => Some(format!("keel.global.crdt.{}", ns.as_str())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Kinds are in every store key and values in every stored state:
+    /// encodings written before `Leaderboard` existed must stay valid.
+    #[test]
+    fn appended_kinds_keep_older_encodings_valid() {
+        let kinds = [
+            Kind::Counter,
+            Kind::Set,
+            Kind::Register,
+            Kind::Map,
+            Kind::Leaderboard,
+        ];
+        for (i, kind) in kinds.into_iter().enumerate() {
+            assert_eq!(
+                keel_crdt::encode(&kind),
+                [keel_crdt::FORMAT_VERSION, i as u8]
+            );
+            let empty = Value::empty(kind);
+            assert_eq!(empty.kind(), kind);
+            assert_eq!(keel_crdt::encode(&empty)[1], i as u8);
+            let back: Value = keel_crdt::decode(&keel_crdt::encode(&empty)).unwrap();
+            assert_eq!(back, empty);
+        }
+        let id = Id {
+            scope: Scope::Region,
+            kind: Kind::Map,
+            name: "m".into(),
+        };
+        assert_eq!(id.encode(), [keel_crdt::FORMAT_VERSION, 1, 3, 1, b'm']);
+        // An existing kind's value does not merge into a leaderboard.
+        let mut board = Value::empty(Kind::Leaderboard);
+        assert!(!board.merge(&Value::empty(Kind::Counter)));
+        assert!(board.max_timestamp().is_none());
     }
 }

@@ -239,3 +239,193 @@ async fn anti_entropy_repairs_more_crdts_than_one_digest_message_holds() {
     eventually("both have all 1200", || all_there(&a) && all_there(&b)).await;
     assert!(mb.digests_sent.get() >= 2, "digests were chunked");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaderboards_converge_to_summed_scores_and_survive_a_restart() {
+    let bus: Arc<dyn Bus> = Arc::new(LocalBus::new());
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, _) = open(da.path(), "a", bus.clone());
+    let (b, _) = open(db.path(), "b", bus.clone());
+    let app = ns("app");
+    let up = |v: &[(&str, i64)]| -> Vec<(String, i64)> {
+        v.iter().map(|&(m, d)| (m.to_string(), d)).collect()
+    };
+    // Both nodes update the same members at the same time.
+    let (ra, rb) = tokio::join!(
+        a.leaderboard_update(
+            &app,
+            Scope::Region,
+            "weekly",
+            up(&[("alice", 10), ("bob", 5), ("carol", -3)])
+        ),
+        b.leaderboard_update(
+            &app,
+            Scope::Region,
+            "weekly",
+            up(&[("alice", -4), ("bob", 1), ("dave", 6), ("alice", 2)])
+        ),
+    );
+    ra.unwrap();
+    rb.unwrap();
+    let mut writes = Vec::new();
+    for i in 0..20 {
+        let (node, by) = if i % 2 == 0 { (&a, 1) } else { (&b, 2) };
+        writes.push(node.leaderboard_update(&app, Scope::Region, "hot", up(&[("x", by)])));
+    }
+    for w in writes {
+        w.await.unwrap();
+    }
+    a.leaderboard_update(&app, Scope::Edge, "weekly", up(&[("local", 1)]))
+        .await
+        .unwrap();
+    let expected = vec![
+        (1, "alice".to_string(), 8),
+        (2, "bob".to_string(), 6),
+        (2, "dave".to_string(), 6),
+        (4, "carol".to_string(), -3),
+    ];
+    eventually("summed scores on both nodes", || {
+        [&a, &b].iter().all(|s| {
+            s.leaderboard_top(&app, Scope::Region, "weekly", 10)
+                .unwrap()
+                == expected
+                && s.leaderboard_top(&app, Scope::Region, "hot", 10).unwrap()
+                    == vec![(1, "x".to_string(), 30)]
+        })
+    })
+    .await;
+    // Limits cut the ranking, ties keep their shared rank.
+    assert_eq!(
+        b.leaderboard_top(&app, Scope::Region, "weekly", 2).unwrap(),
+        expected[..2].to_vec()
+    );
+    assert!(
+        b.leaderboard_top(&app, Scope::Region, "weekly", 0)
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        b.leaderboard_top(&app, Scope::Region, "never", 10)
+            .unwrap()
+            .is_empty()
+    );
+    // Edge scope stays local; kinds do not collide with same-named CRDTs.
+    assert!(
+        b.leaderboard_top(&app, Scope::Edge, "weekly", 10)
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(a.counter_value(&app, Scope::Region, "weekly").unwrap(), 0);
+    // Restart A from disk on a fresh bus: the merged state is there.
+    drop(a);
+    let (a, _) = open(da.path(), "a", Arc::new(LocalBus::new()));
+    assert_eq!(
+        a.leaderboard_top(&app, Scope::Region, "weekly", 10)
+            .unwrap(),
+        expected
+    );
+    assert_eq!(
+        a.leaderboard_top(&app, Scope::Edge, "weekly", 10).unwrap(),
+        vec![(1, "local".to_string(), 1)]
+    );
+    // Its next update continues from its own persisted slot.
+    a.leaderboard_update(&app, Scope::Region, "weekly", up(&[("carol", 20)]))
+        .await
+        .unwrap();
+    assert_eq!(
+        a.leaderboard_top(&app, Scope::Region, "weekly", 1).unwrap(),
+        vec![(1, "carol".to_string(), 17)]
+    );
+}
+
+#[tokio::test]
+async fn leaderboard_limits_are_refused_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (s, _) = open(dir.path(), "a", Arc::new(LocalBus::new()));
+    let app = ns("app");
+    let invalid = |e: StoreError| matches!(e, StoreError::Invalid(_));
+    let limit = |e: StoreError| matches!(e, StoreError::Limit(_));
+    let top = |name: &str| {
+        s.leaderboard_top(&app, Scope::Region, name, u32::MAX)
+            .unwrap()
+    };
+    let ok = || ("ok".to_string(), 5);
+    assert!(invalid(
+        s.leaderboard_update(&app, Scope::Region, "", vec![ok()])
+            .await
+            .unwrap_err()
+    ));
+    assert!(limit(
+        s.leaderboard_update(&app, Scope::Region, &"n".repeat(65), vec![ok()])
+            .await
+            .unwrap_err()
+    ));
+    // One bad member refuses the whole call, including the valid updates.
+    assert!(invalid(
+        s.leaderboard_update(&app, Scope::Region, "b", vec![ok(), (String::new(), 1)])
+            .await
+            .unwrap_err()
+    ));
+    assert!(limit(
+        s.leaderboard_update(&app, Scope::Region, "b", vec![ok(), ("m".repeat(65), 1)])
+            .await
+            .unwrap_err()
+    ));
+    assert!(limit(
+        s.leaderboard_update(&app, Scope::Region, "b", vec![ok(); 1025])
+            .await
+            .unwrap_err()
+    ));
+    assert_eq!(s.replica_count(), 0, "refused writes leave no replica");
+    assert!(top("b").is_empty());
+    // 1024 updates is fine, and applied as one mutation.
+    s.leaderboard_update(&app, Scope::Region, "b", vec![ok(); 1024])
+        .await
+        .unwrap();
+    assert_eq!(top("b"), vec![(1, "ok".to_string(), 5 * 1024)]);
+    assert!(limit(
+        s.leaderboard_update(&app, Scope::Region, "b", vec![ok(); 1025])
+            .await
+            .unwrap_err()
+    ));
+    assert_eq!(top("b"), vec![(1, "ok".to_string(), 5 * 1024)]);
+    // max_state_bytes = 2048: batches of three 60-byte members fill the
+    // board; the refused batch is not partially applied.
+    let mut accepted = 0;
+    let err = loop {
+        let batch = (0..3)
+            .map(|j| (format!("{:060}", accepted * 3 + j), 1))
+            .collect();
+        match s
+            .leaderboard_update(&app, Scope::Region, "full", batch)
+            .await
+        {
+            Ok(()) => accepted += 1,
+            Err(e) => break e,
+        }
+        assert!(accepted < 100, "max_state_bytes never applied");
+    };
+    assert!(limit(err));
+    assert!(accepted > 0);
+    assert_eq!(top("full").len(), accepted * 3);
+    // Extreme deltas neither panic nor wrap.
+    s.leaderboard_update(
+        &app,
+        Scope::Edge,
+        "x",
+        vec![
+            ("lo".into(), i64::MIN),
+            ("lo".into(), i64::MIN),
+            ("hi".into(), i64::MAX),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        s.leaderboard_top(&app, Scope::Edge, "x", 5).unwrap(),
+        vec![
+            (1, "hi".to_string(), i64::MAX),
+            (2, "lo".to_string(), i64::MIN)
+        ]
+    );
+}

@@ -5,6 +5,7 @@
 mod edge;
 mod events;
 mod kv;
+mod regional;
 mod sql;
 mod state;
 
@@ -76,6 +77,9 @@ pub(crate) fn add_to_linker(
         "sql" => p::sql::add_to_linker::<_, HasSelf<HostState>>(linker, |s| s),
         "events" => p::events::add_to_linker::<_, HasSelf<HostState>>(linker, |s| s),
         "state" => p::state::add_to_linker::<_, HasSelf<HostState>>(linker, |s| s),
+        "regional-coordination" => {
+            p::regional_coordination::add_to_linker::<_, HasSelf<HostState>>(linker, |s| s)
+        }
         "edge-operations" => {
             p::edge_operations::add_to_linker::<_, HasSelf<HostState>>(linker, |s| s)
         }

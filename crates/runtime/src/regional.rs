@@ -1,0 +1,491 @@
+//! The regional tier of one node: views built from the region's stream
+//! (`KEEL_<REGION>_EVENTS`) and the components' regional subscriptions.
+//!
+//! Invariants:
+//! - **One source.** Everything regional is read from the region's stream,
+//!   which every edge's outbox forwards to (the embedded node too, to the
+//!   stream on its own bus). Views and subscriptions are feeds
+//!   (`keel_coord::start_feed`): stream order, once per write.
+//! - **Components stay apart.** Views key users and metrics by component;
+//!   a subscription delivers only events its own component recorded.
+//! - **At least once, in order.** A subscription is a feed whose handler
+//!   calls the component's `subscriber.on-update` in a fresh instance; an
+//!   error or trap is retried (with backoff) before anything after it.
+//!   Its cursor (the last delivered stream sequence) is persisted after
+//!   each delivery on a durable bus, so a restart resumes after it.
+
+use crate::LoadedComponent;
+use async_trait::async_trait;
+use keel_bus::{Bus, StreamSpec};
+use keel_coord::envelope::CloudEvent;
+use keel_coord::{FeedHandle, FeedHandler, FeedOptions, MetricsView, UserStateView, start_feed};
+use keel_store::HostRecords;
+use keel_world::bindings::keel::platform::types;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, Weak};
+
+/// Host-record table of regional subscriptions: `<component>/<id:020>` →
+/// [`SubscriptionRecord`] (JSON).
+const SUBSCRIPTIONS_TABLE: &str = "regional-subscriptions";
+/// Host-record table of the last subscription id given out per component:
+/// ids are never reused, so a handler's dedup on (id, sequence) stays sound.
+const SUBSCRIPTION_IDS_TABLE: &str = "regional-subscription-ids";
+/// Subscriptions one component may hold.
+pub const MAX_SUBSCRIPTIONS: usize = 64;
+/// Entries in one filter list, and bytes of one filter string.
+const MAX_FILTER_ENTRIES: usize = 64;
+const MAX_FILTER_BYTES: usize = 256;
+
+/// Which events a subscription delivers (WIT `update-filter`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpdateFilter {
+    pub kinds: Vec<String>,
+    pub key_prefix: Option<String>,
+    pub edges: Vec<String>,
+}
+
+impl UpdateFilter {
+    /// Sorted, deduplicated lists, so equal filters compare equal.
+    pub fn normalized(mut self) -> UpdateFilter {
+        self.kinds.sort();
+        self.kinds.dedup();
+        self.edges.sort();
+        self.edges.dedup();
+        self
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        for (what, list) in [("kinds", &self.kinds), ("edges", &self.edges)] {
+            if list.len() > MAX_FILTER_ENTRIES {
+                return Err(format!(
+                    "{what}: {} entries; at most {MAX_FILTER_ENTRIES}",
+                    list.len()
+                ));
+            }
+            if let Some(s) = list
+                .iter()
+                .find(|s| s.is_empty() || s.len() > MAX_FILTER_BYTES)
+            {
+                return Err(format!(
+                    "{what}: {s:?} must be 1 to {MAX_FILTER_BYTES} bytes"
+                ));
+            }
+        }
+        if self
+            .key_prefix
+            .as_ref()
+            .is_some_and(|p| p.len() > MAX_FILTER_BYTES)
+        {
+            return Err(format!("key-prefix: longer than {MAX_FILTER_BYTES} bytes"));
+        }
+        Ok(())
+    }
+
+    /// Whether `event`, recorded by `component`, is delivered. Only
+    /// application events (`record-local-event`, `sync-to-region`) are:
+    /// activity and metric samples feed the views.
+    pub fn matches(&self, component: &str, event: &CloudEvent) -> bool {
+        event.keelsequence.is_some()
+            && event.component() == component
+            && (self.kinds.is_empty() || self.kinds.iter().any(|k| *k == event.event_type))
+            && self.key_prefix.as_ref().is_none_or(|p| {
+                event
+                    .subject
+                    .as_deref()
+                    .is_some_and(|s| s.starts_with(p.as_str()))
+            })
+            && (self.edges.is_empty() || self.edges.iter().any(|e| e == event.edge()))
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SubscriptionRecord {
+    filter: UpdateFilter,
+    /// Last stream sequence delivered (0: none).
+    cursor: u64,
+}
+
+fn record_key(component: &str, id: u64) -> String {
+    format!("{component}/{id:020}")
+}
+
+fn parse_record_key(key: &str) -> Option<(&str, u64)> {
+    let (component, id) = key.rsplit_once('/')?;
+    Some((component, id.parse().ok()?))
+}
+
+/// Why a subscription call failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SubscribeError {
+    NotFound,
+    Invalid(String),
+    Limit(String),
+    Unavailable(String),
+}
+
+impl From<SubscribeError> for types::Error {
+    fn from(e: SubscribeError) -> types::Error {
+        match e {
+            SubscribeError::NotFound => types::Error::NotFound,
+            SubscribeError::Invalid(m) => types::Error::Invalid(m),
+            SubscribeError::Limit(m) => types::Error::Limit(m),
+            SubscribeError::Unavailable(m) => types::Error::Unavailable(m),
+        }
+    }
+}
+
+struct Active {
+    filter: UpdateFilter,
+    /// Cleared (under the lock) by unsubscribe before the record is
+    /// deleted, so a delivery in flight cannot write the record back.
+    alive: Arc<Mutex<bool>>,
+    _feed: FeedHandle,
+}
+
+/// The node's regional tier. Lives in `Services`.
+pub struct RegionalTier {
+    pub region: String,
+    bus: Arc<dyn Bus>,
+    stream: String,
+    filter: String,
+    /// Cursors survive a restart only where the stream does.
+    durable_cursors: bool,
+    records: Arc<dyn HostRecords>,
+    rt: tokio::runtime::Handle,
+    pub users: Arc<UserStateView>,
+    pub metrics: Arc<MetricsView>,
+    views_feed: FeedHandle,
+    /// Running subscriptions by (component, id). A tokio mutex: subscribe
+    /// and unsubscribe hold it across the record's fsync, so ids and
+    /// records never race.
+    active: tokio::sync::Mutex<BTreeMap<(String, u64), Active>>,
+}
+
+/// Applies every event of the region to both views.
+struct Views {
+    users: Arc<UserStateView>,
+    metrics: Arc<MetricsView>,
+}
+
+#[async_trait]
+impl FeedHandler for Views {
+    async fn apply(&self, _seq: u64, event: &CloudEvent) -> Result<(), String> {
+        self.users.record(event);
+        self.metrics.record(event);
+        Ok(())
+    }
+}
+
+impl RegionalTier {
+    /// Starts the views' feed over `stream` (the region's stream spec).
+    pub fn start(
+        region: &str,
+        bus: Arc<dyn Bus>,
+        stream: &StreamSpec,
+        records: Arc<dyn HostRecords>,
+        rt: &tokio::runtime::Handle,
+    ) -> RegionalTier {
+        let users = Arc::new(UserStateView::default());
+        let metrics = Arc::new(MetricsView::default());
+        let filter = format!("keel.{region}.edge.*.events");
+        let views_feed = start_feed(
+            bus.clone(),
+            FeedOptions::new(&stream.name, &filter),
+            Arc::new(Views {
+                users: users.clone(),
+                metrics: metrics.clone(),
+            }),
+            rt,
+        );
+        RegionalTier {
+            region: region.to_string(),
+            durable_cursors: bus.kind() != "local",
+            bus,
+            stream: stream.name.clone(),
+            filter,
+            records,
+            rt: rt.clone(),
+            users,
+            metrics,
+            views_feed,
+            active: tokio::sync::Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Whether the views had everything the stream held at their last read.
+    pub fn views_caught_up(&self) -> bool {
+        self.views_feed.caught_up()
+    }
+
+    /// Subscribes `component`; an equal filter returns the existing id.
+    pub async fn subscribe(
+        &self,
+        component: &Arc<LoadedComponent>,
+        filter: UpdateFilter,
+    ) -> Result<u64, SubscribeError> {
+        if !component.exports_subscriber() {
+            return Err(SubscribeError::Invalid(format!(
+                "component {:?} does not export keel:platform/subscriber; deliveries go to its `on-update`",
+                component.name()
+            )));
+        }
+        let filter = filter.normalized();
+        filter.validate().map_err(SubscribeError::Invalid)?;
+        let name = component.name().to_string();
+        let mut active = self.active.lock().await;
+        let mine = || active.range((name.clone(), 0)..=(name.clone(), u64::MAX));
+        if let Some(((_, id), _)) = mine().find(|(_, a)| a.filter == filter) {
+            return Ok(*id);
+        }
+        if mine().count() >= MAX_SUBSCRIPTIONS {
+            return Err(SubscribeError::Limit(format!(
+                "component {name:?} already has {MAX_SUBSCRIPTIONS} regional subscriptions"
+            )));
+        }
+        let unavailable = |e: keel_store::StoreError| SubscribeError::Unavailable(e.to_string());
+        let last_given = self
+            .records
+            .host_record(SUBSCRIPTION_IDS_TABLE, &name)
+            .map_err(unavailable)?
+            .and_then(|v| String::from_utf8(v).ok()?.parse::<u64>().ok())
+            .unwrap_or(0);
+        let id = mine()
+            .map(|((_, id), _)| *id)
+            .max()
+            .unwrap_or(0)
+            .max(last_given)
+            + 1;
+        self.records
+            .put_host_record(
+                SUBSCRIPTION_IDS_TABLE,
+                name.clone(),
+                id.to_string().into_bytes(),
+            )
+            .await
+            .map_err(unavailable)?;
+        let record = SubscriptionRecord {
+            filter: filter.clone(),
+            cursor: 0,
+        };
+        self.records
+            .put_host_record(SUBSCRIPTIONS_TABLE, record_key(&name, id), encode(&record))
+            .await
+            .map_err(unavailable)?;
+        let a = self.start_delivery(component, id, record);
+        active.insert((name, id), a);
+        Ok(id)
+    }
+
+    /// Ends a subscription of `component`.
+    pub async fn unsubscribe(&self, component: &str, id: u64) -> Result<(), SubscribeError> {
+        let mut active = self.active.lock().await;
+        let a = active
+            .remove(&(component.to_string(), id))
+            .ok_or(SubscribeError::NotFound)?;
+        let delete = {
+            let mut alive = lock(&a.alive);
+            *alive = false;
+            self.records
+                .delete_host_record(SUBSCRIPTIONS_TABLE, record_key(component, id))
+        };
+        drop(a);
+        delete
+            .await
+            .map_err(|e| SubscribeError::Unavailable(e.to_string()))
+    }
+
+    /// Restarts the persisted subscriptions of `components` (at load).
+    /// Records of components that are gone, or no longer export the
+    /// handler, are kept (the component may come back) and logged.
+    pub async fn restore(&self, components: &[Arc<LoadedComponent>]) {
+        let records = match self.records.host_records(SUBSCRIPTIONS_TABLE) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read regional subscriptions");
+                return;
+            }
+        };
+        let mut active = self.active.lock().await;
+        for (key, value) in records {
+            let parsed = parse_record_key(&key)
+                .zip(serde_json::from_slice::<SubscriptionRecord>(&value).ok());
+            let Some(((name, id), mut record)) = parsed else {
+                tracing::error!(key, "corrupt regional subscription record; skipped");
+                continue;
+            };
+            let Some(c) = components
+                .iter()
+                .find(|c| c.name() == name && c.exports_subscriber())
+            else {
+                tracing::warn!(
+                    component = name,
+                    id,
+                    "regional subscription of a component that is not loaded (or no longer exports subscriber); kept, not delivered"
+                );
+                continue;
+            };
+            if !self.durable_cursors {
+                // The in-process stream starts empty after a restart.
+                record.cursor = 0;
+            }
+            let a = self.start_delivery(c, id, record);
+            active.insert((name.to_string(), id), a);
+        }
+    }
+
+    fn start_delivery(
+        &self,
+        component: &Arc<LoadedComponent>,
+        id: u64,
+        record: SubscriptionRecord,
+    ) -> Active {
+        let alive = Arc::new(Mutex::new(true));
+        let delivery = Delivery {
+            component: Arc::downgrade(component),
+            name: component.name().to_string(),
+            id,
+            filter: record.filter.clone(),
+            alive: alive.clone(),
+            records: self.durable_cursors.then(|| self.records.clone()),
+        };
+        let mut opts = FeedOptions::new(&self.stream, &self.filter);
+        opts.start_after = record.cursor;
+        Active {
+            filter: record.filter,
+            alive,
+            _feed: start_feed(self.bus.clone(), opts, Arc::new(delivery), &self.rt),
+        }
+    }
+}
+
+fn encode(r: &SubscriptionRecord) -> Vec<u8> {
+    serde_json::to_vec(r).expect("a record of strings and integers serializes")
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// One subscription's feed handler.
+struct Delivery {
+    component: Weak<LoadedComponent>,
+    name: String,
+    id: u64,
+    filter: UpdateFilter,
+    alive: Arc<Mutex<bool>>,
+    /// Where the cursor is persisted (`None`: not durable).
+    records: Option<Arc<dyn HostRecords>>,
+}
+
+#[async_trait]
+impl FeedHandler for Delivery {
+    async fn apply(&self, stream_sequence: u64, event: &CloudEvent) -> Result<(), String> {
+        if !self.filter.matches(&self.name, event) {
+            return Ok(());
+        }
+        let component = self
+            .component
+            .upgrade()
+            .ok_or_else(|| "component unloaded".to_string())?;
+        component
+            .deliver_update(self.id, update_of(stream_sequence, event))
+            .await?;
+        let Some(records) = &self.records else {
+            return Ok(());
+        };
+        let save = {
+            let alive = lock(&self.alive);
+            if !*alive {
+                return Ok(());
+            }
+            let record = SubscriptionRecord {
+                filter: self.filter.clone(),
+                cursor: stream_sequence,
+            };
+            records.put_host_record(
+                SUBSCRIPTIONS_TABLE,
+                record_key(&self.name, self.id),
+                encode(&record),
+            )
+        };
+        // Delivered: a failed save only means a redelivery after a restart.
+        if let Err(e) = save.await {
+            tracing::warn!(component = %self.name, id = self.id, error = %e, "cannot save a subscription cursor");
+        }
+        Ok(())
+    }
+}
+
+/// The WIT `update` of one stream message.
+fn update_of(stream_sequence: u64, e: &CloudEvent) -> types::Update {
+    let at = e.hlc().unwrap_or(keel_core::Hlc {
+        physical_ms: 0,
+        logical: 0,
+        node: e.edge().to_string(),
+    });
+    types::Update {
+        sequence: stream_sequence,
+        event: types::RecordedEvent {
+            id: e.id.clone(),
+            sequence: e.keelsequence.unwrap_or_default(),
+            origin: e.edge().to_string(),
+            region: e.region().to_string(),
+            at: crate::host::hlc(at),
+            data: types::EventData {
+                kind: e.event_type.clone(),
+                key: e.subject.clone().unwrap_or_default(),
+                payload: e.data(),
+                content_type: e.datacontenttype.clone(),
+                user: e.keeluser.clone(),
+            },
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_keys_round_trip() {
+        let k = record_key("chat-app", 7);
+        assert_eq!(k, "chat-app/00000000000000000007");
+        assert_eq!(parse_record_key(&k), Some(("chat-app", 7)));
+        assert_eq!(parse_record_key("nope"), None);
+    }
+
+    #[test]
+    fn filters_normalize_and_validate() {
+        let f = UpdateFilter {
+            kinds: vec!["b".into(), "a".into(), "b".into()],
+            key_prefix: None,
+            edges: vec![],
+        }
+        .normalized();
+        assert_eq!(f.kinds, ["a", "b"]);
+        assert!(f.validate().is_ok());
+        let bad = UpdateFilter {
+            kinds: vec![String::new()],
+            key_prefix: None,
+            edges: vec![],
+        };
+        assert!(bad.validate().unwrap_err().starts_with("kinds: "));
+        let long = UpdateFilter {
+            kinds: vec![],
+            key_prefix: Some("x".repeat(300)),
+            edges: vec![],
+        };
+        assert!(long.validate().is_err());
+        let many = UpdateFilter {
+            kinds: vec![],
+            key_prefix: None,
+            edges: (0..65).map(|i| i.to_string()).collect(),
+        };
+        assert!(
+            many.validate()
+                .unwrap_err()
+                .starts_with("edges: 65 entries")
+        );
+    }
+}

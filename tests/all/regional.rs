@@ -1,0 +1,387 @@
+//! `regional-coordination` on one node (the embedded default: the node is
+//! its own region, its stream on the in-process bus), through the
+//! `regional-probe` guest: every function, subscriptions delivered to the
+//! exported handler, component isolation, and errors.
+
+use crate::support::*;
+use serde_json::{Value, json};
+use std::time::{Duration, Instant};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn probe_node(extra: &str) -> Node {
+    Node::new(&format!(
+        "{}\n{}\n{extra}",
+        component(
+            "reg",
+            "regional-probe",
+            "/reg/...",
+            r#"grants = ["regional-coordination", "edge-operations", "kv"]"#
+        ),
+        component(
+            "other",
+            "regional-probe",
+            "/other/...",
+            r#"grants = ["regional-coordination", "edge-operations", "kv"]"#
+        ),
+    ))
+}
+
+/// Polls `path` until `f` holds for its JSON.
+async fn poll(node: &Keel, path: &str, what: &str, f: impl Fn(&Value) -> bool) -> Value {
+    let end = Instant::now() + WAIT;
+    loop {
+        let r = node.get(path).await;
+        if r.status == 200 {
+            let v = r.json();
+            if f(&v) {
+                return v;
+            }
+        }
+        assert!(
+            Instant::now() < end,
+            "timed out waiting for {what}; last {path}: {} {}\n{}",
+            r.status,
+            r.body,
+            node.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn post_json(node: &Keel, path: &str, body: Value) -> Reply {
+    node.post(path, body.to_string()).await
+}
+
+fn event(kind: &str, key: &str, payload: &str) -> Value {
+    json!({"kind": kind, "key": key, "payload": payload})
+}
+
+#[tokio::test]
+async fn sync_to_region_reports_queued_then_forwarded() {
+    let node = probe_node("");
+    let keel = node.start();
+    let r = post_json(
+        &keel,
+        "/reg/sync",
+        json!([
+            event("order.placed", "o-1", "a"),
+            event("order.placed", "o-2", "b")
+        ]),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    let status = poll(&keel, &format!("/reg/sync/{id}"), "forwarded", |v| {
+        v == "forwarded"
+    })
+    .await;
+    assert_eq!(status, "forwarded");
+    // Unknown, malformed and future ids are not found.
+    for bad in ["nope", "0000000000000000-1", &format!("{}9999", &id)] {
+        let r = keel.get(&format!("/reg/sync/{bad}")).await;
+        assert_eq!(r.status, 404, "{bad}: {}", r.body);
+    }
+    // An empty batch is invalid; an invalid event refuses the whole batch.
+    let r = post_json(&keel, "/reg/sync", json!([])).await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    let r = post_json(
+        &keel,
+        "/reg/sync",
+        json!([event("ok", "k", "x"), event("", "k", "x")]),
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.json()["error"].clone()),
+        (400, json!("invalid"))
+    );
+    assert!(r.body.contains("event 1"), "{}", r.body);
+    // Both events of the first batch are in the local log: the subscription
+    // below sees them (sequences 1 and 2), and nothing of the refused batch.
+}
+
+#[tokio::test]
+async fn subscriptions_deliver_matching_events_in_order_at_least_once() {
+    let node = probe_node("");
+    let keel = node.start();
+    let r = post_json(
+        &keel,
+        "/reg/subscribe",
+        json!({"kinds": ["chat.message"], "key_prefix": "room-1"}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let sub = r.json()["id"].as_u64().unwrap();
+    // An equal filter (lists in another order) is the same subscription.
+    let again = post_json(
+        &keel,
+        "/reg/subscribe",
+        json!({"kinds": ["chat.message", "chat.message"], "key_prefix": "room-1", "edges": []}),
+    )
+    .await;
+    assert_eq!(again.json()["id"].as_u64(), Some(sub));
+    // The other component subscribes to everything: it must see only its own.
+    let other = post_json(&keel, "/other/subscribe", json!({})).await;
+    assert_eq!(other.status, 200, "{}", other.body);
+
+    // The first two deliveries fail (the handler says `unavailable`): the
+    // host retries, in order.
+    assert_eq!(keel.put("/reg/fail-updates?n=2", "").await.status, 204);
+    for (kind, key, payload) in [
+        ("chat.message", "room-1", "hello"),
+        ("chat.typing", "room-1", "..."),
+        ("chat.message", "room-2", "elsewhere"),
+        ("chat.message", "room-1/thread", "world"),
+    ] {
+        let r = post_json(&keel, "/reg/event", event(kind, key, payload)).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    let synced = post_json(
+        &keel,
+        "/reg/sync",
+        json!([event("chat.message", "room-1", "batched")]),
+    )
+    .await;
+    assert_eq!(synced.status, 200, "{}", synced.body);
+    let deliveries = poll(
+        &keel,
+        "/reg/deliveries?prefix=update/",
+        "3 deliveries",
+        |v| v.as_array().unwrap().len() >= 3,
+    )
+    .await;
+    let got: Vec<(&str, &str)> = deliveries
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| (d["key"].as_str().unwrap(), d["payload"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("room-1", "hello"),
+            ("room-1/thread", "world"),
+            ("room-1", "batched")
+        ]
+    );
+    let first = &deliveries[0];
+    assert_eq!(first["subscription"].as_u64(), Some(sub));
+    assert_eq!(first["kind"], "chat.message");
+    assert_eq!(first["event_sequence"], 1);
+    assert_eq!(first["origin"], "local");
+    let seqs: Vec<u64> = deliveries
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["sequence"].as_u64().unwrap())
+        .collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    // The injected failures were retried (the counter is used up).
+    let log = keel.log();
+    assert!(log.contains("delivery failed; will retry"), "{log}");
+    // `other` recorded nothing, so it got nothing.
+    assert_eq!(
+        keel.get("/other/deliveries?prefix=update/").await.json(),
+        json!([])
+    );
+
+    // Unsubscribed: later events are not delivered; unknown ids are 404,
+    // also another component's id.
+    let r = keel.delete(&format!("/reg/subscribe/{sub}")).await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    assert_eq!(
+        keel.delete(&format!("/reg/subscribe/{sub}")).await.status,
+        404
+    );
+    assert_eq!(keel.delete("/other/subscribe/99").await.status, 404);
+    // A marker subscription proves the feed moved past the next event.
+    let marker = post_json(&keel, "/reg/subscribe", json!({"kinds": ["marker"]})).await;
+    let marker = marker.json()["id"].as_u64().unwrap();
+    assert!(marker > sub, "subscription ids are never reused");
+    post_json(&keel, "/reg/event", event("chat.message", "room-1", "late")).await;
+    post_json(&keel, "/reg/event", event("marker", "m", "m")).await;
+    poll(
+        &keel,
+        &format!("/reg/deliveries?prefix=update/{marker:020}/"),
+        "the marker",
+        |v| v.as_array().unwrap().len() == 1,
+    )
+    .await;
+    let all = keel.get("/reg/deliveries?prefix=update/").await.json();
+    assert!(
+        !all.as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["payload"] == "late"),
+        "{all}"
+    );
+
+    // Bad filters are invalid.
+    let long = "x".repeat(300);
+    let r = post_json(&keel, "/reg/subscribe", json!({"key_prefix": long})).await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    let r = post_json(&keel, "/reg/subscribe", json!({"kinds": [""]})).await;
+    assert_eq!(r.status, 400, "{}", r.body);
+}
+
+#[tokio::test]
+async fn subscriptions_survive_a_restart() {
+    let node = probe_node("");
+    let keel = node.start();
+    let sub = post_json(&keel, "/reg/subscribe", json!({"kinds": ["k"]})).await;
+    let sub = sub.json()["id"].as_u64().unwrap();
+    post_json(&keel, "/reg/event", event("k", "a", "before")).await;
+    poll(&keel, "/reg/deliveries?prefix=update/", "before", |v| {
+        v.as_array().unwrap().len() == 1
+    })
+    .await;
+    keel.sigkill();
+    let keel = node.start();
+    post_json(&keel, "/reg/event", event("k", "b", "after")).await;
+    let d = poll(&keel, "/reg/deliveries?prefix=update/", "after", |v| {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["payload"] == "after")
+    })
+    .await;
+    assert!(
+        d.as_array()
+            .unwrap()
+            .iter()
+            .all(|d| d["subscription"].as_u64() == Some(sub)),
+        "{d}"
+    );
+    // Same filter after the restart: the same subscription.
+    let again = post_json(&keel, "/reg/subscribe", json!({"kinds": ["k"]})).await;
+    assert_eq!(again.json()["id"].as_u64(), Some(sub));
+}
+
+#[tokio::test]
+async fn user_state_metrics_and_leaderboards_are_regional_views_per_component() {
+    let node = probe_node("");
+    let keel = node.start();
+    // Unknown user: not found.
+    assert_eq!(keel.get("/reg/user/nobody").await.status, 404);
+    let r = post_json(
+        &keel,
+        "/reg/activity/alice",
+        json!({"kind": "page.view", "attributes": {"path": "/home"}}),
+    )
+    .await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    let state = poll(&keel, "/reg/user/alice", "alice's state", |v| {
+        v["last_activity"] == "page.view"
+    })
+    .await;
+    assert_eq!(state["home_region"], "local");
+    assert_eq!(state["online_edges"], json!(["local"]));
+    assert_eq!(state["last_seen_edge"], "local");
+    // Another component does not see it.
+    assert_eq!(keel.get("/other/user/alice").await.status, 404);
+
+    // Metrics: samples aggregated per bucket.
+    for v in ["1.5", "2.5", "-4"] {
+        let r = keel
+            .post(&format!("/reg/metric/latency?value={v}"), "")
+            .await;
+        assert_eq!(r.status, 204, "{}", r.body);
+    }
+    let m = poll(
+        &keel,
+        "/reg/metrics/latency?start=0&end=18446744073709551615",
+        "3 samples",
+        |v| {
+            v["points"]
+                .as_array()
+                .is_some_and(|p| p.iter().map(|p| p["count"].as_u64().unwrap()).sum::<u64>() == 3)
+        },
+    )
+    .await;
+    assert_eq!(m["region"], "local");
+    assert_eq!(m["resolution_ms"], 60_000);
+    let points = m["points"].as_array().unwrap();
+    let sum: f64 = points.iter().map(|p| p["sum"].as_f64().unwrap()).sum();
+    assert_eq!(sum, 0.0);
+    let min = points
+        .iter()
+        .map(|p| p["min"].as_f64().unwrap())
+        .fold(f64::INFINITY, f64::min);
+    assert_eq!(min, -4.0);
+    let other = keel
+        .get("/other/metrics/latency?start=0&end=18446744073709551615")
+        .await
+        .json();
+    assert_eq!(other["points"], json!([]));
+    // Non-finite samples and bad ranges are invalid.
+    for bad in ["NaN", "inf"] {
+        let r = keel
+            .post(&format!("/reg/metric/latency?value={bad}"), "")
+            .await;
+        assert_eq!(r.status, 400, "{bad}: {}", r.body);
+    }
+    let r = keel.get("/reg/metrics/latency?start=10&end=5").await;
+    assert_eq!(r.status, 400, "{}", r.body);
+
+    // Leaderboard: scores add up, ties share a rank, top-k.
+    let r = post_json(
+        &keel,
+        "/reg/leaderboard/weekly",
+        json!([{"member": "ann", "delta": 10}, {"member": "bob", "delta": 7}, {"member": "cy", "delta": 3}]),
+    )
+    .await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    post_json(
+        &keel,
+        "/reg/leaderboard/weekly",
+        json!([{"member": "bob", "delta": 3}, {"member": "cy", "delta": -1}]),
+    )
+    .await;
+    let top = keel.get("/reg/leaderboard/weekly?limit=2").await.json();
+    assert_eq!(
+        top,
+        json!([
+            {"rank": 1, "member": "ann", "score": 10},
+            {"rank": 1, "member": "bob", "score": 10}
+        ])
+    );
+    let all = keel.get("/reg/leaderboard/weekly?limit=10").await.json();
+    assert_eq!(all[2], json!({"rank": 3, "member": "cy", "score": 2}));
+    assert_eq!(
+        keel.get("/other/leaderboard/weekly?limit=10").await.json(),
+        json!([])
+    );
+    let r = post_json(
+        &keel,
+        "/reg/leaderboard/weekly",
+        json!([{"member": "", "delta": 1}]),
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.body);
+}
+
+#[tokio::test]
+async fn migrations_on_a_single_node_are_refused_with_reasons() {
+    let node = probe_node("");
+    let keel = node.start();
+    let r = post_json(
+        &keel,
+        "/reg/migrate",
+        json!({"user": "alice", "from": "local", "to": "elsewhere"}),
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(
+        r.body.contains("unknown region \\\"elsewhere\\\""),
+        "{}",
+        r.body
+    );
+    let r = post_json(
+        &keel,
+        "/reg/migrate",
+        json!({"user": "alice", "from": "local", "to": "local"}),
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(keel.get("/reg/migrate/nope").await.status, 404);
+}
