@@ -149,6 +149,49 @@ impl World {
     }
 }
 
+impl World {
+    /// A keel node for `edge` serving regional-probe at `/reg/...`.
+    fn regional_node(&self, edge: &str) -> Node {
+        let mut node = Node::new(&format!(
+            "[node]\nedge = \"{edge}\"\nregions = {:?}\n\n{}",
+            self.path.display().to_string(),
+            component(
+                "reg",
+                "regional-probe",
+                "/reg/...",
+                r#"grants = ["regional-coordination", "edge-operations", "kv"]"#
+            )
+        ));
+        node.env.push((SECRET_ENV.into(), SECRET.into()));
+        node
+    }
+}
+
+/// Polls `path` on `node` until `f` holds for its JSON (any status).
+async fn poll_json(
+    node: &Keel,
+    path: &str,
+    what: &str,
+    f: impl Fn(u16, &serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let end = Instant::now() + WAIT;
+    loop {
+        let r = node.get(path).await;
+        let v: serde_json::Value = serde_json::from_slice(&r.raw).unwrap_or_default();
+        if f(r.status, &v) {
+            return v;
+        }
+        assert!(
+            Instant::now() < end,
+            "timed out waiting for {what}; last {path}: {} {}\n{}",
+            r.status,
+            r.body,
+            node.log()
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
 /// The tests' own runtime: they are plain `#[test]`s because starting NATS
 /// servers and keel processes blocks.
 fn runtime() -> tokio::runtime::Runtime {
@@ -554,4 +597,290 @@ fn a_regional_node_with_a_bad_placement_or_no_secret_refuses_to_start() {
         err.contains("regions.toml:3:") && err.contains("regions.eu.coordinator"),
         "{err}"
     );
+}
+
+/// The regional tier across edges: a subscription on one edge receives
+/// events recorded on another edge of its region (and none of another
+/// region); user state, metrics and leaderboards aggregate the region's
+/// edges; migrations move a user's home between regions of one residency
+/// zone and are refused across zones.
+#[test]
+fn regional_coordination_spans_the_edges_of_a_region() {
+    let _heavy = heavy_test();
+    let world = world(&[
+        RegionSpec {
+            name: "us-east",
+            residency: "us",
+            edges: &["nyc", "bos"],
+            servers: 1,
+        },
+        RegionSpec {
+            name: "us-west",
+            residency: "us",
+            edges: &["sfo", "lax"],
+            servers: 1,
+        },
+        RegionSpec {
+            name: "eu-central",
+            residency: "gdpr",
+            edges: &["fra", "ams"],
+            servers: 1,
+        },
+    ]);
+    let rt = runtime();
+    let nodes = BTreeMap::from(["nyc", "bos", "sfo"].map(|e| (e, world.regional_node(e))));
+    let keels: BTreeMap<&str, Keel> = nodes.iter().map(|(e, n)| (*e, n.start())).collect();
+    let (nyc, bos, sfo) = (&keels["nyc"], &keels["bos"], &keels["sfo"]);
+    rt.block_on(async {
+        for k in [nyc, bos, sfo] {
+            k.wait_ready(|v| v["bus"]["state"] == "connected").await;
+        }
+        // Subscriptions on bos and sfo; events recorded at nyc.
+        let sub = bos
+            .post("/reg/subscribe", json!({"kinds": ["order"]}).to_string())
+            .await;
+        assert_eq!(sub.status, 200, "{}", sub.body);
+        let west = sfo.post("/reg/subscribe", json!({}).to_string()).await;
+        assert_eq!(west.status, 200, "{}", west.body);
+        for (kind, key) in [("order", "o-1"), ("note", "n-1"), ("order", "o-2")] {
+            let r = nyc
+                .post(
+                    "/reg/event",
+                    json!({"kind": kind, "key": key, "payload": key}).to_string(),
+                )
+                .await;
+            assert_eq!(r.status, 200, "{}", r.body);
+        }
+        let got = poll_json(
+            bos,
+            "/reg/deliveries?prefix=update/",
+            "2 orders at bos",
+            |_, v| v.as_array().is_some_and(|a| a.len() == 2),
+        )
+        .await;
+        assert_eq!(got[0]["key"], "o-1");
+        assert_eq!(got[1]["key"], "o-2");
+        assert_eq!(got[0]["origin"], "nyc");
+        assert_eq!(got[0]["region"], "us-east");
+
+        // Activity at nyc is the region's view at bos.
+        let r = nyc
+            .post(
+                "/reg/activity/alice",
+                json!({"kind": "login", "attributes": {}}).to_string(),
+            )
+            .await;
+        assert_eq!(r.status, 204, "{}", r.body);
+        let alice = poll_json(bos, "/reg/user/alice", "alice at bos", |s, v| {
+            s == 200 && v["last_activity"] == "login"
+        })
+        .await;
+        assert_eq!(alice["online_edges"], json!(["nyc"]));
+        assert_eq!(alice["home_region"], "us-east");
+        // Metrics from both edges add up; leaderboard updates converge.
+        for (k, v) in [(nyc, 2.0), (bos, 4.0)] {
+            let r = k.post(&format!("/reg/metric/load?value={v}"), "").await;
+            assert_eq!(r.status, 204, "{}", r.body);
+            let r = k
+                .post(
+                    "/reg/leaderboard/top",
+                    json!([{"member": "alice", "delta": 5}]).to_string(),
+                )
+                .await;
+            assert_eq!(r.status, 204, "{}", r.body);
+        }
+        let m = poll_json(
+            nyc,
+            "/reg/metrics/load?start=0&end=18446744073709551615",
+            "both samples at nyc",
+            |_, v| {
+                v["points"].as_array().is_some_and(|p| {
+                    p.iter().map(|p| p["count"].as_u64().unwrap()).sum::<u64>() == 2
+                })
+            },
+        )
+        .await;
+        let sum: f64 = m["points"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["sum"].as_f64().unwrap())
+            .sum();
+        assert_eq!(sum, 6.0);
+        for k in [nyc, bos] {
+            poll_json(k, "/reg/leaderboard/top", "converged scores", |_, v| {
+                *v == json!([{"rank": 1, "member": "alice", "score": 10}])
+            })
+            .await;
+        }
+        // Nothing of us-east in us-west.
+        assert_eq!(sfo.get("/reg/user/alice").await.status, 404);
+        let m = sfo
+            .get("/reg/metrics/load?start=0&end=18446744073709551615")
+            .await
+            .json();
+        assert_eq!(m["points"], json!([]));
+        assert_eq!(sfo.get("/reg/leaderboard/top").await.json(), json!([]));
+
+        // Migration: us-east -> us-west (one zone), started in the source.
+        let r = nyc
+            .post(
+                "/reg/migrate",
+                json!({"user": "alice", "from": "us-east", "to": "us-west"}).to_string(),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        let id = r.json()["id"].as_str().unwrap().to_string();
+        let done = poll_json(nyc, &format!("/reg/migrate/{id}"), "completed", |_, v| {
+            v["phase"] == "completed" || v["phase"] == "failed"
+        })
+        .await;
+        assert_eq!(done["phase"], "completed", "{done}");
+        let moved = poll_json(sfo, "/reg/user/alice", "alice in us-west", |s, v| {
+            s == 200 && v["last_activity"] == "login"
+        })
+        .await;
+        assert_eq!(moved["home_region"], "us-west");
+        let left = poll_json(
+            bos,
+            "/reg/user/alice",
+            "alice tombstoned in us-east",
+            |s, v| s == 200 && v["last_activity"].is_null(),
+        )
+        .await;
+        assert_eq!(left["home_region"], "us-west");
+        // Again: the user is no longer homed in us-east.
+        let r = nyc
+            .post(
+                "/reg/migrate",
+                json!({"user": "alice", "from": "us-east", "to": "us-west"}).to_string(),
+            )
+            .await;
+        assert_eq!(r.status, 409, "{}", r.body);
+        // Across residency zones: refused, nothing written.
+        let r = nyc
+            .post(
+                "/reg/migrate",
+                json!({"user": "bob", "from": "us-east", "to": "eu-central"}).to_string(),
+            )
+            .await;
+        assert_eq!(
+            (r.status, r.json()["error"].clone()),
+            (403, json!("residency")),
+            "{}",
+            r.body
+        );
+        // Started outside the source region: invalid.
+        let r = sfo
+            .post(
+                "/reg/migrate",
+                json!({"user": "carol", "from": "us-east", "to": "us-west"}).to_string(),
+            )
+            .await;
+        assert_eq!(r.status, 400, "{}", r.body);
+    });
+}
+
+/// `migrate-user-region` killed right after each phase's effect (before the
+/// phase is recorded) resumes after a restart and ends with exactly one
+/// home, the copy in the target region once and the source tombstoned once.
+#[test]
+fn migration_resumes_after_a_crash_at_each_step() {
+    let _heavy = heavy_test();
+    let world = world(&[
+        RegionSpec {
+            name: "us-east",
+            residency: "us",
+            edges: &["nyc", "bos"],
+            servers: 1,
+        },
+        RegionSpec {
+            name: "us-west",
+            residency: "us",
+            edges: &["sfo", "lax"],
+            servers: 1,
+        },
+    ]);
+    let rt = runtime();
+    let nyc_node = world.regional_node("nyc");
+    let sfo_node = world.regional_node("sfo");
+    let sfo = sfo_node.start();
+    let east = rt.block_on(world.client("nyc", false));
+    let west = rt.block_on(world.client("sfo", false));
+    for phase in ["copying", "switching-home", "tombstoning-source"] {
+        let user = format!("user-{phase}");
+        // The crashing run and the resuming run share nyc's data dir: the
+        // env var is the only difference.
+        let mut nyc = nyc_node.start_with_env(&[("KEEL_TEST_CRASH_MIGRATION_AFTER", phase)]);
+        let id = rt.block_on(async {
+            nyc.wait_ready(|v| v["bus"]["state"] == "connected").await;
+            let r = nyc
+                .post(
+                    &format!("/reg/activity/{user}"),
+                    json!({"kind": "seen", "attributes": {}}).to_string(),
+                )
+                .await;
+            assert_eq!(r.status, 204, "{}", r.body);
+            poll_json(
+                &nyc,
+                &format!("/reg/user/{user}"),
+                "the activity in the view",
+                |s, v| s == 200 && v["last_activity"] == "seen",
+            )
+            .await;
+            let r = nyc
+                .post(
+                    "/reg/migrate",
+                    json!({"user": user, "from": "us-east", "to": "us-west"}).to_string(),
+                )
+                .await;
+            assert_eq!(r.status, 200, "{}", r.body);
+            r.json()["id"].as_str().unwrap().to_string()
+        });
+        let status = wait_with_deadline(&mut nyc.child, WAIT)
+            .unwrap_or_else(|| panic!("nyc did not crash after {phase}:\n{}", nyc.log()));
+        assert!(!status.success(), "{phase}: {status:?}");
+        drop(nyc);
+        let nyc = nyc_node.start();
+        rt.block_on(async {
+            let done = poll_json(
+                &nyc,
+                &format!("/reg/migrate/{id}"),
+                "resumed to completion",
+                |_, v| v["phase"] == "completed" || v["phase"] == "failed",
+            )
+            .await;
+            assert_eq!(done["phase"], "completed", "{phase}: {done}");
+            let moved = poll_json(
+                &sfo,
+                &format!("/reg/user/{user}"),
+                "the copy in us-west",
+                |s, v| s == 200 && v["last_activity"] == "seen",
+            )
+            .await;
+            assert_eq!(moved["home_region"], "us-west", "{phase}");
+            poll_json(
+                &nyc,
+                &format!("/reg/user/{user}"),
+                "the tombstone in us-east",
+                |s, v| s == 200 && v["last_activity"].is_null() && v["home_region"] == "us-west",
+            )
+            .await;
+            // Exactly once in each stream.
+            let origin = format!("migration.{id}");
+            let copies = read_stream(&west, &keel_topology::stream_name("us-west"))
+                .await
+                .into_iter()
+                .filter(|e| e.keelorigin == origin)
+                .count();
+            assert_eq!(copies, 1, "{phase}: copies of the user's state in us-west");
+            let tombstones = read_stream(&east, &keel_topology::stream_name("us-east"))
+                .await
+                .into_iter()
+                .filter(|e| e.keelorigin == format!("{origin}.tombstone"))
+                .count();
+            assert_eq!(tombstones, 1, "{phase}: tombstones in us-east");
+        });
+        nyc.stop();
+    }
 }

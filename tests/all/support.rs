@@ -124,9 +124,15 @@ impl Node {
 
     /// `keel up`, returning once it prints its listening address.
     pub fn start(&self) -> Keel {
+        self.start_with_env(&[])
+    }
+
+    /// [`start`](Self::start) with extra environment for this run only.
+    pub fn start_with_env(&self, env: &[(&str, &str)]) -> Keel {
         let log = self.dir.path().join("keel.log");
         let mut child = self
             .command("up")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()

@@ -83,6 +83,21 @@ async fn run(
                 continue;
             }
         };
+        if batch.is_empty() && !stream_ready && *connection.borrow() == ConnectionState::Connected {
+            // Create the stream before the first write too: the region's
+            // feeds and migration copies need it even while this edge has
+            // nothing to forward. (Only the coordinator may create it; the
+            // others find it or retry.)
+            match bus.ensure_stream(&opts.stream).await {
+                Ok(()) => stream_ready = true,
+                Err(e) => {
+                    tracing::debug!(error = %e, stream = %opts.stream.name, "region stream not there yet");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(RETRY_MAX);
+                    continue;
+                }
+            }
+        }
         if batch.is_empty() {
             if let Some(r) = removing.take() {
                 finish_removal(r, &metrics, &mut sent).await;

@@ -108,6 +108,9 @@ pub struct Migrations {
     bus: Arc<dyn Bus>,
     directory: Arc<Directory>,
     users: Arc<UserStateView>,
+    /// The feed that builds `users`: a copy waits until it caught up, so a
+    /// job resumed right after a restart does not copy a half-built view.
+    users_feed: Arc<crate::FeedHandle>,
     records: Arc<dyn HostRecords>,
     rt: tokio::runtime::Handle,
     running: Mutex<HashSet<String>>,
@@ -154,6 +157,7 @@ impl Migrations {
         bus: Arc<dyn Bus>,
         directory: Arc<Directory>,
         users: Arc<UserStateView>,
+        users_feed: Arc<crate::FeedHandle>,
         records: Arc<dyn HostRecords>,
         rt: &tokio::runtime::Handle,
     ) -> Arc<Migrations> {
@@ -162,6 +166,7 @@ impl Migrations {
             bus,
             directory,
             users,
+            users_feed,
             records,
             rt: rt.clone(),
             running: Mutex::new(HashSet::new()),
@@ -348,6 +353,9 @@ impl Migrations {
 
     /// Sends the user's state in this region to the target region.
     async fn copy(&self, m: &Migration) -> Result<(), String> {
+        if !self.users_feed.caught_up() {
+            return Err("the region's user view is still catching up".into());
+        }
         let states = self
             .users
             .snapshot(&m.user)

@@ -88,7 +88,7 @@ impl UpdateFilter {
     pub fn matches(&self, component: &str, event: &CloudEvent) -> bool {
         event.keelsequence.is_some()
             && event.component() == component
-            && (self.kinds.is_empty() || self.kinds.iter().any(|k| *k == event.event_type))
+            && (self.kinds.is_empty() || self.kinds.contains(&event.event_type))
             && self.key_prefix.as_ref().is_none_or(|p| {
                 event
                     .subject
@@ -155,7 +155,7 @@ pub struct RegionalTier {
     rt: tokio::runtime::Handle,
     pub users: Arc<UserStateView>,
     pub metrics: Arc<MetricsView>,
-    views_feed: FeedHandle,
+    pub views_feed: Arc<FeedHandle>,
     /// Running subscriptions by (component, id). A tokio mutex: subscribe
     /// and unsubscribe hold it across the record's fsync, so ids and
     /// records never race.
@@ -189,7 +189,7 @@ impl RegionalTier {
         let users = Arc::new(UserStateView::default());
         let metrics = Arc::new(MetricsView::default());
         let filter = format!("keel.{region}.edge.*.events");
-        let views_feed = start_feed(
+        let views_feed = Arc::new(start_feed(
             bus.clone(),
             FeedOptions::new(&stream.name, &filter),
             Arc::new(Views {
@@ -197,7 +197,7 @@ impl RegionalTier {
                 metrics: metrics.clone(),
             }),
             rt,
-        );
+        ));
         RegionalTier {
             region: region.to_string(),
             durable_cursors: bus.kind() != "local",
@@ -211,11 +211,6 @@ impl RegionalTier {
             views_feed,
             active: tokio::sync::Mutex::new(BTreeMap::new()),
         }
-    }
-
-    /// Whether the views had everything the stream held at their last read.
-    pub fn views_caught_up(&self) -> bool {
-        self.views_feed.caught_up()
     }
 
     /// Subscribes `component`; an equal filter returns the existing id.

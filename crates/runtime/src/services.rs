@@ -46,9 +46,17 @@ pub struct Services {
 
 impl Drop for Services {
     fn drop(&mut self) {
-        // Dropping a runtime from async context panics; never block here.
-        if let Some(rt) = self.background.take() {
+        let Some(rt) = self.background.take() else {
+            return;
+        };
+        if tokio::runtime::Handle::try_current().is_ok() {
+            // Blocking on a runtime from async context panics.
             rt.shutdown_background();
+        } else {
+            // Stop the feeds and the forwarder (they read RocksDB) before
+            // the store closes and the process exits: a task still inside
+            // RocksDB during exit aborts the process.
+            rt.shutdown_timeout(std::time::Duration::from_secs(5));
         }
     }
 }
@@ -167,6 +175,7 @@ impl Services {
             bus.clone(),
             directory.clone(),
             regional.users.clone(),
+            regional.views_feed.clone(),
             rocks.clone(),
             background.handle(),
         );
