@@ -16,13 +16,13 @@ fn probe_node(extra: &str) -> Node {
             "reg",
             "regional-probe",
             "/reg/...",
-            r#"grants = ["regional-coordination", "edge-operations", "kv"]"#
+            r#"grants = ["regional-coordination", "global-coordination", "edge-operations", "kv"]"#
         ),
         component(
             "other",
             "regional-probe",
             "/other/...",
-            r#"grants = ["regional-coordination", "edge-operations", "kv"]"#
+            r#"grants = ["regional-coordination", "global-coordination", "edge-operations", "kv"]"#
         ),
     ))
 }
@@ -384,4 +384,186 @@ async fn migrations_on_a_single_node_are_refused_with_reasons() {
     .await;
     assert_eq!(r.status, 400, "{}", r.body);
     assert_eq!(keel.get("/reg/migrate/nope").await.status, 404);
+}
+
+#[tokio::test]
+async fn global_events_reach_subscribers_of_their_type_once_per_id() {
+    let node = probe_node("");
+    let keel = node.start();
+    let r = post_json(
+        &keel,
+        "/reg/global/subscribe",
+        json!(["user.>", "order.placed"]),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let sub = r.json()["id"].as_u64().unwrap();
+    // Same types, another order: the same subscription.
+    let again = post_json(
+        &keel,
+        "/reg/global/subscribe",
+        json!(["order.placed", "user.>"]),
+    )
+    .await;
+    assert_eq!(again.json()["id"].as_u64(), Some(sub));
+    let other = post_json(&keel, "/other/global/subscribe", json!([">"])).await;
+    assert_eq!(other.status, 200, "{}", other.body);
+    let publish = |id: &str, ty: &str| json!({"id": id, "event_type": ty, "subject": "s", "content_type": "text/plain", "data": format!("data-{id}")});
+    for (id, ty) in [
+        ("e1", "user.registered"),
+        ("e2", "order.placed"),
+        ("e3", "order.shipped"),
+        ("e4", "user.profile.updated"),
+        // The same id again: deduplicated.
+        ("e1", "user.registered"),
+    ] {
+        let r = post_json(&keel, "/reg/global/publish", publish(id, ty)).await;
+        assert_eq!(r.status, 204, "{id}: {}", r.body);
+    }
+    let got = poll(
+        &keel,
+        "/reg/deliveries?prefix=global/",
+        "3 global events",
+        |v| v.as_array().unwrap().len() >= 3,
+    )
+    .await;
+    let ids: Vec<&str> = got
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["e1", "e2", "e4"], "{got}");
+    let e1 = &got[0];
+    assert_eq!(e1["event_type"], "user.registered");
+    assert_eq!(e1["data"], "data-e1");
+    assert_eq!(e1["origin_region"], "local");
+    assert_eq!(e1["source"], "keel://local/local/reg");
+    // Only its own component's events reach `other`, which published none.
+    assert_eq!(
+        keel.get("/other/deliveries?prefix=global/").await.json(),
+        json!([])
+    );
+    // Bad types and ids are invalid; unknown subscriptions are 404.
+    for bad in [
+        json!({"id": "x", "event_type": "a..b", "data": ""}),
+        json!({"id": "", "event_type": "a", "data": ""}),
+    ] {
+        let r = post_json(&keel, "/reg/global/publish", bad).await;
+        assert_eq!(r.status, 400, "{}", r.body);
+    }
+    let r = post_json(&keel, "/reg/global/subscribe", json!(["a b"])).await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    let r = post_json(&keel, "/reg/global/subscribe", json!([])).await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(keel.delete("/reg/global/subscribe/999").await.status, 404);
+    assert_eq!(
+        keel.delete(&format!("/reg/global/subscribe/{sub}"))
+            .await
+            .status,
+        204
+    );
+}
+
+#[tokio::test]
+async fn global_queries_and_reports_on_a_single_node() {
+    let node = probe_node("");
+    let keel = node.start();
+    let q = |body: Value| post_json(&keel, "/reg/global/query", body);
+    let topo = q(json!({"topology": null})).await;
+    assert_eq!(topo.status, 200, "{}", topo.body);
+    assert_eq!(topo.json()[0]["name"], "local");
+    assert_eq!(
+        q(json!({"home_region": "nobody"})).await.json(),
+        Value::Null
+    );
+    assert_eq!(q(json!({"user_count": null})).await.json(), 0);
+    // A migration attempt claims the user's home here first.
+    post_json(
+        &keel,
+        "/reg/migrate",
+        json!({"user": "alice", "from": "local", "to": "nowhere"}),
+    )
+    .await;
+    post_json(&keel, "/reg/metric/rps?value=3", json!(null)).await;
+    post_json(&keel, "/reg/event", event("order", "o", "x")).await;
+    post_json(&keel, "/reg/event", event("order", "o", "y")).await;
+    post_json(
+        &keel,
+        "/reg/leaderboard/all",
+        json!([{"member": "a", "delta": 2}]),
+    )
+    .await;
+    let m = poll(
+        &keel,
+        "/reg/metrics/rps?start=0&end=18446744073709551615",
+        "the sample",
+        |v| !v["points"].as_array().unwrap().is_empty(),
+    )
+    .await;
+    assert_eq!(m["points"][0]["sum"], 3.0);
+    let metric =
+        q(json!({"metric": {"metric_type": "rps", "start_ms": 0, "end_ms": u64::MAX}})).await;
+    assert_eq!(metric.status, 200, "{}", metric.body);
+    assert_eq!(metric.json()[0]["region"], "local");
+    assert_eq!(metric.json()[0]["points"][0]["count"], 1);
+    let lb = q(json!({"leaderboard": {"category": "all", "limit": 5}})).await;
+    assert_eq!(lb.json(), json!([{"rank": 1, "member": "a", "score": 2}]));
+    // Reports: application events per type, metrics totals.
+    let report = poll_post(
+        &keel,
+        "/reg/global/report/events",
+        json!({"start_ms": 0, "end_ms": u64::MAX}),
+        |v| {
+            v["body"]
+                .as_str()
+                .is_some_and(|b| b.contains("\"count\":2"))
+        },
+    )
+    .await;
+    assert_eq!(report["regions"], json!(["local"]));
+    assert_eq!(report["missing_regions"], json!([]));
+    let body: Value = serde_json::from_str(report["body"].as_str().unwrap()).unwrap();
+    assert_eq!(body["regions"]["local"]["order"]["count"], 2);
+    let metrics = post_json(
+        &keel,
+        "/reg/global/report/metrics",
+        json!({"start_ms": 0, "end_ms": u64::MAX}),
+    )
+    .await;
+    let body: Value = serde_json::from_str(metrics.json()["body"].as_str().unwrap()).unwrap();
+    assert_eq!(body["regions"]["local"]["rps"]["sum"], 3.0);
+    // Errors: unknown report type or region.
+    let r = post_json(
+        &keel,
+        "/reg/global/report/nope",
+        json!({"start_ms": 0, "end_ms": 1}),
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    let r = post_json(
+        &keel,
+        "/reg/global/report/events",
+        json!({"start_ms": 0, "end_ms": 1, "regions": ["mars"]}),
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.body);
+}
+
+/// Polls a POST until `f` holds for its JSON.
+async fn poll_post(node: &Keel, path: &str, body: Value, f: impl Fn(&Value) -> bool) -> Value {
+    let end = Instant::now() + WAIT;
+    loop {
+        let r = post_json(node, path, body.clone()).await;
+        if r.status == 200 && f(&r.json()) {
+            return r.json();
+        }
+        assert!(
+            Instant::now() < end,
+            "timed out on {path}; last: {} {}",
+            r.status,
+            r.body
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

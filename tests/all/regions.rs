@@ -159,7 +159,7 @@ impl World {
                 "reg",
                 "regional-probe",
                 "/reg/...",
-                r#"grants = ["regional-coordination", "edge-operations", "kv"]"#
+                r#"grants = ["regional-coordination", "global-coordination", "edge-operations", "kv"]"#
             )
         ));
         node.env.push((SECRET_ENV.into(), SECRET.into()));

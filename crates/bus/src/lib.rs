@@ -304,6 +304,10 @@ pub trait Bus: Send + Sync + 'static {
         expected_revision: u64,
     ) -> BusResult<u64>;
 
+    /// Every key of the bucket with a current value (deleted keys are not
+    /// listed), in no particular order.
+    async fn kv_keys(&self, bucket: &str) -> BusResult<Vec<String>>;
+
     /// Deletes `key` (a delete marker; watchers see `value: None`).
     async fn kv_delete(&self, bucket: &str, key: &str) -> BusResult<()>;
 

@@ -707,6 +707,20 @@ impl Bus for LocalBus {
         })
     }
 
+    async fn kv_keys(&self, bucket: &str) -> BusResult<Vec<String>> {
+        check_name("bucket", bucket)?;
+        let mut state = self.lock();
+        let kv = state
+            .buckets
+            .get_mut(bucket)
+            .ok_or_else(|| not_found_bucket(bucket))?;
+        let keys: Vec<String> = kv.keys.keys().cloned().collect();
+        Ok(keys
+            .into_iter()
+            .filter(|k| matches!(kv.last(k), Some((_, Some(_)))))
+            .collect())
+    }
+
     async fn kv_put(&self, bucket: &str, key: &str, value: Bytes) -> BusResult<u64> {
         self.with_bucket(bucket, key, |kv| kv.write(key, Some(value), Expect::Any))
     }

@@ -1107,6 +1107,20 @@ impl Bus for NatsBus {
         }))
     }
 
+    async fn kv_keys(&self, bucket: &str) -> BusResult<Vec<String>> {
+        use futures::TryStreamExt as _;
+        check_name("bucket", bucket)?;
+        self.ensure_connected()?;
+        let store = self.store(bucket).await?;
+        let keys = store
+            .keys()
+            .await
+            .map_err(|e| BusError::Unavailable(format!("listing keys of {bucket}: {e}")))?;
+        keys.try_collect()
+            .await
+            .map_err(|e| BusError::Unavailable(format!("listing keys of {bucket}: {e}")))
+    }
+
     async fn kv_put(&self, bucket: &str, key: &str, value: Bytes) -> BusResult<u64> {
         check_name("bucket", bucket)?;
         check_kv_key(key)?;

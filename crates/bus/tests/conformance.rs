@@ -549,8 +549,13 @@ async fn kv_get_put_create_update_delete(bus: Arc<dyn Bus>) {
         Some(entry("a", Some("1b"), 3))
     );
 
+    let mut keys = bus.kv_keys("config").await.unwrap();
+    keys.sort();
+    assert_eq!(keys, ["a", "b.c"]);
     bus.kv_delete("config", "a").await.unwrap(); // revision 4
     assert_eq!(bus.kv_get("config", "a").await.unwrap(), None);
+    // Deleted keys are not listed.
+    assert_eq!(bus.kv_keys("config").await.unwrap(), ["b.c"]);
     // Create succeeds on a deleted key.
     assert_eq!(bus.kv_create("config", "a", b("reborn")).await.unwrap(), 5);
     assert_eq!(

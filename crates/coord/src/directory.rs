@@ -140,6 +140,27 @@ impl Directory {
         }
     }
 
+    /// Users whose home is `region` (every user for `None`). Reads every
+    /// entry for a region: fine for the directories tests and demos hold,
+    /// a per-region counter is the way to scale it.
+    pub async fn count(&self, region: Option<&str>) -> BusResult<u64> {
+        self.ensure().await?;
+        let keys = self.bus.kv_keys(DIRECTORY_BUCKET).await?;
+        let Some(region) = region else {
+            return Ok(keys.len() as u64);
+        };
+        let mut n = 0;
+        for k in keys {
+            if let Some(e) = self.bus.kv_get(DIRECTORY_BUCKET, &k).await?
+                && let Some(v) = e.value
+                && decode(&v)? == region
+            {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
     /// Moves the user's home from `from` to `to` by compare-and-set.
     pub async fn switch(&self, user: &str, from: &str, to: &str) -> Result<Switch, DirectoryError> {
         let Some((home, revision)) = self.home(user).await? else {
@@ -183,6 +204,10 @@ mod tests {
         assert_eq!(d.claim("alice", "us-east").await.unwrap(), "us-east");
         assert_eq!(d.claim("alice", "eu-central").await.unwrap(), "us-east");
         assert_eq!(d.home("alice").await.unwrap().unwrap().0, "us-east");
+        d.claim("bob", "eu").await.unwrap();
+        assert_eq!(d.count(None).await.unwrap(), 2);
+        assert_eq!(d.count(Some("eu")).await.unwrap(), 1);
+        assert_eq!(d.count(Some("mars")).await.unwrap(), 0);
     }
 
     #[tokio::test]

@@ -104,6 +104,12 @@ pub fn outbox_msg_id(origin: &str, seq: u64) -> String {
     format!("{origin}:{seq}")
 }
 
+/// `Nats-Msg-Id` of a global event: the publisher's id, per component, so
+/// publishing an id again is dropped inside the stream's window.
+pub fn global_msg_id(component: &str, id: &str) -> String {
+    format!("global:{component}:{id}")
+}
+
 /// The envelope of one outbox entry.
 pub fn outbox_event(region: &str, origin: &str, seq: u64, entry: &OutboxEntry) -> CloudEvent {
     let b64 = |d: &[u8]| base64::engine::general_purpose::STANDARD.encode(d);
@@ -161,6 +167,27 @@ pub fn outbox_event(region: &str, origin: &str, seq: u64, entry: &OutboxEntry) -
                 keeluser: Some(user.clone()),
             }
         }
+        OutboxEntry::Global {
+            component,
+            event,
+            edge,
+            at,
+        } => CloudEvent {
+            specversion: "1.0".into(),
+            id: event.id.clone(),
+            source: format!("keel://{region}/{edge}/{component}"),
+            event_type: event.event_type.clone(),
+            subject: event.subject.clone(),
+            time: rfc3339_ms(at.physical_ms),
+            datacontenttype: event.content_type.clone(),
+            data_base64: Some(b64(&event.data)),
+            traceparent: Some(traceparent(origin, seq)),
+            keelorigin: origin.to_string(),
+            keeloutboxseq: seq,
+            keelsequence: None,
+            keelhlc: format_hlc(at),
+            keeluser: event.user.clone(),
+        },
         OutboxEntry::Metric {
             component,
             metric,

@@ -13,7 +13,7 @@
 use crate::envelope::{self, CONTENT_TYPE};
 use bytes::Bytes;
 use keel_bus::{Bus, BusError, ConnectionState, StreamAppend, StreamSpec};
-use keel_store::Outbox;
+use keel_store::{Outbox, OutboxEntry};
 use keel_telemetry::OutboxMetrics;
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,12 +29,49 @@ const RETRY_MAX: Duration = Duration::from_secs(1);
 const IDLE_CHECK: Duration = Duration::from_secs(1);
 
 /// Where the forwarder sends.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ForwarderOptions {
     pub region: String,
     pub edge: String,
     /// The region's event stream (created if missing).
     pub stream: StreamSpec,
+    /// Where global events go; `None`: the region's bus, stream
+    /// [`global_stream`] with one replica.
+    pub global: Option<GlobalRoute>,
+}
+
+/// The global events' bus (the `GLOBAL` account) and stream.
+#[derive(Clone)]
+pub struct GlobalRoute {
+    pub bus: Arc<dyn Bus>,
+    pub stream: StreamSpec,
+}
+
+/// Subjects of global events: `keel.global.events.<type>`.
+pub const GLOBAL_EVENTS_PREFIX: &str = "keel.global.events";
+
+/// The stream of every global event.
+pub fn global_stream(replicas: usize) -> StreamSpec {
+    StreamSpec {
+        name: "KEEL_GLOBAL_EVENTS".into(),
+        subjects: vec![format!("{GLOBAL_EVENTS_PREFIX}.>")],
+        replicas,
+        duplicate_window: Duration::from_secs(120),
+        max_age: Some(Duration::from_secs(7 * 24 * 3600)),
+        placement: None,
+    }
+}
+
+/// One destination of outbox entries.
+struct Route {
+    bus: Arc<dyn Bus>,
+    stream: StreamSpec,
+    ready: bool,
+    connection: tokio::sync::watch::Receiver<ConnectionState>,
+}
+
+fn is_global(entry: &OutboxEntry) -> bool {
+    matches!(entry, OutboxEntry::Global { .. })
 }
 
 /// Subject an edge's outbox is forwarded to.
@@ -62,8 +99,18 @@ async fn run(
     let origin = envelope::origin_id(&opts.edge, outbox.outbox_incarnation());
     let subject = edge_events_subject(&opts.region, &opts.edge);
     let signal = outbox.outbox_signal();
-    let mut connection = bus.connection_events();
-    let mut stream_ready = false;
+    let route = |bus: Arc<dyn Bus>, stream: StreamSpec| Route {
+        connection: bus.connection_events(),
+        bus,
+        stream,
+        ready: false,
+    };
+    let global = match &opts.global {
+        Some(g) => route(g.bus.clone(), g.stream.clone()),
+        None => route(bus.clone(), global_stream(1)),
+    };
+    // [region, global]
+    let mut routes = [route(bus, opts.stream.clone()), global];
     let mut backoff = RETRY_MIN;
     // Entries through `sent` are acknowledged by the stream; their removal
     // from the outbox may still be committing (`removing`), so the next
@@ -74,7 +121,7 @@ async fn run(
         if let Ok(d) = outbox.outbox_depth() {
             metrics.depth.set(i64::try_from(d).unwrap_or(i64::MAX));
         }
-        let batch = match outbox.outbox_peek(sent, BATCH) {
+        let mut batch = match outbox.outbox_peek(sent, BATCH) {
             Ok(b) => b,
             Err(e) => {
                 tracing::error!(error = %e, "cannot read the outbox");
@@ -83,15 +130,19 @@ async fn run(
                 continue;
             }
         };
-        if batch.is_empty() && !stream_ready && *connection.borrow() == ConnectionState::Connected {
+        let region_route = &mut routes[0];
+        if batch.is_empty()
+            && !region_route.ready
+            && *region_route.connection.borrow() == ConnectionState::Connected
+        {
             // Create the stream before the first write too: the region's
             // feeds and migration copies need it even while this edge has
             // nothing to forward. (Only the coordinator may create it; the
             // others find it or retry.)
-            match bus.ensure_stream(&opts.stream).await {
-                Ok(()) => stream_ready = true,
+            match region_route.bus.ensure_stream(&region_route.stream).await {
+                Ok(()) => region_route.ready = true,
                 Err(e) => {
-                    tracing::debug!(error = %e, stream = %opts.stream.name, "region stream not there yet");
+                    tracing::debug!(error = %e, stream = %region_route.stream.name, "region stream not there yet");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(RETRY_MAX);
                     continue;
@@ -109,18 +160,27 @@ async fn run(
             }
             continue;
         }
-        if *connection.borrow_and_update() != ConnectionState::Connected {
+        // One destination per round: the run of entries going where the
+        // first one goes (outbox order is kept per destination and overall).
+        let global_run = is_global(&batch[0].1);
+        let run = batch
+            .iter()
+            .take_while(|(_, e)| is_global(e) == global_run)
+            .count();
+        batch.truncate(run);
+        let dest = &mut routes[usize::from(global_run)];
+        if *dest.connection.borrow_and_update() != ConnectionState::Connected {
             tokio::select! {
-                _ = connection.changed() => {}
+                _ = dest.connection.changed() => {}
                 _ = tokio::time::sleep(RETRY_MAX) => {}
             }
             continue;
         }
-        if !stream_ready {
-            match bus.ensure_stream(&opts.stream).await {
-                Ok(()) => stream_ready = true,
+        if !dest.ready {
+            match dest.bus.ensure_stream(&dest.stream).await {
+                Ok(()) => dest.ready = true,
                 Err(e) => {
-                    tracing::warn!(error = %e, stream = %opts.stream.name, "cannot ensure the region's stream");
+                    tracing::warn!(error = %e, stream = %dest.stream.name, "cannot ensure the stream");
                     metrics.errors.inc();
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(RETRY_MAX);
@@ -130,16 +190,28 @@ async fn run(
         }
         let msgs: Vec<StreamAppend> = batch
             .iter()
-            .map(|(seq, entry)| StreamAppend {
-                subject: subject.clone(),
-                headers: vec![("content-type".into(), CONTENT_TYPE.into())],
-                payload: Bytes::from(
-                    envelope::outbox_event(&opts.region, &origin, *seq, entry).to_json(),
-                ),
-                msg_id: Some(envelope::outbox_msg_id(&origin, *seq)),
+            .map(|(seq, entry)| {
+                let event = envelope::outbox_event(&opts.region, &origin, *seq, entry);
+                let (subject, msg_id) = match entry {
+                    OutboxEntry::Global {
+                        component,
+                        event: g,
+                        ..
+                    } => (
+                        format!("{GLOBAL_EVENTS_PREFIX}.{}", g.event_type),
+                        envelope::global_msg_id(component, &g.id),
+                    ),
+                    _ => (subject.clone(), envelope::outbox_msg_id(&origin, *seq)),
+                };
+                StreamAppend {
+                    subject,
+                    headers: vec![("content-type".into(), CONTENT_TYPE.into())],
+                    payload: Bytes::from(event.to_json()),
+                    msg_id: Some(msg_id),
+                }
             })
             .collect();
-        let acks = bus.stream_append_many(msgs).await;
+        let acks = dest.bus.stream_append_many(msgs).await;
         let acked = acks.iter().take_while(|a| a.is_ok()).count();
         for a in acks.iter().take(acked).flatten() {
             metrics.forwarded.inc();
@@ -161,7 +233,7 @@ async fn run(
             Some(Err(e)) => {
                 metrics.errors.inc();
                 if matches!(e, BusError::NotFound(_)) {
-                    stream_ready = false;
+                    dest.ready = false;
                 }
                 tracing::debug!(error = %e, waiting = batch.len() - acked, "outbox forwarding paused");
                 tokio::time::sleep(backoff).await;

@@ -22,7 +22,10 @@ pub mod views;
 
 pub use dedup::Dedup;
 pub use feed::{FeedHandle, FeedHandler, FeedOptions, start_feed};
-pub use forwarder::{ForwarderOptions, edge_events_subject, start_forwarder};
+pub use forwarder::{
+    ForwarderOptions, GLOBAL_EVENTS_PREFIX, GlobalRoute, edge_events_subject, global_stream,
+    start_forwarder,
+};
 pub use views::{
     LastActivity, METRIC_TYPE, MetricPoint, MetricsView, UserState, UserStateView,
     metric_event_data,

@@ -84,12 +84,33 @@ pub enum MigrationError {
     Unavailable(String),
 }
 
-/// Which regions exist and which residency zone each is in.
+/// Which regions exist, which residency zone each is in, and which hold
+/// users whose data may go anywhere.
 #[derive(Debug, Clone, Default)]
 pub struct ResidencyRules {
     /// Region → zone (`keel_config::RegionsConfig::zone_of`).
     pub zones: HashMap<String, String>,
+    /// Regions of residency class `global`: their users' data may be placed
+    /// in any region.
+    pub unrestricted: HashSet<String>,
     pub allow_cross_zone_migration: bool,
+}
+
+impl ResidencyRules {
+    /// May personal data of a user homed in `home` be placed in `target`?
+    /// (`keel_config::RegionsConfig::residency_allows`.) Unknown regions:
+    /// no.
+    pub fn allows(&self, home: &str, target: &str) -> bool {
+        match (self.zones.get(home), self.zones.get(target)) {
+            (Some(h), Some(t)) => self.unrestricted.contains(home) || h == t,
+            _ => false,
+        }
+    }
+
+    /// May a user homed in `home` publish personal data to every region?
+    pub fn allows_everywhere(&self, home: &str) -> bool {
+        self.zones.keys().all(|t| self.allows(home, t))
+    }
 }
 
 /// What the migrations of one node need.
@@ -222,7 +243,7 @@ impl Migrations {
                 "the user is already homed in {from}; from-region and to-region must differ"
             )));
         }
-        if from_zone != to_zone && !rules.allow_cross_zone_migration {
+        if !rules.allows(from, to) && !rules.allow_cross_zone_migration {
             return Err(MigrationError::Residency(format!(
                 "moving a user from {from} (residency zone {from_zone}) to {to} (zone {to_zone}) crosses residency zones; regions.toml [coordination] allow_cross_zone_migration is false"
             )));
@@ -500,6 +521,30 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn residency_rules_follow_the_zones() {
+        let rules = ResidencyRules {
+            zones: [
+                ("us-east", "us"),
+                ("us-west", "us"),
+                ("eu", "gdpr"),
+                ("anywhere", "anywhere"),
+            ]
+            .into_iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect(),
+            unrestricted: ["anywhere".to_string()].into(),
+            allow_cross_zone_migration: false,
+        };
+        assert!(rules.allows("us-east", "us-west"));
+        assert!(!rules.allows("us-east", "eu"));
+        assert!(!rules.allows("eu", "us-west"));
+        assert!(rules.allows("anywhere", "eu"));
+        assert!(!rules.allows("us-east", "mars"));
+        assert!(rules.allows_everywhere("anywhere"));
+        assert!(!rules.allows_everywhere("us-east"));
+    }
 
     #[test]
     fn phases_use_the_wit_names() {

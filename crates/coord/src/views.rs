@@ -426,6 +426,17 @@ impl MetricsView {
             .unwrap_or_default()
     }
 
+    /// The metric names `component` has samples of, sorted.
+    pub fn names(&self, component: &str) -> Vec<String> {
+        let prefix = format!("{component}\0");
+        let mut names: Vec<String> = lock(&self.series)
+            .keys()
+            .filter_map(|k| k.strip_prefix(&prefix).map(str::to_string))
+            .collect();
+        names.sort();
+        names
+    }
+
     /// Drops buckets that end at or before `ms` (retention); returns how
     /// many.
     pub fn prune_before(&self, ms: u64) -> usize {

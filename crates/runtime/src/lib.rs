@@ -14,6 +14,7 @@
 mod body;
 mod cache;
 mod engine;
+mod global;
 mod host;
 mod linking;
 mod regional;
@@ -21,7 +22,7 @@ mod services;
 mod state;
 
 pub use body::{BodyLimitFlag, LimitedBody};
-pub use regional::{RegionalTier, UpdateFilter};
+pub use regional::{Filter, GlobalFilter, Kind as SubscriptionKind, RegionalTier, UpdateFilter};
 pub use services::Services;
 pub use state::{ComponentContext, HostState};
 pub use wasmtime_wasi_http::Error as HttpError;
@@ -69,6 +70,12 @@ pub struct LoadedComponent {
     /// `None` only for `keel check`, which never serves.
     context: Option<Arc<ComponentContext>>,
     permits: Arc<Semaphore>,
+}
+
+/// What a subscriber call delivers.
+enum Delivery {
+    Update(wit::Update),
+    Global(wit::ReceivedGlobalEvent),
 }
 
 /// Why a request did not get a response from the guest: it trapped,
@@ -204,6 +211,7 @@ fn load_component(
 
     let mut diags = linking::check_grants(c);
     diags.extend(linking::check_imports(c, &imports));
+    diags.extend(linking::check_functions(c, engine, &component));
     if !diags.is_empty() {
         return Err(diags);
     }
@@ -303,13 +311,34 @@ impl LoadedComponent {
         Ok(store)
     }
 
-    /// Calls the exported `subscriber.on-update` in a fresh instance, under
-    /// the component's limits (it waits for an instance slot). `Err` says
-    /// why the delivery failed: a returned error, a trap, the deadline.
+    /// Calls the exported `subscriber.on-update` in a fresh instance.
     pub(crate) async fn deliver_update(
         self: &Arc<Self>,
         subscription: u64,
         update: wit::Update,
+    ) -> Result<(), String> {
+        let sequence = update.sequence;
+        self.deliver(subscription, sequence, Delivery::Update(update))
+            .await
+    }
+
+    /// Calls the exported `subscriber.on-global-event` in a fresh instance.
+    pub(crate) async fn deliver_global_event(
+        self: &Arc<Self>,
+        subscription: u64,
+        event: wit::ReceivedGlobalEvent,
+    ) -> Result<(), String> {
+        self.deliver(subscription, 0, Delivery::Global(event)).await
+    }
+
+    /// One call of the exported `subscriber` in a fresh instance, under the
+    /// component's limits (it waits for an instance slot). `Err` says why
+    /// the delivery failed: a returned error, a trap, the deadline.
+    async fn deliver(
+        self: &Arc<Self>,
+        subscription: u64,
+        sequence: u64,
+        delivery: Delivery,
     ) -> Result<(), String> {
         let indices = self
             .subscriber
@@ -332,13 +361,18 @@ impl LoadedComponent {
                 .instantiate_async(&mut store)
                 .await?;
             let guest = indices.load(&mut store, &instance)?;
-            guest
-                .call_on_update(&mut store, subscription, &update)
-                .await
+            match &delivery {
+                Delivery::Update(u) => guest.call_on_update(&mut store, subscription, u).await,
+                Delivery::Global(g) => {
+                    guest
+                        .call_on_global_event(&mut store, subscription, g)
+                        .await
+                }
+            }
         };
         let outcome = match tokio::time::timeout(timeout + HARD_DEADLINE_GRACE, run).await {
             Ok(Ok(Ok(()))) => Ok(()),
-            Ok(Ok(Err(e))) => Err(format!("on-update returned {e:?}")),
+            Ok(Ok(Err(e))) => Err(format!("the handler returned {e:?}")),
             Ok(Err(trap)) => {
                 self.metrics.traps.inc();
                 Err(describe_guest_error(&trap, timeout))
@@ -357,7 +391,7 @@ impl LoadedComponent {
             .duration
             .observe(started.elapsed().as_secs_f64());
         if let Err(reason) = &outcome {
-            tracing::warn!(component = %self.config.name, subscription, sequence = update.sequence, reason, "delivery failed; will retry");
+            tracing::warn!(component = %self.config.name, subscription, sequence, reason, "delivery failed; will retry");
         }
         outcome
     }

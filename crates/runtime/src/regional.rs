@@ -1,5 +1,6 @@
 //! The regional tier of one node: views built from the region's stream
-//! (`KEEL_<REGION>_EVENTS`) and the components' regional subscriptions.
+//! (`KEEL_<REGION>_EVENTS`), and the components' subscriptions to it
+//! (regional) and to the global events' stream (`KEEL_GLOBAL_EVENTS`).
 //!
 //! Invariants:
 //! - **One source.** Everything regional is read from the region's stream,
@@ -9,7 +10,8 @@
 //! - **Components stay apart.** Views key users and metrics by component;
 //!   a subscription delivers only events its own component recorded.
 //! - **At least once, in order.** A subscription is a feed whose handler
-//!   calls the component's `subscriber.on-update` in a fresh instance; an
+//!   calls the component's `subscriber.on-update` (`on-global-event`) in a
+//!   fresh instance; an
 //!   error or trap is retried (with backoff) before anything after it.
 //!   Its cursor (the last delivered stream sequence) is persisted after
 //!   each delivery on a durable bus, so a restart resumes after it.
@@ -25,13 +27,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, Weak};
 
-/// Host-record table of regional subscriptions: `<component>/<id:020>` →
-/// [`SubscriptionRecord`] (JSON).
-const SUBSCRIPTIONS_TABLE: &str = "regional-subscriptions";
-/// Host-record table of the last subscription id given out per component:
-/// ids are never reused, so a handler's dedup on (id, sequence) stays sound.
-const SUBSCRIPTION_IDS_TABLE: &str = "regional-subscription-ids";
-/// Subscriptions one component may hold.
+/// Subscriptions one component may hold (of each kind).
 pub const MAX_SUBSCRIPTIONS: usize = 64;
 /// Entries in one filter list, and bytes of one filter string.
 const MAX_FILTER_ENTRIES: usize = 64;
@@ -99,9 +95,123 @@ impl UpdateFilter {
     }
 }
 
+/// Which global events a subscription delivers: exact types, or prefixes
+/// written `"user.>"` (`">"` alone: every type).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GlobalFilter {
+    pub types: Vec<String>,
+}
+
+impl GlobalFilter {
+    pub fn normalized(mut self) -> GlobalFilter {
+        self.types.sort();
+        self.types.dedup();
+        self
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.types.is_empty() {
+            return Err("name at least one event type (or \">\" for all)".into());
+        }
+        if self.types.len() > MAX_FILTER_ENTRIES {
+            return Err(format!(
+                "{} event types; at most {MAX_FILTER_ENTRIES}",
+                self.types.len()
+            ));
+        }
+        for t in &self.types {
+            let exact = t.strip_suffix(".>").unwrap_or(t);
+            if t != ">" && !crate::host::is_event_type(exact) {
+                return Err(format!(
+                    "{t:?} is not an event type (dot-separated tokens of [A-Za-z0-9_-]) or a prefix pattern like \"user.>\""
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the global `event`, published by `component`, is delivered.
+    pub fn matches(&self, component: &str, event: &CloudEvent) -> bool {
+        event.component() == component
+            && self.types.iter().any(|t| {
+                t == ">"
+                    || *t == event.event_type
+                    || t.strip_suffix('>')
+                        .is_some_and(|p| p.ends_with('.') && event.event_type.starts_with(p))
+            })
+    }
+}
+
+/// A subscription's filter; its case says which stream it follows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Filter {
+    Regional(UpdateFilter),
+    Global(GlobalFilter),
+}
+
+/// The two kinds of subscriptions (separate ids, tables and streams).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Kind {
+    Regional,
+    Global,
+}
+
+impl Kind {
+    fn index(self) -> usize {
+        match self {
+            Kind::Regional => 0,
+            Kind::Global => 1,
+        }
+    }
+}
+
+impl Filter {
+    fn kind(&self) -> Kind {
+        match self {
+            Filter::Regional(_) => Kind::Regional,
+            Filter::Global(_) => Kind::Global,
+        }
+    }
+
+    fn normalized(self) -> Filter {
+        match self {
+            Filter::Regional(f) => Filter::Regional(f.normalized()),
+            Filter::Global(f) => Filter::Global(f.normalized()),
+        }
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        match self {
+            Filter::Regional(f) => f.validate(),
+            Filter::Global(f) => f.validate(),
+        }
+    }
+
+    fn matches(&self, component: &str, event: &CloudEvent) -> bool {
+        match self {
+            Filter::Regional(f) => f.matches(component, event),
+            Filter::Global(f) => f.matches(component, event),
+        }
+    }
+}
+
+/// The stream one kind of subscription follows, and where its records go.
+struct Source {
+    bus: Arc<dyn Bus>,
+    stream: String,
+    subject_filter: String,
+    /// Host-record table: `<component>/<id:020>` → [`SubscriptionRecord`].
+    table: &'static str,
+    /// Host-record table of the last id given out per component: ids are
+    /// never reused, so a handler's dedup on (id, sequence) stays sound.
+    ids_table: &'static str,
+    /// Cursors survive a restart only where the stream does.
+    durable_cursors: bool,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct SubscriptionRecord {
-    filter: UpdateFilter,
+    filter: Filter,
     /// Last stream sequence delivered (0: none).
     cursor: u64,
 }
@@ -136,7 +246,7 @@ impl From<SubscribeError> for types::Error {
 }
 
 struct Active {
-    filter: UpdateFilter,
+    filter: Filter,
     /// Cleared (under the lock) by unsubscribe before the record is
     /// deleted, so a delivery in flight cannot write the record back.
     alive: Arc<Mutex<bool>>,
@@ -146,26 +256,26 @@ struct Active {
 /// The node's regional tier. Lives in `Services`.
 pub struct RegionalTier {
     pub region: String,
-    bus: Arc<dyn Bus>,
-    stream: String,
-    filter: String,
-    /// Cursors survive a restart only where the stream does.
-    durable_cursors: bool,
+    /// [regional, global] (see [`Kind::index`]).
+    sources: [Source; 2],
     records: Arc<dyn HostRecords>,
     rt: tokio::runtime::Handle,
     pub users: Arc<UserStateView>,
     pub metrics: Arc<MetricsView>,
+    /// Application events per component and type, as samples of 1.
+    pub events: Arc<MetricsView>,
     pub views_feed: Arc<FeedHandle>,
-    /// Running subscriptions by (component, id). A tokio mutex: subscribe
-    /// and unsubscribe hold it across the record's fsync, so ids and
-    /// records never race.
-    active: tokio::sync::Mutex<BTreeMap<(String, u64), Active>>,
+    /// Running subscriptions by (kind, component, id). A tokio mutex:
+    /// subscribe and unsubscribe hold it across the record's fsync, so ids
+    /// and records never race.
+    active: tokio::sync::Mutex<BTreeMap<(Kind, String, u64), Active>>,
 }
 
-/// Applies every event of the region to both views.
+/// Applies every event of the region to the views.
 struct Views {
     users: Arc<UserStateView>,
     metrics: Arc<MetricsView>,
+    events: Arc<MetricsView>,
 }
 
 #[async_trait]
@@ -173,6 +283,13 @@ impl FeedHandler for Views {
     async fn apply(&self, _seq: u64, event: &CloudEvent) -> Result<(), String> {
         self.users.record(event);
         self.metrics.record(event);
+        if event.keelsequence.is_some()
+            && let Some(at) = event.hlc()
+        {
+            // Application events, counted per type (the "events" report).
+            self.events
+                .record_sample(event.component(), &event.event_type, at.physical_ms, 1.0);
+        }
         Ok(())
     }
 }
@@ -183,11 +300,13 @@ impl RegionalTier {
         region: &str,
         bus: Arc<dyn Bus>,
         stream: &StreamSpec,
+        global: (Arc<dyn Bus>, &StreamSpec),
         records: Arc<dyn HostRecords>,
         rt: &tokio::runtime::Handle,
     ) -> RegionalTier {
         let users = Arc::new(UserStateView::default());
         let metrics = Arc::new(MetricsView::default());
+        let events = Arc::new(MetricsView::default());
         let filter = format!("keel.{region}.edge.*.events");
         let views_feed = Arc::new(start_feed(
             bus.clone(),
@@ -195,19 +314,36 @@ impl RegionalTier {
             Arc::new(Views {
                 users: users.clone(),
                 metrics: metrics.clone(),
+                events: events.clone(),
             }),
             rt,
         ));
+        let (global_bus, global_stream) = global;
         RegionalTier {
             region: region.to_string(),
-            durable_cursors: bus.kind() != "local",
-            bus,
-            stream: stream.name.clone(),
-            filter,
+            sources: [
+                Source {
+                    durable_cursors: bus.kind() != "local",
+                    bus,
+                    stream: stream.name.clone(),
+                    subject_filter: filter,
+                    table: "regional-subscriptions",
+                    ids_table: "regional-subscription-ids",
+                },
+                Source {
+                    durable_cursors: global_bus.kind() != "local",
+                    bus: global_bus,
+                    stream: global_stream.name.clone(),
+                    subject_filter: format!("{}.>", keel_coord::GLOBAL_EVENTS_PREFIX),
+                    table: "global-subscriptions",
+                    ids_table: "global-subscription-ids",
+                },
+            ],
             records,
             rt: rt.clone(),
             users,
             metrics,
+            events,
             views_feed,
             active: tokio::sync::Mutex::new(BTreeMap::new()),
         }
@@ -217,46 +353,44 @@ impl RegionalTier {
     pub async fn subscribe(
         &self,
         component: &Arc<LoadedComponent>,
-        filter: UpdateFilter,
+        filter: Filter,
     ) -> Result<u64, SubscribeError> {
         if !component.exports_subscriber() {
             return Err(SubscribeError::Invalid(format!(
-                "component {:?} does not export keel:platform/subscriber; deliveries go to its `on-update`",
+                "component {:?} does not export keel:platform/subscriber; deliveries go to its handlers",
                 component.name()
             )));
         }
         let filter = filter.normalized();
         filter.validate().map_err(SubscribeError::Invalid)?;
+        let kind = filter.kind();
+        let source = &self.sources[kind.index()];
         let name = component.name().to_string();
         let mut active = self.active.lock().await;
-        let mine = || active.range((name.clone(), 0)..=(name.clone(), u64::MAX));
-        if let Some(((_, id), _)) = mine().find(|(_, a)| a.filter == filter) {
+        let mine = || active.range((kind, name.clone(), 0)..=(kind, name.clone(), u64::MAX));
+        if let Some(((_, _, id), _)) = mine().find(|(_, a)| a.filter == filter) {
             return Ok(*id);
         }
         if mine().count() >= MAX_SUBSCRIPTIONS {
             return Err(SubscribeError::Limit(format!(
-                "component {name:?} already has {MAX_SUBSCRIPTIONS} regional subscriptions"
+                "component {name:?} already has {MAX_SUBSCRIPTIONS} {kind:?} subscriptions"
             )));
         }
         let unavailable = |e: keel_store::StoreError| SubscribeError::Unavailable(e.to_string());
         let last_given = self
             .records
-            .host_record(SUBSCRIPTION_IDS_TABLE, &name)
+            .host_record(source.ids_table, &name)
             .map_err(unavailable)?
             .and_then(|v| String::from_utf8(v).ok()?.parse::<u64>().ok())
             .unwrap_or(0);
         let id = mine()
-            .map(|((_, id), _)| *id)
+            .map(|((_, _, id), _)| *id)
             .max()
             .unwrap_or(0)
             .max(last_given)
             + 1;
         self.records
-            .put_host_record(
-                SUBSCRIPTION_IDS_TABLE,
-                name.clone(),
-                id.to_string().into_bytes(),
-            )
+            .put_host_record(source.ids_table, name.clone(), id.to_string().into_bytes())
             .await
             .map_err(unavailable)?;
         let record = SubscriptionRecord {
@@ -264,25 +398,30 @@ impl RegionalTier {
             cursor: 0,
         };
         self.records
-            .put_host_record(SUBSCRIPTIONS_TABLE, record_key(&name, id), encode(&record))
+            .put_host_record(source.table, record_key(&name, id), encode(&record))
             .await
             .map_err(unavailable)?;
         let a = self.start_delivery(component, id, record);
-        active.insert((name, id), a);
+        active.insert((kind, name, id), a);
         Ok(id)
     }
 
     /// Ends a subscription of `component`.
-    pub async fn unsubscribe(&self, component: &str, id: u64) -> Result<(), SubscribeError> {
+    pub async fn unsubscribe(
+        &self,
+        kind: Kind,
+        component: &str,
+        id: u64,
+    ) -> Result<(), SubscribeError> {
         let mut active = self.active.lock().await;
         let a = active
-            .remove(&(component.to_string(), id))
+            .remove(&(kind, component.to_string(), id))
             .ok_or(SubscribeError::NotFound)?;
         let delete = {
             let mut alive = lock(&a.alive);
             *alive = false;
             self.records
-                .delete_host_record(SUBSCRIPTIONS_TABLE, record_key(component, id))
+                .delete_host_record(self.sources[kind.index()].table, record_key(component, id))
         };
         drop(a);
         delete
@@ -294,38 +433,46 @@ impl RegionalTier {
     /// Records of components that are gone, or no longer export the
     /// handler, are kept (the component may come back) and logged.
     pub async fn restore(&self, components: &[Arc<LoadedComponent>]) {
-        let records = match self.records.host_records(SUBSCRIPTIONS_TABLE) {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot read regional subscriptions");
-                return;
-            }
-        };
         let mut active = self.active.lock().await;
-        for (key, value) in records {
-            let parsed = parse_record_key(&key)
-                .zip(serde_json::from_slice::<SubscriptionRecord>(&value).ok());
-            let Some(((name, id), mut record)) = parsed else {
-                tracing::error!(key, "corrupt regional subscription record; skipped");
-                continue;
+        for source in &self.sources {
+            let records = match self.records.host_records(source.table) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(error = %e, table = source.table, "cannot read subscriptions");
+                    continue;
+                }
             };
-            let Some(c) = components
-                .iter()
-                .find(|c| c.name() == name && c.exports_subscriber())
-            else {
-                tracing::warn!(
-                    component = name,
-                    id,
-                    "regional subscription of a component that is not loaded (or no longer exports subscriber); kept, not delivered"
-                );
-                continue;
-            };
-            if !self.durable_cursors {
-                // The in-process stream starts empty after a restart.
-                record.cursor = 0;
+            for (key, value) in records {
+                let parsed = parse_record_key(&key)
+                    .zip(serde_json::from_slice::<SubscriptionRecord>(&value).ok());
+                let Some(((name, id), mut record)) = parsed else {
+                    tracing::error!(
+                        key,
+                        table = source.table,
+                        "corrupt subscription record; skipped"
+                    );
+                    continue;
+                };
+                let Some(c) = components
+                    .iter()
+                    .find(|c| c.name() == name && c.exports_subscriber())
+                else {
+                    tracing::warn!(
+                        component = name,
+                        id,
+                        table = source.table,
+                        "subscription of a component that is not loaded (or no longer exports subscriber); kept, not delivered"
+                    );
+                    continue;
+                };
+                if !source.durable_cursors {
+                    // The in-process stream starts empty after a restart.
+                    record.cursor = 0;
+                }
+                let kind = record.filter.kind();
+                let a = self.start_delivery(c, id, record);
+                active.insert((kind, name.to_string(), id), a);
             }
-            let a = self.start_delivery(c, id, record);
-            active.insert((name.to_string(), id), a);
         }
     }
 
@@ -335,6 +482,7 @@ impl RegionalTier {
         id: u64,
         record: SubscriptionRecord,
     ) -> Active {
+        let source = &self.sources[record.filter.kind().index()];
         let alive = Arc::new(Mutex::new(true));
         let delivery = Delivery {
             component: Arc::downgrade(component),
@@ -342,14 +490,16 @@ impl RegionalTier {
             id,
             filter: record.filter.clone(),
             alive: alive.clone(),
-            records: self.durable_cursors.then(|| self.records.clone()),
+            records: source
+                .durable_cursors
+                .then(|| (self.records.clone(), source.table)),
         };
-        let mut opts = FeedOptions::new(&self.stream, &self.filter);
+        let mut opts = FeedOptions::new(&source.stream, &source.subject_filter);
         opts.start_after = record.cursor;
         Active {
             filter: record.filter,
             alive,
-            _feed: start_feed(self.bus.clone(), opts, Arc::new(delivery), &self.rt),
+            _feed: start_feed(source.bus.clone(), opts, Arc::new(delivery), &self.rt),
         }
     }
 }
@@ -367,10 +517,10 @@ struct Delivery {
     component: Weak<LoadedComponent>,
     name: String,
     id: u64,
-    filter: UpdateFilter,
+    filter: Filter,
     alive: Arc<Mutex<bool>>,
     /// Where the cursor is persisted (`None`: not durable).
-    records: Option<Arc<dyn HostRecords>>,
+    records: Option<(Arc<dyn HostRecords>, &'static str)>,
 }
 
 #[async_trait]
@@ -383,10 +533,19 @@ impl FeedHandler for Delivery {
             .component
             .upgrade()
             .ok_or_else(|| "component unloaded".to_string())?;
-        component
-            .deliver_update(self.id, update_of(stream_sequence, event))
-            .await?;
-        let Some(records) = &self.records else {
+        match &self.filter {
+            Filter::Regional(_) => {
+                component
+                    .deliver_update(self.id, update_of(stream_sequence, event))
+                    .await?
+            }
+            Filter::Global(_) => {
+                component
+                    .deliver_global_event(self.id, global_event_of(event))
+                    .await?
+            }
+        }
+        let Some((records, table)) = &self.records else {
             return Ok(());
         };
         let save = {
@@ -398,17 +557,35 @@ impl FeedHandler for Delivery {
                 filter: self.filter.clone(),
                 cursor: stream_sequence,
             };
-            records.put_host_record(
-                SUBSCRIPTIONS_TABLE,
-                record_key(&self.name, self.id),
-                encode(&record),
-            )
+            records.put_host_record(table, record_key(&self.name, self.id), encode(&record))
         };
         // Delivered: a failed save only means a redelivery after a restart.
         if let Err(e) = save.await {
             tracing::warn!(component = %self.name, id = self.id, error = %e, "cannot save a subscription cursor");
         }
         Ok(())
+    }
+}
+
+/// The WIT `received-global-event` of one global stream message.
+fn global_event_of(e: &CloudEvent) -> types::ReceivedGlobalEvent {
+    let at = e.hlc().unwrap_or(keel_core::Hlc {
+        physical_ms: 0,
+        logical: 0,
+        node: e.edge().to_string(),
+    });
+    types::ReceivedGlobalEvent {
+        event: types::GlobalEvent {
+            id: e.id.clone(),
+            event_type: e.event_type.clone(),
+            subject: e.subject.clone(),
+            content_type: e.datacontenttype.clone(),
+            data: e.data(),
+            user: e.keeluser.clone(),
+        },
+        source: e.source.clone(),
+        origin_region: e.region().to_string(),
+        published_at: crate::host::hlc(at),
     }
 }
 

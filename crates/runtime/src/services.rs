@@ -39,6 +39,12 @@ pub struct Services {
     /// User → home region (global, compare-and-set).
     pub directory: Arc<keel_coord::directory::Directory>,
     pub migrations: Arc<keel_coord::migration::Migrations>,
+    /// Global queries to every region's API.
+    pub api: crate::global::GlobalApi,
+    /// The deployment (`None`: this node is its own region).
+    pub regions: Option<Arc<RegionsConfig>>,
+    /// Who may hold whose personal data (from `regions.toml`).
+    pub residency: keel_coord::migration::ResidencyRules,
     /// Runs the bus connection and the sync tasks, apart from the serving
     /// threads (which run one current-thread runtime per core).
     background: Option<tokio::runtime::Runtime>,
@@ -140,6 +146,12 @@ impl Services {
         // Every node forwards, the embedded one too (to the stream on its
         // own bus): the regional tier reads the region's stream only.
         let stream = region_stream(config.regions.as_deref(), region, bus.kind());
+        let global_stream = keel_coord::global_stream(
+            config
+                .regions
+                .as_deref()
+                .map_or(1, |r| keel_topology::replicas(r, region)),
+        );
         keel_coord::start_forwarder(
             rocks.clone(),
             bus.clone(),
@@ -147,6 +159,10 @@ impl Services {
                 region: region.clone(),
                 edge: config.node.edge.clone(),
                 stream: stream.clone(),
+                global: Some(keel_coord::GlobalRoute {
+                    bus: buses.global.clone(),
+                    stream: global_stream.clone(),
+                }),
             },
             metrics.outbox.clone(),
             background.handle(),
@@ -155,9 +171,11 @@ impl Services {
             region,
             bus.clone(),
             &stream,
+            (buses.global.clone(), &global_stream),
             rocks.clone(),
             background.handle(),
         );
+        let residency = residency_rules(config);
         let directory = Arc::new(keel_coord::directory::Directory::new(
             buses.global.clone(),
             config
@@ -169,7 +187,7 @@ impl Services {
             keel_coord::migration::MigrationOptions {
                 region: region.clone(),
                 edge: config.node.edge.clone(),
-                rules: residency_rules(config),
+                rules: residency.clone(),
                 crash_after: crash_hook(),
             },
             bus.clone(),
@@ -200,6 +218,11 @@ impl Services {
             background.handle(),
         )
         .map_err(|e| fail("CRDT replicas", e))?;
+        let api = crate::global::GlobalApi::new(region, bus.clone());
+        api.serve(
+            crate::global::Answerer::new(&regional, sync.clone()),
+            background.handle(),
+        );
         Ok(Arc::new(Services {
             node: config.node.clone(),
             limits,
@@ -216,6 +239,9 @@ impl Services {
             regional,
             directory,
             migrations,
+            api,
+            regions: config.regions.clone(),
+            residency,
             background: Some(background),
         }))
     }
@@ -231,10 +257,17 @@ fn residency_rules(config: &KeelConfig) -> keel_coord::migration::ResidencyRules
                 .iter()
                 .filter_map(|g| Some((g.name.clone(), r.zone_of(&g.name)?)))
                 .collect(),
+            unrestricted: r
+                .regions
+                .iter()
+                .filter(|g| g.data_residency == keel_config::Residency::Global)
+                .map(|g| g.name.clone())
+                .collect(),
             allow_cross_zone_migration: r.coordination.allow_cross_zone_migration,
         },
         None => keel_coord::migration::ResidencyRules {
             zones: [(config.node.region.clone(), config.node.region.clone())].into(),
+            unrestricted: [config.node.region.clone()].into(),
             allow_cross_zone_migration: false,
         },
     }

@@ -18,8 +18,8 @@ use keel_core::{Hlc, HlcClock};
 
 use keel_store::{
     Activity, ActivityRecord, AppendedBatch, CrdtStore, EdgeStore, EventData, EventLog,
-    HostRecords, KvStore, Namespace, Outbox, OutboxEntry, StateValue, StoreError, StoreLimits,
-    StoreResult, StoredCrdt, StoredEvent, WriteFuture,
+    GlobalEvent, HostRecords, KvStore, Namespace, Outbox, OutboxEntry, StateValue, StoreError,
+    StoreLimits, StoreResult, StoredCrdt, StoredEvent, WriteFuture,
 };
 use rocksdb::{BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, Options};
 use serde::{Deserialize, Serialize};
@@ -693,6 +693,37 @@ impl EdgeStore for RocksStore {
                 component: ns.to_string(),
                 metric,
                 value,
+                edge: inner.node.edge.clone(),
+                at: stamp(&inner)?,
+            };
+            enqueue_outbox(tx, &entry)?;
+            Ok(())
+        });
+        signal_outbox(&self.inner, write)
+    }
+
+    fn queue_global_event(&self, ns: &Namespace, event: GlobalEvent) -> WriteFuture<()> {
+        let size = event.data.len()
+            + event.id.len()
+            + event.event_type.len()
+            + event.subject.as_ref().map_or(0, String::len);
+        if size > self.inner.limits.max_event_bytes {
+            return ready(Err(StoreError::Invalid(format!(
+                "global event of {size} bytes exceeds the limit of {} bytes",
+                self.inner.limits.max_event_bytes
+            ))));
+        }
+        if !self.inner.forwarding {
+            return ready(Err(StoreError::Unavailable(
+                "this node does not forward".into(),
+            )));
+        }
+        let inner = self.inner.clone();
+        let ns = ns.clone();
+        let write = self.inner.committer.write(move |tx| {
+            let entry = OutboxEntry::Global {
+                component: ns.to_string(),
+                event,
                 edge: inner.node.edge.clone(),
                 at: stamp(&inner)?,
             };

@@ -110,6 +110,9 @@ pub trait EdgeStore: Send + Sync + 'static {
     /// kept on the edge). `Invalid` for an empty or oversized name or a
     /// value that is NaN or infinite.
     fn record_metric(&self, ns: &Namespace, metric: String, value: f64) -> WriteFuture<()>;
+    /// Queues an event for every region (forwarded to the global stream).
+    /// `Invalid` if it is larger than the event limit.
+    fn queue_global_event(&self, ns: &Namespace, event: GlobalEvent) -> WriteFuture<()>;
     /// Stores the user's last activity and queues it for the region.
     fn record_activity(&self, ns: &Namespace, user: String, activity: Activity) -> WriteFuture<()>;
     fn last_activity(&self, ns: &Namespace, user: &str) -> StoreResult<Option<ActivityRecord>>;
@@ -140,6 +143,13 @@ pub enum OutboxEntry {
         component: String,
         user: String,
         record: ActivityRecord,
+    },
+    /// An event for every region (`global-coordination.publish-global-event`).
+    Global {
+        component: String,
+        event: GlobalEvent,
+        edge: String,
+        at: Hlc,
     },
     /// One sample of a regional metric (`regional-coordination.record-metric`).
     Metric {

@@ -52,6 +52,19 @@ pub struct StoredEvent {
     pub data: EventData,
 }
 
+/// An event published to every region (WIT `global-event`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GlobalEvent {
+    /// Publisher-chosen id (CloudEvents `id`).
+    pub id: String,
+    /// Dotted type; the subject is `keel.global.events.<type>`.
+    pub event_type: String,
+    pub subject: Option<String>,
+    pub content_type: Option<String>,
+    pub data: Vec<u8>,
+    pub user: Option<String>,
+}
+
 /// A versioned value of edge-local state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StateValue {

@@ -4,6 +4,7 @@
 
 mod edge;
 mod events;
+mod global;
 mod kv;
 mod regional;
 mod sql;
@@ -28,6 +29,19 @@ pub(crate) fn wit_error(e: StoreError) -> WitError {
             WitError::Internal(m)
         }
     }
+}
+
+/// A global event type: dot-separated tokens of `[A-Za-z0-9_-]` (it becomes
+/// the NATS subject `keel.global.events.<type>`), at most 128 bytes.
+pub(crate) fn is_event_type(t: &str) -> bool {
+    !t.is_empty()
+        && t.len() <= 128
+        && t.split('.').all(|token| {
+            !token.is_empty()
+                && token
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
 }
 
 pub(crate) fn hlc(h: keel_core::Hlc) -> types::HlcTimestamp {
@@ -77,6 +91,9 @@ pub(crate) fn add_to_linker(
         "sql" => p::sql::add_to_linker::<_, HasSelf<HostState>>(linker, |s| s),
         "events" => p::events::add_to_linker::<_, HasSelf<HostState>>(linker, |s| s),
         "state" => p::state::add_to_linker::<_, HasSelf<HostState>>(linker, |s| s),
+        "global-coordination" => {
+            p::global_coordination::add_to_linker::<_, HasSelf<HostState>>(linker, |s| s)
+        }
         "regional-coordination" => {
             p::regional_coordination::add_to_linker::<_, HasSelf<HostState>>(linker, |s| s)
         }

@@ -3,7 +3,7 @@
 //! leaderboards as region-scoped CRDTs, and migrations.
 
 use super::{WitError, event_data_in, hlc, wit_error};
-use crate::regional::UpdateFilter;
+use crate::regional::{Filter, Kind, UpdateFilter};
 use crate::state::HostState;
 use keel_coord::migration::{MigrationError, Phase};
 use keel_store::StoreError;
@@ -85,11 +85,11 @@ impl rc::Host for HostState {
                 "the node is shutting down".into(),
             )));
         };
-        let filter = UpdateFilter {
+        let filter = Filter::Regional(UpdateFilter {
             kinds: filter.kinds,
             key_prefix: filter.key_prefix,
             edges: filter.edges,
-        };
+        });
         Ok(c.services
             .regional
             .subscribe(&me, filter)
@@ -101,7 +101,7 @@ impl rc::Host for HostState {
         let c = self.component();
         Ok(c.services
             .regional
-            .unsubscribe(c.ns.as_str(), id)
+            .unsubscribe(Kind::Regional, c.ns.as_str(), id)
             .await
             .map_err(Into::into))
     }

@@ -1,0 +1,308 @@
+//! `global-coordination`: global events (through the outbox to
+//! `KEEL_GLOBAL_EVENTS` on the `GLOBAL` account, delivered to subscribers'
+//! `on-global-event`), global queries and reports (every region's API,
+//! with a deadline), and the directory.
+//!
+//! The ledger, compliance and search functions of this interface are not in
+//! this build: a component that imports any of them does not load
+//! ([`crate::linking::GLOBAL_FUNCTIONS_IMPLEMENTED`]), so their host stubs
+//! below are unreachable from a loaded guest.
+
+use super::{WitError, is_event_type, wit_error};
+use crate::global::{RegionAnswer, RegionQuery, Totals, merge_leaderboards};
+use crate::regional::{Filter, GlobalFilter, Kind};
+use crate::state::HostState;
+use keel_world::bindings::keel::platform::global_coordination as gc;
+use keel_world::bindings::keel::platform::types;
+
+type R<T> = wasmtime::Result<Result<T, WitError>>;
+
+/// Largest publisher-chosen event id.
+const MAX_EVENT_ID_BYTES: usize = 256;
+
+fn unavailable(e: impl std::fmt::Display) -> WitError {
+    WitError::Unavailable(e.to_string())
+}
+
+fn not_in_this_build(f: &str) -> wasmtime::Error {
+    wasmtime::Error::msg(format!(
+        "global-coordination.{f} is not available in this build (the component should not have loaded)"
+    ))
+}
+
+impl HostState {
+    /// Every region of the deployment (this node's only, without one).
+    fn all_regions(&self) -> Vec<String> {
+        let c = self.component();
+        match &c.services.regions {
+            Some(r) => r.regions.iter().map(|g| g.name.clone()).collect(),
+            None => vec![c.services.node.region.clone()],
+        }
+    }
+}
+
+impl gc::Host for HostState {
+    async fn publish_global_event(&mut self, event: types::GlobalEvent) -> R<()> {
+        let c = self.component();
+        let s = &c.services;
+        if event.id.is_empty() || event.id.len() > MAX_EVENT_ID_BYTES {
+            return Ok(Err(WitError::Invalid(format!(
+                "event id must be 1 to {MAX_EVENT_ID_BYTES} bytes"
+            ))));
+        }
+        if !is_event_type(&event.event_type) {
+            return Ok(Err(WitError::Invalid(format!(
+                "event type {:?} must be dot-separated tokens of [A-Za-z0-9_-], at most 128 bytes",
+                event.event_type
+            ))));
+        }
+        if let Some(user) = &event.user {
+            let home = match s.directory.home(user).await {
+                Ok(h) => h.map_or_else(|| s.node.region.clone(), |(r, _)| r),
+                Err(e) => return Ok(Err(unavailable(e))),
+            };
+            if !s.residency.allows_everywhere(&home) {
+                return Ok(Err(WitError::Residency(format!(
+                    "user {user:?} is homed in {home}, whose residency class keeps personal data in its zone; a global event about them would reach every region (publish it without `user`, pseudonymised)"
+                ))));
+            }
+        }
+        let event = keel_store::GlobalEvent {
+            id: event.id,
+            event_type: event.event_type,
+            subject: event.subject,
+            content_type: event.content_type,
+            data: event.data,
+            user: event.user,
+        };
+        let f = s.edge.queue_global_event(&c.ns, event);
+        Ok(f.await.map_err(wit_error))
+    }
+
+    async fn subscribe_global_events(&mut self, event_types: Vec<String>) -> R<u64> {
+        let c = self.component();
+        let Some(me) = c.component.upgrade() else {
+            return Ok(Err(unavailable("the node is shutting down")));
+        };
+        let filter = Filter::Global(GlobalFilter { types: event_types });
+        Ok(c.services
+            .regional
+            .subscribe(&me, filter)
+            .await
+            .map_err(Into::into))
+    }
+
+    async fn unsubscribe_global_events(&mut self, id: u64) -> R<()> {
+        let c = self.component();
+        Ok(c.services
+            .regional
+            .unsubscribe(Kind::Global, c.ns.as_str(), id)
+            .await
+            .map_err(Into::into))
+    }
+
+    async fn query_global_state(&mut self, query: gc::GlobalQuery) -> R<gc::GlobalResult> {
+        let c = self.component();
+        let s = &c.services;
+        let component = c.ns.as_str().to_string();
+        Ok(match query {
+            gc::GlobalQuery::HomeRegion(user) => s
+                .directory
+                .home(&user)
+                .await
+                .map(|h| gc::GlobalResult::HomeRegion(h.map(|(r, _)| r)))
+                .map_err(unavailable),
+            gc::GlobalQuery::UserCount(region) => s
+                .directory
+                .count(region.as_deref())
+                .await
+                .map(gc::GlobalResult::UserCount)
+                .map_err(unavailable),
+            gc::GlobalQuery::Metric(q) => {
+                if q.range.start_ms > q.range.end_ms {
+                    return Ok(Err(WitError::Invalid("range starts after it ends".into())));
+                }
+                let ask = RegionQuery::Metric {
+                    component,
+                    metric: q.metric_type.clone(),
+                    start_ms: q.range.start_ms,
+                    end_ms: q.range.end_ms,
+                };
+                let (answers, _missing) = s.api.scatter(&self.all_regions(), &ask).await;
+                let series = answers
+                    .into_iter()
+                    .filter_map(|(region, a)| match a {
+                        RegionAnswer::Metric {
+                            resolution_ms,
+                            points,
+                        } => Some(types::Metrics {
+                            metric_type: q.metric_type.clone(),
+                            region,
+                            range: q.range,
+                            resolution_ms,
+                            points: points
+                                .into_iter()
+                                .map(|p| types::MetricPoint {
+                                    start_ms: p.start_ms,
+                                    count: p.count,
+                                    sum: p.sum,
+                                    min: p.min,
+                                    max: p.max,
+                                })
+                                .collect(),
+                        }),
+                        _ => None,
+                    })
+                    .collect();
+                Ok(gc::GlobalResult::Metric(series))
+            }
+            gc::GlobalQuery::Leaderboard(q) => {
+                let ask = RegionQuery::Leaderboard {
+                    component,
+                    category: q.category,
+                };
+                let (answers, missing) = s.api.scatter(&self.all_regions(), &ask).await;
+                if !missing.is_empty() {
+                    // A merged ranking without a region would be wrong, not
+                    // just incomplete.
+                    return Ok(Err(unavailable(format!(
+                        "regions did not answer: {}",
+                        missing.join(", ")
+                    ))));
+                }
+                let parts = answers.into_values().filter_map(|a| match a {
+                    RegionAnswer::Leaderboard(rows) => Some(rows),
+                    _ => None,
+                });
+                Ok(gc::GlobalResult::Leaderboard(
+                    merge_leaderboards(parts, q.limit)
+                        .into_iter()
+                        .map(|(rank, member, score)| types::LeaderboardEntry {
+                            rank,
+                            member,
+                            score,
+                        })
+                        .collect(),
+                ))
+            }
+            gc::GlobalQuery::Topology => Ok(gc::GlobalResult::Topology(match &s.regions {
+                Some(r) => r
+                    .regions
+                    .iter()
+                    .map(|g| types::RegionInfo {
+                        name: g.name.clone(),
+                        edges: g.edges.clone(),
+                        coordinator: g.coordinator.clone(),
+                        data_residency: g.data_residency.as_str().to_string(),
+                        compliance: g.compliance.clone(),
+                    })
+                    .collect(),
+                None => vec![types::RegionInfo {
+                    name: s.node.region.clone(),
+                    edges: vec![s.node.edge.clone()],
+                    coordinator: s.node.edge.clone(),
+                    data_residency: "global".into(),
+                    compliance: vec![],
+                }],
+            })),
+        })
+    }
+
+    async fn generate_global_report(
+        &mut self,
+        report_type: String,
+        parameters: gc::ReportParams,
+    ) -> R<gc::Report> {
+        let c = self.component();
+        let of = match report_type.as_str() {
+            "events" => Totals::Events,
+            "metrics" => Totals::Metrics,
+            other => {
+                return Ok(Err(WitError::Invalid(format!(
+                    "unknown report type {other:?}; accepted: events (application events per type), metrics (count, sum, min, max per metric)"
+                ))));
+            }
+        };
+        let range = parameters.range;
+        if range.start_ms > range.end_ms {
+            return Ok(Err(WitError::Invalid("range starts after it ends".into())));
+        }
+        let all = self.all_regions();
+        let regions = if parameters.regions.is_empty() {
+            all
+        } else {
+            if let Some(unknown) = parameters.regions.iter().find(|r| !all.contains(r)) {
+                return Ok(Err(WitError::Invalid(format!(
+                    "unknown region {unknown:?}; regions: {}",
+                    all.join(", ")
+                ))));
+            }
+            parameters.regions
+        };
+        let ask = RegionQuery::Totals {
+            component: c.ns.as_str().to_string(),
+            of,
+            start_ms: range.start_ms,
+            end_ms: range.end_ms,
+        };
+        let (answers, missing) = c.services.api.scatter(&regions, &ask).await;
+        let by_region: serde_json::Map<String, serde_json::Value> = answers
+            .iter()
+            .filter_map(|(r, a)| match a {
+                RegionAnswer::Totals(t) => Some((
+                    r.clone(),
+                    serde_json::to_value(t).expect("totals serialize"),
+                )),
+                _ => None,
+            })
+            .collect();
+        let body = serde_json::json!({
+            "report_type": report_type,
+            "range": {"start_ms": range.start_ms, "end_ms": range.end_ms},
+            "regions": by_region,
+            "missing_regions": missing,
+        });
+        Ok(Ok(gc::Report {
+            report_type,
+            generated_at_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+                .unwrap_or(0),
+            regions: answers.keys().cloned().collect(),
+            missing_regions: missing,
+            content_type: "application/json".into(),
+            body: body.to_string().into_bytes(),
+        }))
+    }
+
+    async fn search_global_users(
+        &mut self,
+        _criteria: gc::SearchCriteria,
+    ) -> R<Vec<gc::UserSummary>> {
+        Err(not_in_this_build("search-global-users"))
+    }
+
+    async fn reconcile_billing(&mut self, _period: gc::BillingPeriod) -> R<gc::Reconciliation> {
+        Err(not_in_this_build("reconcile-billing"))
+    }
+
+    async fn process_data_deletion(&mut self, _user: String, _regions: Vec<String>) -> R<String> {
+        Err(not_in_this_build("process-data-deletion"))
+    }
+
+    async fn get_deletion_status(&mut self, _id: String) -> R<gc::DeletionStatus> {
+        Err(not_in_this_build("get-deletion-status"))
+    }
+
+    async fn export_user_data(&mut self, _user: String, _format: gc::ExportFormat) -> R<String> {
+        Err(not_in_this_build("export-user-data"))
+    }
+
+    async fn get_export_status(&mut self, _id: String) -> R<gc::ExportStatus> {
+        Err(not_in_this_build("get-export-status"))
+    }
+
+    async fn read_export(&mut self, _id: String, _offset: u64, _max_bytes: u32) -> R<Vec<u8>> {
+        Err(not_in_this_build("read-export"))
+    }
+}
