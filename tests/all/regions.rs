@@ -628,11 +628,11 @@ fn regional_coordination_spans_the_edges_of_a_region() {
         },
     ]);
     let rt = runtime();
-    let nodes = BTreeMap::from(["nyc", "bos", "sfo"].map(|e| (e, world.regional_node(e))));
+    let nodes = BTreeMap::from(["nyc", "bos", "sfo", "fra"].map(|e| (e, world.regional_node(e))));
     let keels: BTreeMap<&str, Keel> = nodes.iter().map(|(e, n)| (*e, n.start())).collect();
-    let (nyc, bos, sfo) = (&keels["nyc"], &keels["bos"], &keels["sfo"]);
+    let (nyc, bos, sfo, fra) = (&keels["nyc"], &keels["bos"], &keels["sfo"], &keels["fra"]);
     rt.block_on(async {
-        for k in [nyc, bos, sfo] {
+        for k in [nyc, bos, sfo, fra] {
             k.wait_ready(|v| v["bus"]["state"] == "connected").await;
         }
         // Subscriptions on bos and sfo; events recorded at nyc.
@@ -778,6 +778,124 @@ fn regional_coordination_spans_the_edges_of_a_region() {
             )
             .await;
         assert_eq!(r.status, 400, "{}", r.body);
+
+        // Global events: published at nyc, delivered once in every region
+        // (the GLOBAL account crosses the zones), also when published twice.
+        for k in [bos, sfo, fra] {
+            let r = k
+                .post("/reg/global/subscribe", json!(["news.>"]).to_string())
+                .await;
+            assert_eq!(r.status, 200, "{}", r.body);
+        }
+        let news = json!({"id": "n-1", "event_type": "news.flash", "data": "hello world"});
+        for _ in 0..2 {
+            let r = nyc.post("/reg/global/publish", news.to_string()).await;
+            assert_eq!(r.status, 204, "{}", r.body);
+        }
+        let marker = json!({"id": "n-2", "event_type": "news.marker", "data": ""});
+        let r = nyc.post("/reg/global/publish", marker.to_string()).await;
+        assert_eq!(r.status, 204, "{}", r.body);
+        for k in [bos, sfo, fra] {
+            let got = poll_json(k, "/reg/deliveries?prefix=global/", "both news", |_, v| {
+                v.as_array().is_some_and(|a| a.len() >= 2)
+            })
+            .await;
+            let ids: Vec<&str> = got
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d["id"].as_str().unwrap())
+                .collect();
+            assert_eq!(ids, ["n-1", "n-2"], "{got}");
+            assert_eq!(got[0]["origin_region"], "us-east");
+            assert_eq!(got[0]["data"], "hello world");
+        }
+        // Residency: personal global events of users homed in a restricted
+        // zone are refused (eve is unknown to the directory: she lives where
+        // she is seen, eu-central; alice lives in us-west).
+        for (k, user) in [(fra, "eve"), (nyc, "alice")] {
+            let ev = json!({"id": "p-1", "event_type": "user.seen", "data": "", "user": user});
+            let r = k.post("/reg/global/publish", ev.to_string()).await;
+            assert_eq!(
+                (r.status, r.json()["error"].clone()),
+                (403, json!("residency")),
+                "{user}: {}",
+                r.body
+            );
+        }
+        // Global queries reach every region, across zones.
+        let topo = sfo
+            .post("/reg/global/query", json!({"topology": null}).to_string())
+            .await
+            .json();
+        let names: Vec<&str> = topo
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["us-east", "us-west", "eu-central"]);
+        assert_eq!(topo[2]["data_residency"], "gdpr");
+        assert_eq!(
+            fra.post(
+                "/reg/global/query",
+                json!({"home_region": "alice"}).to_string()
+            )
+            .await
+            .json(),
+            "us-west"
+        );
+        let metric = fra
+            .post(
+                "/reg/global/query",
+                json!({"metric": {"metric_type": "load", "start_ms": 0, "end_ms": u64::MAX}})
+                    .to_string(),
+            )
+            .await;
+        assert_eq!(metric.status, 200, "{}", metric.body);
+        let series = metric.json();
+        let regions: Vec<&str> = series
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["region"].as_str().unwrap())
+            .collect();
+        assert_eq!(regions, ["eu-central", "us-east", "us-west"], "{series}");
+        assert_eq!(series[1]["points"][0]["count"], 2, "{series}");
+        let r = sfo
+            .post(
+                "/reg/leaderboard/top",
+                json!([{"member": "alice", "delta": 1}]).to_string(),
+            )
+            .await;
+        assert_eq!(r.status, 204, "{}", r.body);
+        poll_json(sfo, "/reg/leaderboard/top", "sfo's score", |_, v| {
+            *v == json!([{"rank": 1, "member": "alice", "score": 1}])
+        })
+        .await;
+        let lb = bos
+            .post(
+                "/reg/global/query",
+                json!({"leaderboard": {"category": "top", "limit": 3}}).to_string(),
+            )
+            .await;
+        assert_eq!(
+            lb.json(),
+            json!([{"rank": 1, "member": "alice", "score": 11}])
+        );
+        let report = fra
+            .post(
+                "/reg/global/report/events",
+                json!({"start_ms": 0, "end_ms": u64::MAX}).to_string(),
+            )
+            .await;
+        assert_eq!(report.status, 200, "{}", report.body);
+        let report = report.json();
+        assert_eq!(report["missing_regions"], json!([]));
+        let body: serde_json::Value =
+            serde_json::from_str(report["body"].as_str().unwrap()).unwrap();
+        assert_eq!(body["regions"]["us-east"]["order"]["count"], 2, "{body}");
+        assert_eq!(body["regions"]["us-east"]["note"]["count"], 1, "{body}");
     });
 }
 
