@@ -20,6 +20,22 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const SECRET_ENV: &str = "KEEL_TEST_NATS_SECRET";
+const JWT_SECRET: &str = "regions-test-jwt-secret-of-32-bytes!";
+
+/// A valid session token for `user` (HS256, no issuer/audience checks).
+fn user_token(user: &str) -> String {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &json!({"sub": user, "exp": exp}),
+        &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+    )
+    .unwrap()
+}
 const SECRET: &str = "regions-test-secret";
 /// Deadline for anything that should arrive promptly.
 const WAIT: Duration = Duration::from_secs(30);
@@ -150,10 +166,11 @@ impl World {
 }
 
 impl World {
-    /// A keel node for `edge` serving regional-probe at `/reg/...`.
+    /// A keel node for `edge` serving regional-probe at `/reg/...`
+    /// (tokens: HS256 with [`JWT_SECRET`]).
     fn regional_node(&self, edge: &str) -> Node {
         let mut node = Node::new(&format!(
-            "[node]\nedge = \"{edge}\"\nregions = {:?}\n\n{}",
+            "[node]\nedge = \"{edge}\"\nregions = {:?}\n\n[auth]\n[[auth.keys]]\nalgorithm = \"HS256\"\nsecret = \"{JWT_SECRET}\"\n\n{}",
             self.path.display().to_string(),
             component(
                 "reg",
@@ -809,6 +826,47 @@ fn regional_coordination_spans_the_edges_of_a_region() {
             assert_eq!(ids, ["n-1", "n-2"], "{got}");
             assert_eq!(got[0]["origin_region"], "us-east");
             assert_eq!(got[0]["data"], "hello world");
+        }
+        // Residency of writes: eve signs in at fra and is homed in
+        // eu-central (the directory's first claim wins); her personal data
+        // is then refused on US edges and accepted in the EU.
+        let r = fra
+            .send(
+                "POST",
+                "/reg/auth",
+                &[("authorization", &format!("Bearer {}", user_token("eve")))],
+                bytes::Bytes::new(),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(r.json()["home_region"], "eu-central");
+        let r = nyc
+            .send(
+                "POST",
+                "/reg/auth",
+                &[("authorization", &format!("Bearer {}", user_token("eve")))],
+                bytes::Bytes::new(),
+            )
+            .await;
+        assert_eq!(r.json()["home_region"], "eu-central", "{}", r.body);
+        let personal = json!({"kind": "note", "key": "k", "payload": "p", "user": "eve"});
+        for (path, body) in [
+            ("/reg/event", personal.clone()),
+            ("/reg/sync", json!([personal.clone()])),
+            (
+                "/reg/activity/eve",
+                json!({"kind": "login", "attributes": {}}),
+            ),
+        ] {
+            let r = nyc.post(path, body.to_string()).await;
+            assert_eq!(
+                (r.status, r.json()["error"].clone()),
+                (403, json!("residency")),
+                "{path}: {}",
+                r.body
+            );
+            let ok = fra.post(path, body.to_string()).await;
+            assert!(ok.status == 200 || ok.status == 204, "{path}: {}", ok.body);
         }
         // Residency: personal global events of users homed in a restricted
         // zone are refused (eve is unknown to the directory: she lives where

@@ -24,6 +24,7 @@
 //! | `POST /event` (as one `/sync` element) | `edge-operations.record-local-event` | `{"id": s}` |
 //! | `POST /activity/<user>` `{kind, attributes: {..}}` | `edge-operations.record-user-activity` | 204 |
 //! | `GET /node` | `edge-operations.local-node` | `{"edge", "region"}` |
+//! | `POST /auth` (`authorization: Bearer <token>`) | `edge-operations.authenticate-user` | `{"user", "home_region"}` / 401 |
 //! | `POST /global/publish` `{"id", "event_type", "subject"?, "content_type"?, "data", "user"?}` | `publish-global-event` | 204 |
 //! | `POST /global/subscribe` `["type", "prefix.>", ..]` | `subscribe-global-events` | `{"id": n}` |
 //! | `DELETE /global/subscribe/<id>` | `unsubscribe-global-events` | 204 |
@@ -318,6 +319,15 @@ fn route(req: &Request) -> Outcome {
             };
             edge::record_user_activity(user, &activity)?;
             Ok(Reply::NoContent)
+        }
+        ("POST", ["auth"]) => {
+            let token = req
+                .bearer_token()
+                .ok_or_else(|| Failure::bad_request("authorization: Bearer <token> required"))?;
+            match edge::authenticate_user(token) {
+                Ok(s) => json(json!({"user": s.user, "home_region": s.home_region})),
+                Err(e) => Err(Failure::new(401, "auth", format!("{e:?}"))),
+            }
         }
         ("GET", ["node"]) => {
             let node = edge::local_node();

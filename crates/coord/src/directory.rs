@@ -58,11 +58,19 @@ impl From<BusError> for DirectoryError {
     }
 }
 
+/// How long [`Directory::home_cached`] trusts an answer.
+const CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(10);
+/// Entries the cache holds before it starts over.
+const CACHE_CAPACITY: usize = 100_000;
+
 /// The directory client. Cheap to share (`Arc`).
 pub struct Directory {
     bus: Arc<dyn Bus>,
     spec: KvSpec,
     ready: OnceCell<()>,
+    /// user → (home, when read), for the per-write residency checks.
+    cache:
+        std::sync::Mutex<std::collections::HashMap<String, (Option<String>, std::time::Instant)>>,
 }
 
 fn key(user: &str) -> String {
@@ -95,7 +103,41 @@ impl Directory {
                 placement: None,
             },
             ready: OnceCell::new(),
+            cache: std::sync::Mutex::default(),
         }
+    }
+
+    /// The user's home region, from a cache of at most [`CACHE_TTL`] (ten
+    /// seconds) when it has one: for checks on every write, where a
+    /// round trip to the directory per call would cost more than the write.
+    pub async fn home_cached(&self, user: &str) -> BusResult<Option<String>> {
+        if let Some((home, at)) = self.cache_lock().get(user)
+            && at.elapsed() < CACHE_TTL
+        {
+            return Ok(home.clone());
+        }
+        let home = self.home(user).await?.map(|(h, _)| h);
+        self.remember(user, home.clone());
+        Ok(home)
+    }
+
+    fn cache_lock(
+        &self,
+    ) -> std::sync::MutexGuard<
+        '_,
+        std::collections::HashMap<String, (Option<String>, std::time::Instant)>,
+    > {
+        self.cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn remember(&self, user: &str, home: Option<String>) {
+        let mut cache = self.cache_lock();
+        if cache.len() >= CACHE_CAPACITY {
+            cache.clear();
+        }
+        cache.insert(user.to_string(), (home, std::time::Instant::now()));
     }
 
     async fn ensure(&self) -> BusResult<()> {
@@ -126,7 +168,10 @@ impl Directory {
             .kv_create(DIRECTORY_BUCKET, &key(user), encode(region))
             .await
         {
-            Ok(_) => Ok(region.to_string()),
+            Ok(_) => {
+                self.remember(user, Some(region.to_string()));
+                Ok(region.to_string())
+            }
             Err(BusError::Conflict(_)) => match self.home(user).await? {
                 Some((home, _)) => Ok(home),
                 // Deleted between the two calls: try once more.
@@ -177,7 +222,10 @@ impl Directory {
             .kv_update(DIRECTORY_BUCKET, &key(user), encode(to), revision)
             .await
         {
-            Ok(_) => Ok(Switch::Switched),
+            Ok(_) => {
+                self.remember(user, Some(to.to_string()));
+                Ok(Switch::Switched)
+            }
             // Someone else wrote in between: report what is there now.
             Err(BusError::Conflict(_)) => match self.home(user).await? {
                 Some((h, _)) if h == to => Ok(Switch::AlreadyThere),

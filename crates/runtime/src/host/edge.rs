@@ -37,6 +37,9 @@ impl edge::Host for HostState {
         event: types::EventData,
     ) -> wasmtime::Result<Result<String, WitError>> {
         let c = self.component();
+        if let Err(e) = super::check_residency(&c.services, event.user.as_deref()).await {
+            return Ok(Err(e));
+        }
         Ok(c.services
             .events
             .append(&c.ns, event_data_in(event), true)
@@ -109,6 +112,33 @@ impl edge::Host for HostState {
             Ok(s) => s,
             Err(e) => return Ok(Err(auth_error(e))),
         };
+        // The global directory names the home region; a user it does not
+        // know is homed here (claimed by compare-and-set: the first region
+        // wins). Cut off from it, the edge's own copy answers.
+        if c.services.regions.is_some() {
+            let d = &c.services.directory;
+            let home = match d.home_cached(&session.user).await {
+                Ok(Some(h)) => Ok(h),
+                Ok(None) => d.claim(&session.user, &c.services.node.region).await,
+                Err(e) => Err(e),
+            };
+            match home {
+                Ok(home_region) => {
+                    return Ok(Ok(edge::UserSession {
+                        user: session.user,
+                        session_id: session.session_id,
+                        home_region,
+                        issued_at_ms: session.issued_at_ms,
+                        expires_at_ms: session.expires_at_ms,
+                        scopes: session.scopes,
+                        claims: session.claims,
+                    }));
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "directory unreachable; using this edge's copy")
+                }
+            }
+        }
         // The directory copy on this edge names the home region; a user first
         // seen here is homed in this region.
         let home_region = match c.services.edge.user_region(&session.user) {
@@ -140,6 +170,11 @@ impl edge::Host for HostState {
         user: String,
     ) -> wasmtime::Result<Result<String, WitError>> {
         let c = self.component();
+        if c.services.regions.is_some()
+            && let Ok(Some(home)) = c.services.directory.home_cached(&user).await
+        {
+            return Ok(Ok(home));
+        }
         Ok(match c.services.edge.user_region(&user) {
             Ok(Some(r)) => Ok(r),
             Ok(None) => Err(WitError::NotFound),
@@ -162,6 +197,9 @@ impl edge::Host for HostState {
         value: Option<String>,
     ) -> wasmtime::Result<Result<(), WitError>> {
         let c = self.component();
+        if let Err(e) = super::check_residency(&c.services, Some(&user)).await {
+            return Ok(Err(e));
+        }
         Ok(c.services
             .edge
             .set_preference(&c.ns, user, name, value)
@@ -175,6 +213,9 @@ impl edge::Host for HostState {
         activity: edge::ActivityData,
     ) -> wasmtime::Result<Result<(), WitError>> {
         let c = self.component();
+        if let Err(e) = super::check_residency(&c.services, Some(&user)).await {
+            return Ok(Err(e));
+        }
         let activity = Activity {
             kind: activity.kind,
             attributes: activity.attributes,

@@ -8,6 +8,9 @@ const MAX_READ: u32 = 1000;
 impl events::Host for HostState {
     async fn append(&mut self, event: types::EventData) -> wasmtime::Result<Result<u64, WitError>> {
         let c = self.component();
+        if let Err(e) = super::check_residency(&c.services, event.user.as_deref()).await {
+            return Ok(Err(e));
+        }
         Ok(c.services
             .events
             .append(&c.ns, event_data_in(event), false)

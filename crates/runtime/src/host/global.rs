@@ -57,8 +57,8 @@ impl gc::Host for HostState {
             ))));
         }
         if let Some(user) = &event.user {
-            let home = match s.directory.home(user).await {
-                Ok(h) => h.map_or_else(|| s.node.region.clone(), |(r, _)| r),
+            let home = match s.directory.home_cached(user).await {
+                Ok(h) => h.unwrap_or_else(|| s.node.region.clone()),
                 Err(e) => return Ok(Err(unavailable(e))),
             };
             if !s.residency.allows_everywhere(&home) {

@@ -44,6 +44,37 @@ pub(crate) fn is_event_type(t: &str) -> bool {
         })
 }
 
+/// `error.residency` if `user`'s personal data may not be placed in this
+/// node's region: the user's home (global directory, cached for seconds)
+/// keeps data in its residency zone. A user the directory does not know
+/// lives where it is seen. When the directory cannot be reached (a
+/// partition) the write goes ahead: edge operations keep working cut off,
+/// and users are placed (authenticated, migrated) through their home region.
+pub(crate) async fn check_residency(
+    services: &crate::Services,
+    user: Option<&str>,
+) -> Result<(), WitError> {
+    let Some(user) = user else {
+        return Ok(());
+    };
+    if services.regions.is_none() {
+        return Ok(());
+    }
+    let here = &services.node.region;
+    match services.directory.home_cached(user).await {
+        Ok(Some(home)) if !services.residency.allows(&home, here) => {
+            Err(WitError::Residency(format!(
+                "user {user:?} is homed in {home}; their personal data may not be placed in {here}"
+            )))
+        }
+        Ok(_) => Ok(()),
+        Err(e) => {
+            tracing::debug!(user, error = %e, "directory unreachable; residency not checked");
+            Ok(())
+        }
+    }
+}
+
 pub(crate) fn hlc(h: keel_core::Hlc) -> types::HlcTimestamp {
     types::HlcTimestamp {
         physical_ms: h.physical_ms,

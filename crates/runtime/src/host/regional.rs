@@ -48,6 +48,11 @@ impl rc::Host for HostState {
         if events.is_empty() {
             return Ok(Err(WitError::Invalid("no events to sync".into())));
         }
+        for e in &events {
+            if let Err(e) = super::check_residency(&c.services, e.user.as_deref()).await {
+                return Ok(Err(e));
+            }
+        }
         let events = events.into_iter().map(event_data_in).collect();
         let batch = match c.services.events.append_batch(&c.ns, events, true).await {
             Ok(b) => b,
