@@ -115,6 +115,7 @@ impl edge::Host for HostState {
         // The global directory names the home region; a user it does not
         // know is homed here (claimed by compare-and-set: the first region
         // wins). Cut off from it, the edge's own copy answers.
+        let mut global_home = None;
         if c.services.regions.is_some() {
             let d = &c.services.directory;
             let home = match d.home_cached(&session.user).await {
@@ -123,17 +124,7 @@ impl edge::Host for HostState {
                 Err(e) => Err(e),
             };
             match home {
-                Ok(home_region) => {
-                    return Ok(Ok(edge::UserSession {
-                        user: session.user,
-                        session_id: session.session_id,
-                        home_region,
-                        issued_at_ms: session.issued_at_ms,
-                        expires_at_ms: session.expires_at_ms,
-                        scopes: session.scopes,
-                        claims: session.claims,
-                    }));
-                }
+                Ok(h) => global_home = Some(h),
                 Err(e) => {
                     tracing::debug!(error = %e, "directory unreachable; using this edge's copy")
                 }
@@ -141,18 +132,21 @@ impl edge::Host for HostState {
         }
         // The directory copy on this edge names the home region; a user first
         // seen here is homed in this region.
-        let home_region = match c.services.edge.user_region(&session.user) {
-            Ok(Some(r)) => r,
-            Ok(None) => match c
-                .services
-                .edge
-                .register_user(session.user.clone(), c.services.node.region.clone())
-                .await
-            {
-                Ok(r) => r,
+        let home_region = match global_home {
+            Some(h) => h,
+            None => match c.services.edge.user_region(&session.user) {
+                Ok(Some(r)) => r,
+                Ok(None) => match c
+                    .services
+                    .edge
+                    .register_user(session.user.clone(), c.services.node.region.clone())
+                    .await
+                {
+                    Ok(r) => r,
+                    Err(e) => return Ok(Err(types::AuthError::Unavailable(e.to_string()))),
+                },
                 Err(e) => return Ok(Err(types::AuthError::Unavailable(e.to_string()))),
             },
-            Err(e) => return Ok(Err(types::AuthError::Unavailable(e.to_string()))),
         };
         Ok(Ok(edge::UserSession {
             user: session.user,

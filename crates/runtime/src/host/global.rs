@@ -80,16 +80,8 @@ impl gc::Host for HostState {
     }
 
     async fn subscribe_global_events(&mut self, event_types: Vec<String>) -> R<u64> {
-        let c = self.component();
-        let Some(me) = c.component.upgrade() else {
-            return Ok(Err(unavailable("the node is shutting down")));
-        };
         let filter = Filter::Global(GlobalFilter { types: event_types });
-        Ok(c.services
-            .regional
-            .subscribe(&me, filter)
-            .await
-            .map_err(Into::into))
+        Ok(super::subscribe(self.component(), filter).await)
     }
 
     async fn unsubscribe_global_events(&mut self, id: u64) -> R<()> {

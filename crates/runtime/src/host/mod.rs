@@ -75,6 +75,21 @@ pub(crate) async fn check_residency(
     }
 }
 
+/// Subscribes the calling component (regional or global, by the filter).
+pub(crate) async fn subscribe(
+    c: std::sync::Arc<crate::ComponentContext>,
+    filter: crate::regional::Filter,
+) -> Result<u64, WitError> {
+    let Some(me) = c.component.upgrade() else {
+        return Err(WitError::Unavailable("the node is shutting down".into()));
+    };
+    c.services
+        .regional
+        .subscribe(&me, filter)
+        .await
+        .map_err(Into::into)
+}
+
 pub(crate) fn hlc(h: keel_core::Hlc) -> types::HlcTimestamp {
     types::HlcTimestamp {
         physical_ms: h.physical_ms,

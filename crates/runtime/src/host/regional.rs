@@ -84,22 +84,12 @@ impl rc::Host for HostState {
     }
 
     async fn subscribe_regional_updates(&mut self, filter: rc::UpdateFilter) -> R<u64> {
-        let c = self.component();
-        let Some(me) = c.component.upgrade() else {
-            return Ok(Err(WitError::Unavailable(
-                "the node is shutting down".into(),
-            )));
-        };
         let filter = Filter::Regional(UpdateFilter {
             kinds: filter.kinds,
             key_prefix: filter.key_prefix,
             edges: filter.edges,
         });
-        Ok(c.services
-            .regional
-            .subscribe(&me, filter)
-            .await
-            .map_err(Into::into))
+        Ok(super::subscribe(self.component(), filter).await)
     }
 
     async fn unsubscribe_regional_updates(&mut self, id: u64) -> R<()> {
