@@ -2,7 +2,9 @@
 //! (numbers go to BENCHMARKS.md; nothing is asserted). A real loopback
 //! topology: 2 regions x 2 edges (us-east: nyc, bos; us-west: sfo, lax), one
 //! nats-server per region (gateways, residency zone "us"), release `keel up`
-//! nodes for nyc, bos and sfo serving regional-probe at `/reg/...`. Each
+//! nodes for nyc, bos and sfo serving regional-probe at `/reg/...` (granted
+//! what it imports: `regional-coordination`, `global-coordination` with its
+//! default `global` feature, `edge-operations`, `kv`). Each
 //! HTTP figure is measured over one keep-alive connection per node; the
 //! baseline is measured in the same run on the same servers:
 //!
@@ -113,6 +115,16 @@ fn main() -> anyhow::Result<()> {
     }
     let outcome = rt.block_on(run(&topology, &nodes, samples));
     report_logs(&nodes);
+    if outcome.is_err() && !INTERRUPTED.load(Ordering::Relaxed) {
+        for s in topology.nats.servers() {
+            eprintln!(
+                "--- {} log ({}), last 30 lines:\n{}",
+                s.server_name(),
+                s.log_path().display(),
+                s.log_tail(30)
+            );
+        }
+    }
     outcome
     // Drops: nodes (keel killed), then the topology (nats-servers killed,
     // then its temp dir removed).
@@ -166,7 +178,7 @@ struct Topology {
     path: PathBuf,
     // Declared before `_dir`: the servers are killed before their store
     // (inside `_dir`) is removed.
-    _nats: NatsSupercluster,
+    nats: NatsSupercluster,
     _dir: tempfile::TempDir,
 }
 
@@ -231,7 +243,7 @@ impl Topology {
         Ok(Topology {
             regions,
             path,
-            _nats: nats,
+            nats,
             _dir: dir,
         })
     }
@@ -269,7 +281,7 @@ impl Node {
             format!(
                 "[server]\nlisten = \"127.0.0.1:0\"\nworkers = 2\n\n[node]\nedge = {edge:?}\nregions = {:?}\n\n\
                  [components.reg]\nwasm = {:?}\nroute = \"/reg/...\"\n\
-                 grants = [\"regional-coordination\", \"edge-operations\", \"kv\"]\n",
+                 grants = [\"regional-coordination\", \"global-coordination\", \"edge-operations\", \"kv\"]\n",
                 topology.path.display().to_string(),
                 wasm.display().to_string()
             ),
@@ -603,26 +615,55 @@ async fn raw_round_trip(topology: &Topology, n: usize) -> anyhow::Result<Samples
     let responder = connect("bos").await?;
     let mut sub = responder.subscribe(ECHO_SUBJECT).await?;
     responder.flush().await?;
+    let echoed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let count = echoed.clone();
+    let echo_state = responder.clone();
     let echo = tokio::spawn(async move {
         while let Some(m) = sub.next().await {
-            if let Some(reply) = m.reply
-                && responder.publish(reply, m.payload).await.is_err()
-            {
-                break;
+            if let Some(reply) = m.reply {
+                if responder.publish(reply, m.payload).await.is_err() {
+                    break;
+                }
+                count.fetch_add(1, Ordering::Relaxed);
             }
         }
     });
     let payload = Bytes::from(json!({"kind": "k0", "attributes": {}}).to_string());
+    // `flush` only writes the SUB out; the server may not have processed it
+    // when the first request arrives on the other connection ("no
+    // responders"). Wait until the echo answers.
+    let deadline = Instant::now() + SAMPLE_DEADLINE;
+    loop {
+        check_interrupted()?;
+        match requester.request(ECHO_SUBJECT, payload.clone()).await {
+            Ok(_) => break,
+            Err(e)
+                if e.kind() == async_nats::RequestErrorKind::NoResponders
+                    && Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(e) => bail!("the echo on the us-east server does not answer: {e}"),
+        }
+    }
     let mut out = Samples::default();
     for i in 0..WARMUP + n {
         check_interrupted()?;
         let start = Instant::now();
-        tokio::time::timeout(
+        let outcome = tokio::time::timeout(
             SAMPLE_DEADLINE,
             requester.request(ECHO_SUBJECT, payload.clone()),
         )
-        .await
-        .context("raw NATS request timed out")??;
+        .await;
+        if !matches!(outcome, Ok(Ok(_))) {
+            bail!(
+                "raw NATS request {i}: {outcome:?}; {} echoed so far; echo task finished: {}; requester {:?}, responder {:?}",
+                echoed.load(Ordering::Relaxed),
+                echo.is_finished(),
+                requester.connection_state(),
+                echo_state.connection_state()
+            );
+        }
         if i >= WARMUP {
             out.push(start.elapsed());
         }
