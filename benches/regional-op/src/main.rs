@@ -539,7 +539,8 @@ struct Propagation {
     polls: u64,
     /// Statuses other than the expected ones while polling.
     odd_statuses: BTreeMap<u16, u64>,
-    /// Samples whose newest delivery was not the event just recorded.
+    /// Samples whose poll found more deliveries but not the event just
+    /// recorded.
     out_of_order: u64,
 }
 
@@ -675,21 +676,30 @@ async fn raw_round_trip(topology: &Topology, n: usize) -> anyhow::Result<Samples
 /// (3) A regional subscription at bos to kind `bench`; `POST /reg/event` at
 /// nyc until bos's deliveries list one more (the first `WARMUP.min(n)`
 /// events unmeasured).
+/// Which subscription [`delivery`] measures.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Via {
+    /// `record-local-event` → `subscribe-regional-updates` (same region).
+    Regional,
+    /// `publish-global-event` → `subscribe-global-events` (another region).
+    Global,
+}
+
 async fn delivery(
     (nyc, bos): (&Node, &Node),
     (a, b): (&mut Http, &mut Http),
     n: usize,
+    via: Via,
 ) -> anyhow::Result<Propagation> {
-    let (status, reply) = b
-        .call(
-            "POST",
-            "/reg/subscribe",
-            json!({"kinds": ["bench"]}).to_string(),
-        )
-        .await?;
+    let (subscribe, filter) = match via {
+        Via::Regional => ("/reg/subscribe", json!({"kinds": ["bench"]})),
+        Via::Global => ("/reg/global/subscribe", json!(["bench.>"])),
+    };
+    let (status, reply) = b.call("POST", subscribe, filter.to_string()).await?;
     if status != 200 {
         bail!(
-            "POST /reg/subscribe at bos: {status} {}\n{}",
+            "POST {subscribe} at {}: {status} {}\n{}",
+            bos.edge,
             text(&reply),
             logs(&[bos])
         );
@@ -697,20 +707,34 @@ async fn delivery(
     let id = serde_json::from_slice::<Value>(&reply)?["id"]
         .as_u64()
         .with_context(|| format!("subscription id in {}", text(&reply)))?;
-    let poll = format!("/reg/deliveries?prefix=update/{id:020}/");
+    let poll = match via {
+        Via::Regional => format!("/reg/deliveries?prefix=update/{id:020}/"),
+        Via::Global => format!("/reg/deliveries?prefix=global/{id:020}/"),
+    };
     let warmup = WARMUP.min(n);
     let mut out = Propagation::default();
     let mut have = 0;
     for i in 0..warmup + n {
         check_interrupted()?;
         let key = format!("k{i}");
-        let body = json!({"kind": "bench", "key": key, "payload": "p"}).to_string();
+        let (write, body, field) = match via {
+            Via::Regional => (
+                "/reg/event",
+                json!({"kind": "bench", "key": key, "payload": "p"}),
+                "key",
+            ),
+            Via::Global => (
+                "/reg/global/publish",
+                json!({"id": key, "event_type": "bench.tick", "data": "p"}),
+                "id",
+            ),
+        };
         let start = Instant::now();
-        let (status, reply) = a.call("POST", "/reg/event", body).await?;
+        let (status, reply) = a.call("POST", write, body.to_string()).await?;
         let written = start.elapsed();
-        if status != 200 {
+        if status != 200 && status != 204 {
             bail!(
-                "POST /reg/event at nyc: {status} {}\n{}",
+                "POST {write} at nyc: {status} {}\n{}",
                 text(&reply),
                 logs(&[nyc])
             );
@@ -738,7 +762,7 @@ async fn delivery(
                     out.total.push(end - start);
                     out.write.push(written);
                     out.last_poll.push(end - t);
-                    if list.last().map(|d| d["key"].as_str()) != Some(Some(key.as_str())) {
+                    if !list.iter().any(|d| d[field].as_str() == Some(key.as_str())) {
                         out.out_of_order += 1;
                     }
                 }
@@ -746,11 +770,42 @@ async fn delivery(
             }
             if Instant::now() > deadline {
                 bail!(
-                    "delivery of {key} not recorded at bos within {SAMPLE_DEADLINE:?} ({have} so far); last GET {poll}: {status}\n{}",
+                    "delivery of {key} not recorded at {} within {SAMPLE_DEADLINE:?} ({have} so far); last GET {poll}: {status}\n{}",
+                    bos.edge,
                     logs(&[nyc, bos])
                 );
             }
             check_interrupted()?;
+        }
+    }
+    Ok(out)
+}
+
+/// (6) `n` POSTs of `body` to `path` at `node` (after a warm-up), each
+/// answered 200.
+async fn posts(
+    node: &Node,
+    http: &mut Http,
+    path: &str,
+    body: &Value,
+    n: usize,
+) -> anyhow::Result<Samples> {
+    let mut out = Samples::default();
+    for i in 0..WARMUP + n {
+        check_interrupted()?;
+        let start = Instant::now();
+        let (status, reply) = http.call("POST", path, body.to_string()).await?;
+        let d = start.elapsed();
+        if status != 200 {
+            bail!(
+                "POST {path} at {}: {status} {}\n{}",
+                node.edge,
+                text(&reply),
+                node.log_text()
+            );
+        }
+        if i >= WARMUP {
+            out.push(d);
         }
     }
     Ok(out)
@@ -799,7 +854,24 @@ async fn run(topology: &Topology, nodes: &[Node], n: usize) -> anyhow::Result<()
         "== 3. subscription delivery: {} warm-up + {nd} samples",
         WARMUP.min(nd)
     );
-    let sub = delivery((nyc, bos), (&mut a, &mut b), nd).await?;
+    let sub = delivery((nyc, bos), (&mut a, &mut b), nd, Via::Regional).await?;
+
+    let sfo = &nodes[2];
+    let mut c = Http::new(sfo);
+    eprintln!(
+        "== 5. global event delivery nyc -> sfo: {} warm-up + {nd} samples",
+        WARMUP.min(nd)
+    );
+    let global = delivery((nyc, sfo), (&mut a, &mut c), nd, Via::Global).await?;
+    eprintln!("== 6. global query (metric, both regions): {WARMUP} warm-up + {n} samples");
+    let query = posts(
+        nyc,
+        &mut a,
+        "/reg/global/query",
+        &json!({"metric": {"metric_type": "bench", "start_ms": 0, "end_ms": u64::MAX}}),
+        n,
+    )
+    .await?;
 
     eprintln!("== 4. HTTP floor: {WARMUP} warm-up + {n} samples each");
     let floor = gets(bos, &mut b, "/reg/node", n).await?;
@@ -873,6 +945,24 @@ async fn run(topology: &Topology, nodes: &[Node], n: usize) -> anyhow::Result<()
         false,
     );
     row(
+        "global op: publish-global-event at nyc (us-east) until sfo's (us-west) on-global-event is listed by GET /reg/deliveries",
+        nd,
+        &global.total,
+        true,
+    );
+    row(
+        "... of which the POST at nyc (publish-global-event: outbox write)",
+        nd,
+        &global.write,
+        false,
+    );
+    row(
+        "global op: query-global-state(metric) at nyc, scatter-gather to both regions",
+        n,
+        &query,
+        true,
+    );
+    row(
         "HTTP floor: GET /reg/node at bos (guest call, no regional work)",
         n,
         &floor,
@@ -906,7 +996,7 @@ async fn run(topology: &Topology, nodes: &[Node], n: usize) -> anyhow::Result<()
     }
     if sub.out_of_order > 0 {
         odd.push(format!(
-            "{} deliveries whose newest entry was not the event just recorded",
+            "{} regional deliveries whose poll did not show the event just recorded",
             sub.out_of_order
         ));
     }
