@@ -152,7 +152,21 @@ struct Inner {
     request_timeout: Duration,
     streams: Mutex<HashMap<String, stream::Stream>>,
     buckets: Mutex<HashMap<String, Arc<kv::Store>>>,
+    /// Pull consumers of finished reads by (stream, filter, the sequence
+    /// they deliver next): a read that continues where one ended (a feed
+    /// following a stream) fetches from it instead of creating a consumer
+    /// (a JetStream API round trip and server work per read).
+    read_consumers: Mutex<HashMap<ReadKey, (ReadConsumer, std::time::Instant)>>,
 }
+
+type ReadKey = (String, String, u64);
+type ReadConsumer = consumer::Consumer<consumer::pull::Config>;
+/// Idle read consumers are deleted by the server after this...
+const READ_CONSUMER_INACTIVE: Duration = Duration::from_secs(30);
+/// ...so they are reused only if idle for less than this.
+const READ_CONSUMER_REUSE: Duration = Duration::from_secs(20);
+/// Parked read consumers at most (one per feed position in practice).
+const READ_CONSUMERS_MAX: usize = 256;
 
 impl Drop for Inner {
     fn drop(&mut self) {
@@ -314,6 +328,7 @@ impl NatsBus {
                 request_timeout: opts.request_timeout,
                 streams: Mutex::new(HashMap::new()),
                 buckets: Mutex::new(HashMap::new()),
+                read_consumers: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -506,13 +521,29 @@ impl NatsBus {
         from_sequence: u64,
         max: usize,
     ) -> BusResult<Vec<StreamMessage>> {
+        let from = from_sequence.max(1);
+        let key = (name.to_owned(), filter.to_owned(), from);
+        let parked = lock(&self.inner.read_consumers).remove(&key);
+        if let Some((consumer, idle_since)) = parked {
+            if idle_since.elapsed() < READ_CONSUMER_REUSE {
+                match self.fetch(&consumer, max).await {
+                    Ok(out) => {
+                        self.park(name, filter, from, &out, consumer);
+                        return Ok(out);
+                    }
+                    // Gone (stream recreated, server restarted): make one.
+                    Err(e) => tracing::debug!("nats: parked read consumer failed: {e}"),
+                }
+            }
+            self.delete_read_consumer(name, consumer);
+        }
         let handle = self.stream_handle(name).await?;
         let config = consumer::pull::Config {
-            deliver_policy: if from_sequence <= 1 {
+            deliver_policy: if from <= 1 {
                 consumer::DeliverPolicy::All
             } else {
                 consumer::DeliverPolicy::ByStartSequence {
-                    start_sequence: from_sequence,
+                    start_sequence: from,
                 }
             },
             filter_subject: if filter == ">" {
@@ -521,7 +552,7 @@ impl NatsBus {
                 filter.to_owned()
             },
             ack_policy: consumer::AckPolicy::None,
-            inactive_threshold: Duration::from_secs(30),
+            inactive_threshold: READ_CONSUMER_INACTIVE,
             memory_storage: true,
             num_replicas: 1,
             ..Default::default()
@@ -543,46 +574,86 @@ impl NatsBus {
                 return Err(err);
             }
         };
-        let info = consumer.cached_info();
-        let consumer_name = info.name.clone();
-        let want = max.min(usize::try_from(info.num_pending).unwrap_or(usize::MAX));
-        let mut out = Vec::with_capacity(want);
-        let result = async {
-            if want == 0 {
-                return Ok(());
-            }
-            let mut batch = consumer
-                .fetch()
-                .max_messages(want)
-                .messages()
-                .await
-                .map_err(|e| self.classify(&e))?;
-            while let Some(m) = batch.next().await {
-                let m = m.map_err(|e| BusError::Unavailable(format!("stream read: {e}")))?;
-                let info = m.info().map_err(|e| {
-                    BusError::Internal(format!("stream read: bad message metadata: {e}"))
-                })?;
-                let time_ms = SystemTime::from(info.published)
-                    .duration_since(UNIX_EPOCH)
-                    .map(|d| d.as_millis() as u64)
-                    .unwrap_or(0);
-                out.push(StreamMessage {
-                    sequence: info.stream_sequence,
-                    subject: m.subject.to_string(),
-                    headers: from_header_map(m.headers.as_ref()),
-                    payload: m.payload.clone(),
-                    time_ms,
-                });
-            }
-            Ok(())
+        let pending = usize::try_from(consumer.cached_info().num_pending).unwrap_or(usize::MAX);
+        let result = if pending == 0 {
+            Ok(Vec::new())
+        } else {
+            self.fetch(&consumer, max.min(pending)).await
+        };
+        match &result {
+            Ok(out) => self.park(name, filter, from, out, consumer),
+            Err(_) => self.delete_read_consumer(name, consumer),
         }
-        .await;
+        result
+    }
+
+    /// Up to `max` messages the consumer has now (no waiting).
+    async fn fetch(&self, consumer: &ReadConsumer, max: usize) -> BusResult<Vec<StreamMessage>> {
+        let mut out = Vec::new();
+        let mut batch = consumer
+            .fetch()
+            .max_messages(max)
+            .messages()
+            .await
+            .map_err(|e| self.classify(&e))?;
+        while let Some(m) = batch.next().await {
+            let m = m.map_err(|e| BusError::Unavailable(format!("stream read: {e}")))?;
+            let info = m.info().map_err(|e| {
+                BusError::Internal(format!("stream read: bad message metadata: {e}"))
+            })?;
+            let time_ms = SystemTime::from(info.published)
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0);
+            out.push(StreamMessage {
+                sequence: info.stream_sequence,
+                subject: m.subject.to_string(),
+                headers: from_header_map(m.headers.as_ref()),
+                payload: m.payload.clone(),
+                time_ms,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Keeps `consumer` for the read that continues after `out`.
+    fn park(
+        &self,
+        name: &str,
+        filter: &str,
+        from: u64,
+        out: &[StreamMessage],
+        consumer: ReadConsumer,
+    ) {
+        let next = out.last().map_or(from, |m| m.sequence + 1);
+        let evicted = {
+            let mut parked = lock(&self.inner.read_consumers);
+            let mut evicted = Vec::new();
+            if parked.len() >= READ_CONSUMERS_MAX
+                && let Some(k) = parked.keys().next().cloned()
+            {
+                evicted.extend(parked.remove(&k).map(|(c, _)| (k.0, c)));
+            }
+            let key = (name.to_owned(), filter.to_owned(), next);
+            if let Some((old, _)) = parked.insert(key, (consumer, std::time::Instant::now())) {
+                evicted.push((name.to_owned(), old));
+            }
+            evicted
+        };
+        for (stream, c) in evicted {
+            self.delete_read_consumer(&stream, c);
+        }
+    }
+
+    fn delete_read_consumer(&self, stream: &str, consumer: ReadConsumer) {
+        let js = self.inner.js.clone();
+        let stream = stream.to_owned();
+        let name = consumer.cached_info().name.clone();
         tokio::spawn(async move {
-            if let Err(e) = handle.delete_consumer(&consumer_name).await {
-                tracing::debug!("nats: deleting read consumer {consumer_name}: {e}");
+            if let Err(e) = js.delete_consumer_from_stream(&name, &stream).await {
+                tracing::debug!("nats: deleting read consumer {name}: {e}");
             }
         });
-        result.map(|()| out)
     }
 }
 

@@ -32,9 +32,9 @@
 //! delivered to core subscribers) wakes the feed for new messages; it then
 //! reads `stream_read(stream, filter, cursor + 1, batch)` until a read comes
 //! back empty. Subscriptions are at most once, so the feed also reads every
-//! [`FeedOptions::poll_interval`], right after each reconnect, and once more
-//! shortly after a notification whose read found nothing (the notification
-//! can overtake the stream's store on NATS). A missing stream
+//! [`FeedOptions::poll_interval`], right after each reconnect, and again
+//! after 1, 2, 4, ... 32 ms when a notification's read found nothing (the
+//! notification can overtake the stream's store on NATS). A missing stream
 //! (`BusError::NotFound`: no edge has forwarded yet) is waited for.
 
 use crate::Dedup;
@@ -54,8 +54,11 @@ const READ_RETRY_MAX: Duration = Duration::from_secs(1);
 /// Backoff between attempts of a failing handler: doubles from `MIN` to `MAX`.
 const APPLY_RETRY_MIN: Duration = Duration::from_millis(20);
 const APPLY_RETRY_MAX: Duration = Duration::from_secs(5);
-/// Second look after a notification whose read found nothing new.
-const RECHECK: Duration = Duration::from_millis(25);
+/// Second looks after a notification whose read found nothing new (the
+/// notification overtook the stream's store): after 1 ms, then doubling,
+/// until one finds something or the wait would exceed `RECHECK_MAX`.
+const RECHECK_MIN: Duration = Duration::from_millis(1);
+const RECHECK_MAX: Duration = Duration::from_millis(32);
 /// Undecodable messages are logged on the 1st, 101st, 201st, ...
 const UNDECODABLE_LOG_EVERY: u64 = 100;
 /// Queued notifications swallowed per wake-up (one read covers them all).
@@ -250,6 +253,8 @@ impl Feed {
         let mut read_backoff = READ_RETRY_MIN;
         let mut failing = false;
         let mut notified = false;
+        // The current second-look delay (see `RECHECK_MIN`).
+        let mut recheck: Option<Duration> = None;
         loop {
             let connected = *connection.borrow_and_update() == ConnectionState::Connected;
             // Subscribe before reading, so nothing appended after the read
@@ -279,11 +284,14 @@ impl Feed {
                             failing = false;
                         }
                         read_backoff = READ_RETRY_MIN;
-                        if notified && read == 0 {
-                            RECHECK.min(poll)
+                        recheck = if read > 0 {
+                            None
+                        } else if notified {
+                            Some(RECHECK_MIN)
                         } else {
-                            poll
-                        }
+                            recheck.map(|d| d * 2).filter(|d| *d <= RECHECK_MAX)
+                        };
+                        recheck.map_or(poll, |d| d.min(poll))
                     }
                     Err(e) => {
                         bump(&self.counters.read_errors);
