@@ -101,6 +101,15 @@ pub fn host_record_key(table: &str, key: &str) -> Vec<u8> {
     k
 }
 
+/// `g\0<ns>\0<id>`: a global event id this node queued for a component
+/// (publishing it again is a no-op). Value: when, in ms since the epoch.
+pub fn global_event_key(ns: &Namespace, id: &str) -> Vec<u8> {
+    let mut k = b"g\0".to_vec();
+    k.extend_from_slice(&ns_prefix(ns));
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
 pub fn meta_incarnation() -> Vec<u8> {
     b"incarnation".to_vec()
 }

@@ -721,6 +721,13 @@ impl EdgeStore for RocksStore {
         let inner = self.inner.clone();
         let ns = ns.clone();
         let write = self.inner.committer.write(move |tx| {
+            // Publishing an id again is a no-op on this node, however long
+            // after (JetStream's own dedup only spans its window).
+            let seen = keys::global_event_key(&ns, &event.id);
+            if tx.get(Cf::Meta, &seen)?.is_some() {
+                return Ok(());
+            }
+            tx.put(Cf::Meta, seen, now_ms().to_be_bytes().to_vec());
             let entry = OutboxEntry::Global {
                 component: ns.to_string(),
                 event,

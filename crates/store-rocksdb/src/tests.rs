@@ -525,3 +525,31 @@ async fn host_records_are_kept_per_table_and_survive_a_restart() {
     assert_eq!(s.host_record("subs", "a/1").unwrap(), None);
     assert_eq!(s.host_records("subs").unwrap().len(), 1);
 }
+
+#[tokio::test]
+async fn a_global_event_id_is_queued_once_per_component_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let ev = |id: &str| GlobalEvent {
+        id: id.into(),
+        event_type: "user.registered".into(),
+        subject: None,
+        content_type: None,
+        data: b"d".to_vec(),
+        user: None,
+    };
+    let s = RocksStore::open(dir.path(), options(true)).unwrap();
+    s.queue_global_event(&ns("a"), ev("e1")).await.unwrap();
+    s.queue_global_event(&ns("a"), ev("e1")).await.unwrap();
+    // Another component's id space is its own.
+    s.queue_global_event(&ns("b"), ev("e1")).await.unwrap();
+    assert_eq!(s.outbox_positions().unwrap(), (2, 0));
+    s.outbox_ack(2).await.unwrap();
+    drop(s);
+    // Long after the stream's dedup window: still once.
+    let s = RocksStore::open(dir.path(), options(true)).unwrap();
+    s.queue_global_event(&ns("a"), ev("e1")).await.unwrap();
+    s.queue_global_event(&ns("a"), ev("e2")).await.unwrap();
+    let out = s.outbox_peek(0, 10).unwrap();
+    assert_eq!(out.len(), 1);
+    assert!(matches!(&out[0].1, OutboxEntry::Global { event, .. } if event.id == "e2"));
+}

@@ -111,7 +111,9 @@ pub trait EdgeStore: Send + Sync + 'static {
     /// value that is NaN or infinite.
     fn record_metric(&self, ns: &Namespace, metric: String, value: f64) -> WriteFuture<()>;
     /// Queues an event for every region (forwarded to the global stream).
-    /// `Invalid` if it is larger than the event limit.
+    /// An id this node already queued for the component is not queued again
+    /// (`Ok`: publishing is idempotent per id). `Invalid` if it is larger
+    /// than the event limit.
     fn queue_global_event(&self, ns: &Namespace, event: GlobalEvent) -> WriteFuture<()>;
     /// Stores the user's last activity and queues it for the region.
     fn record_activity(&self, ns: &Namespace, user: String, activity: Activity) -> WriteFuture<()>;
