@@ -5,7 +5,9 @@
 //! every delivery into `kv`. Used by the integration tests. Targets world
 //! `edge-service`, but calls only `regional-coordination`,
 //! `global-coordination`, `edge-operations` and `kv`, so the built component
-//! imports only those (and `types` + WASI). Mount it at a prefix route
+//! imports only those (and `types` + WASI). The `/global/...` routes are the
+//! cargo feature `global` (on by default); without it the component imports
+//! no `global-coordination`. Mount it at a prefix route
 //! (`/regional/...`); routes below are relative to that prefix.
 //!
 //! | route | call | answer |
