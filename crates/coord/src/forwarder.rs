@@ -117,18 +117,24 @@ async fn run(
     // batch goes out while that fsync runs.
     let mut sent = 0u64;
     let mut removing: Option<Removal> = None;
+    let mut prepared: Option<Prepared> = None;
     loop {
         if let Ok(d) = outbox.outbox_depth() {
             metrics.depth.set(i64::try_from(d).unwrap_or(i64::MAX));
         }
-        let mut batch = match outbox.outbox_peek(sent, BATCH) {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot read the outbox");
-                metrics.errors.inc();
-                tokio::time::sleep(RETRY_MAX).await;
-                continue;
-            }
+        // A batch prepared while the previous one was in flight is used
+        // only if it starts right after what the region acknowledged.
+        let (mut batch, mut msgs) = match prepared.take() {
+            Some(p) if p.batch.first().map(|e| e.0) == Some(sent + 1) => (p.batch, Some(p.msgs)),
+            _ => match outbox.outbox_peek(sent, BATCH) {
+                Ok(b) => (b, None),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the outbox");
+                    metrics.errors.inc();
+                    tokio::time::sleep(RETRY_MAX).await;
+                    continue;
+                }
+            },
         };
         let region_route = &mut routes[0];
         if batch.is_empty()
@@ -160,14 +166,7 @@ async fn run(
             }
             continue;
         }
-        // One destination per round: the run of entries going where the
-        // first one goes (outbox order is kept per destination and overall).
-        let global_run = is_global(&batch[0].1);
-        let run = batch
-            .iter()
-            .take_while(|(_, e)| is_global(e) == global_run)
-            .count();
-        batch.truncate(run);
+        let global_run = take_run(&mut batch);
         let dest = &mut routes[usize::from(global_run)];
         if *dest.connection.borrow_and_update() != ConnectionState::Connected {
             tokio::select! {
@@ -188,30 +187,25 @@ async fn run(
                 }
             }
         }
-        let msgs: Vec<StreamAppend> = batch
-            .iter()
-            .map(|(seq, entry)| {
-                let event = envelope::outbox_event(&opts.region, &origin, *seq, entry);
-                let (subject, msg_id) = match entry {
-                    OutboxEntry::Global {
-                        component,
-                        event: g,
-                        ..
-                    } => (
-                        format!("{GLOBAL_EVENTS_PREFIX}.{}", g.event_type),
-                        envelope::global_msg_id(component, &g.id),
-                    ),
-                    _ => (subject.clone(), envelope::outbox_msg_id(&origin, *seq)),
-                };
-                StreamAppend {
-                    subject,
-                    headers: vec![("content-type".into(), CONTENT_TYPE.into())],
-                    payload: Bytes::from(event.to_json()),
-                    msg_id: Some(msg_id),
-                }
-            })
-            .collect();
-        let acks = dest.bus.stream_append_many(msgs).await;
+        let msgs = msgs
+            .take()
+            .unwrap_or_else(|| build(&batch, &opts.region, &origin, &subject));
+        // Prepare the next batch while this one's acknowledgements are on
+        // their way (it goes out only after all of them, so order and
+        // "removed only after acknowledged" hold).
+        let last = batch[batch.len() - 1].0;
+        let send = dest.bus.stream_append_many(msgs);
+        let prepare = async {
+            let mut next = outbox.outbox_peek(last, BATCH).ok()?;
+            if next.is_empty() {
+                return None;
+            }
+            take_run(&mut next);
+            let msgs = build(&next, &opts.region, &origin, &subject);
+            Some(Prepared { batch: next, msgs })
+        };
+        let (acks, next) = tokio::join!(send, prepare);
+        prepared = next;
         let acked = acks.iter().take_while(|a| a.is_ok()).count();
         for a in acks.iter().take(acked).flatten() {
             metrics.forwarded.inc();
@@ -242,6 +236,58 @@ async fn run(
             Some(Ok(_)) => {}
         }
     }
+}
+
+/// The next batch, built while the previous one was in flight.
+struct Prepared {
+    batch: Vec<(u64, OutboxEntry)>,
+    msgs: Vec<StreamAppend>,
+}
+
+/// Cuts `batch` (not empty) to the run of entries going where the first one
+/// goes — one destination per round; outbox order is kept per destination
+/// and overall. Returns whether that run is global.
+fn take_run(batch: &mut Vec<(u64, OutboxEntry)>) -> bool {
+    let global = is_global(&batch[0].1);
+    let run = batch
+        .iter()
+        .take_while(|(_, e)| is_global(e) == global)
+        .count();
+    batch.truncate(run);
+    global
+}
+
+/// The stream messages of a batch: CloudEvents JSON, `Nats-Msg-Id`
+/// `<origin>:<seq>` (global events: `global:<component>:<id>`).
+fn build(
+    batch: &[(u64, OutboxEntry)],
+    region: &str,
+    origin: &str,
+    subject: &str,
+) -> Vec<StreamAppend> {
+    batch
+        .iter()
+        .map(|(seq, entry)| {
+            let event = envelope::outbox_event(region, origin, *seq, entry);
+            let (subject, msg_id) = match entry {
+                OutboxEntry::Global {
+                    component,
+                    event: g,
+                    ..
+                } => (
+                    format!("{GLOBAL_EVENTS_PREFIX}.{}", g.event_type),
+                    envelope::global_msg_id(component, &g.id),
+                ),
+                _ => (subject.to_string(), envelope::outbox_msg_id(origin, *seq)),
+            };
+            StreamAppend {
+                subject,
+                headers: vec![("content-type".into(), CONTENT_TYPE.into())],
+                payload: Bytes::from(event.to_json()),
+                msg_id: Some(msg_id),
+            }
+        })
+        .collect()
 }
 
 /// An outbox removal committing in the background.
