@@ -5,9 +5,6 @@
 
 use crate::support::*;
 use serde_json::{Value, json};
-use std::time::{Duration, Instant};
-
-const WAIT: Duration = Duration::from_secs(30);
 
 fn probe_node(extra: &str) -> Node {
     Node::new(&format!(
@@ -27,26 +24,10 @@ fn probe_node(extra: &str) -> Node {
     ))
 }
 
-/// Polls `path` until `f` holds for its JSON.
+/// Polls `path` until it answers 200 with JSON for which `f` holds.
 async fn poll(node: &Keel, path: &str, what: &str, f: impl Fn(&Value) -> bool) -> Value {
-    let end = Instant::now() + WAIT;
-    loop {
-        let r = node.get(path).await;
-        if r.status == 200 {
-            let v = r.json();
-            if f(&v) {
-                return v;
-            }
-        }
-        assert!(
-            Instant::now() < end,
-            "timed out waiting for {what}; last {path}: {} {}\n{}",
-            r.status,
-            r.body,
-            node.log()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    node.poll("GET", path, "", what, |s, v| s == 200 && f(v))
+        .await
 }
 
 async fn post_json(node: &Keel, path: &str, body: Value) -> Reply {
@@ -510,17 +491,20 @@ async fn global_queries_and_reports_on_a_single_node() {
     let lb = q(json!({"leaderboard": {"category": "all", "limit": 5}})).await;
     assert_eq!(lb.json(), json!([{"rank": 1, "member": "a", "score": 2}]));
     // Reports: application events per type, metrics totals.
-    let report = poll_post(
-        &keel,
-        "/reg/global/report/events",
-        json!({"start_ms": 0, "end_ms": u64::MAX}),
-        |v| {
-            v["body"]
-                .as_str()
-                .is_some_and(|b| b.contains("\"count\":2"))
-        },
-    )
-    .await;
+    let report = keel
+        .poll(
+            "POST",
+            "/reg/global/report/events",
+            &json!({"start_ms": 0, "end_ms": u64::MAX}).to_string(),
+            "the events report",
+            |s, v| {
+                s == 200
+                    && v["body"]
+                        .as_str()
+                        .is_some_and(|b| b.contains("\"count\":2"))
+            },
+        )
+        .await;
     assert_eq!(report["regions"], json!(["local"]));
     assert_eq!(report["missing_regions"], json!([]));
     let body: Value = serde_json::from_str(report["body"].as_str().unwrap()).unwrap();
@@ -548,22 +532,4 @@ async fn global_queries_and_reports_on_a_single_node() {
     )
     .await;
     assert_eq!(r.status, 400, "{}", r.body);
-}
-
-/// Polls a POST until `f` holds for its JSON.
-async fn poll_post(node: &Keel, path: &str, body: Value, f: impl Fn(&Value) -> bool) -> Value {
-    let end = Instant::now() + WAIT;
-    loop {
-        let r = post_json(node, path, body.clone()).await;
-        if r.status == 200 && f(&r.json()) {
-            return r.json();
-        }
-        assert!(
-            Instant::now() < end,
-            "timed out on {path}; last: {} {}",
-            r.status,
-            r.body
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }

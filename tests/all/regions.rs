@@ -184,29 +184,14 @@ impl World {
     }
 }
 
-/// Polls `path` on `node` until `f` holds for its JSON (any status).
+/// Polls `GET path` on `node` until `f` holds for its status and JSON.
 async fn poll_json(
     node: &Keel,
     path: &str,
     what: &str,
     f: impl Fn(u16, &serde_json::Value) -> bool,
 ) -> serde_json::Value {
-    let end = Instant::now() + WAIT;
-    loop {
-        let r = node.get(path).await;
-        let v: serde_json::Value = serde_json::from_slice(&r.raw).unwrap_or_default();
-        if f(r.status, &v) {
-            return v;
-        }
-        assert!(
-            Instant::now() < end,
-            "timed out waiting for {what}; last {path}: {} {}\n{}",
-            r.status,
-            r.body,
-            node.log()
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    node.poll("GET", path, "", what, f).await
 }
 
 /// The tests' own runtime: they are plain `#[test]`s because starting NATS

@@ -275,6 +275,35 @@ impl Keel {
         }
     }
 
+    /// Repeats `method path` (with `body`) until `f` holds for the reply's
+    /// status and JSON (`null` if not JSON); returns that JSON. Panics after
+    /// 30 s with `what`, the last reply and the node's log.
+    pub async fn poll(
+        &self,
+        method: &str,
+        path: &str,
+        body: &str,
+        what: &str,
+        f: impl Fn(u16, &serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let end = Instant::now() + Duration::from_secs(30);
+        loop {
+            let r = request(self.addr, method, path, Bytes::from(body.to_string())).await;
+            let v: serde_json::Value = serde_json::from_slice(&r.raw).unwrap_or_default();
+            if f(r.status, &v) {
+                return v;
+            }
+            assert!(
+                Instant::now() < end,
+                "timed out waiting for {what}; last {method} {path}: {} {}\n{}",
+                r.status,
+                r.body,
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Poll `/_keel/components` until `f` holds for component `name`.
     pub async fn wait_component(
         &self,
