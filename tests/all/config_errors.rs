@@ -36,7 +36,7 @@ fn granted_but_unimplemented_interface_is_not_available_in_this_build() {
     ));
     let err = refused(&node);
     assert!(
-        err.contains("imports keel:platform/ledger@0.1.0 (granted as \"ledger\"), which is not available in this build; available: edge-operations, events, global-coordination, kv, regional-coordination, sql, state"),
+        err.contains("imports keel:platform/ledger@0.1.0 (granted as \"ledger\"), which is not available in this build; available: cache, edge-operations, events, global-coordination, kv, regional-coordination, sql, state"),
         "{err}"
     );
 }

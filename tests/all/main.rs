@@ -4,6 +4,7 @@
 mod support;
 
 mod admin;
+mod cache;
 mod config_errors;
 mod crash;
 mod edge_tier;

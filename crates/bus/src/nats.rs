@@ -900,6 +900,10 @@ impl Bus for NatsBus {
         self.inner.state.tx.subscribe()
     }
 
+    fn connection_epoch(&self) -> u64 {
+        *lock(&self.inner.state.generation)
+    }
+
     async fn publish(&self, subject: &str, headers: Headers, payload: Bytes) -> BusResult<()> {
         check_publish_subject(subject)?;
         check_headers(&headers)?;

@@ -41,6 +41,25 @@ pub struct InfrastructureConfig {
     pub event_log: EventLogBackend,
     pub event_stream: EventStreamBackend,
     pub state: StateBackend,
+    pub cache: CacheBackend,
+}
+
+/// The hierarchical cache (`keel-cache`): L1 in-process, L2/L3 KV buckets
+/// on the bus.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CacheBackend {
+    Tiered {
+        /// Bytes of keys and values L1 holds per node.
+        l1_max_bytes: u64,
+        /// Default TTLs per level (a call may choose its own).
+        l1_ttl: Duration,
+        l2_ttl: Duration,
+        l3_ttl: Duration,
+        /// Longest TTL a call may ask for.
+        max_ttl: Duration,
+        max_key_bytes: usize,
+        max_value_bytes: usize,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -111,6 +130,17 @@ impl Default for InfrastructureConfig {
                 // stay well under the server's default max_payload (1 MiB).
                 max_state_bytes: 512 * 1024,
             },
+            cache: CacheBackend::Tiered {
+                l1_max_bytes: 64 * 1024 * 1024,
+                l1_ttl: Duration::from_secs(300),
+                l2_ttl: Duration::from_secs(900),
+                l3_ttl: Duration::from_secs(3600),
+                max_ttl: Duration::from_secs(24 * 3600),
+                // Keys travel hex-encoded in KV subjects; values in one NATS
+                // message (default max_payload 1 MiB).
+                max_key_bytes: 512,
+                max_value_bytes: 512 * 1024,
+            },
         }
     }
 }
@@ -131,6 +161,20 @@ pub(crate) struct RawInfrastructure {
     event_log: Option<Spanned<RawEventLog>>,
     event_stream: Option<Spanned<RawEventStream>>,
     state: Option<Spanned<RawState>>,
+    cache: Option<Spanned<RawCache>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawCache {
+    r#type: Spanned<String>,
+    l1_max_bytes: Option<Spanned<String>>,
+    l1_ttl: Option<Spanned<String>>,
+    l2_ttl: Option<Spanned<String>>,
+    l3_ttl: Option<Spanned<String>>,
+    max_ttl: Option<Spanned<String>>,
+    max_key_bytes: Option<Spanned<String>>,
+    max_value_bytes: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -477,7 +521,107 @@ pub(crate) fn build_infrastructure(
             );
         }
     }
+    if let Some(c) = raw.cache {
+        let span = c.span();
+        let c = c.into_inner();
+        if check_type(
+            src,
+            "infrastructure.cache.type",
+            &c.r#type,
+            &["tiered"],
+            diags,
+        ) {
+            let CacheBackend::Tiered {
+                l1_max_bytes,
+                l1_ttl,
+                l2_ttl,
+                l3_ttl,
+                max_ttl,
+                max_key_bytes,
+                max_value_bytes,
+            } = &mut cfg.cache;
+            let mut l1_bytes = *l1_max_bytes as usize;
+            bounded_size(
+                src,
+                &c.l1_max_bytes,
+                "infrastructure.cache.l1-max-bytes",
+                1024 * 1024..=64 * 1024 * 1024 * 1024,
+                &mut l1_bytes,
+                diags,
+            );
+            *l1_max_bytes = l1_bytes as u64;
+            bounded_size(
+                src,
+                &c.max_key_bytes,
+                "infrastructure.cache.max-key-bytes",
+                1..=1024,
+                max_key_bytes,
+                diags,
+            );
+            bounded_size(
+                src,
+                &c.max_value_bytes,
+                "infrastructure.cache.max-value-bytes",
+                1..=8 * 1024 * 1024,
+                max_value_bytes,
+                diags,
+            );
+            let day = Duration::from_secs(24 * 3600);
+            bounded_duration(
+                src,
+                &c.max_ttl,
+                "infrastructure.cache.max-ttl",
+                (Duration::from_secs(1), 30 * day),
+                max_ttl,
+                diags,
+            );
+            for (v, key, out) in [
+                (&c.l1_ttl, "infrastructure.cache.l1-ttl", &mut *l1_ttl),
+                (&c.l2_ttl, "infrastructure.cache.l2-ttl", &mut *l2_ttl),
+                (&c.l3_ttl, "infrastructure.cache.l3-ttl", &mut *l3_ttl),
+            ] {
+                bounded_duration(src, v, key, (Duration::from_secs(1), *max_ttl), out, diags);
+            }
+            // Defaults above a lowered max-ttl would be refused at every call.
+            for (d, key) in [(l1_ttl, "l1-ttl"), (l2_ttl, "l2-ttl"), (l3_ttl, "l3-ttl")] {
+                if *d > *max_ttl {
+                    diags.push(src.at(
+                        Some(span.clone()),
+                        &format!("infrastructure.cache.{key}"),
+                        format!(
+                            "the default of {}s exceeds max-ttl ({}s); set {key} at most max-ttl",
+                            d.as_secs(),
+                            max_ttl.as_secs()
+                        ),
+                    ));
+                }
+            }
+        }
+    }
     cfg
+}
+
+/// A duration within `range` (inclusive), or a diagnostic naming it.
+fn bounded_duration(
+    src: &Source,
+    v: &Option<Spanned<String>>,
+    key: &str,
+    (min, max): (Duration, Duration),
+    out: &mut Duration,
+    diags: &mut Vec<Diagnostic>,
+) {
+    let Some(v) = v else { return };
+    if let Some(d) = duration(src, v, key, diags) {
+        if d < min || d > max {
+            diags.push(src.at(
+                Some(v.span()),
+                key,
+                format!("accepted: {}s to {}s", min.as_secs(), max.as_secs()),
+            ));
+        } else {
+            *out = d;
+        }
+    }
 }
 
 /// A NATS server URL as async-nats accepts it: `nats://` or `tls://`, a host

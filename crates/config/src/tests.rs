@@ -237,3 +237,66 @@ fn region_global_is_reserved() {
         .to_string();
     assert!(e.contains("node.region") && e.contains("reserved"), "{e}");
 }
+
+#[test]
+fn cache_backend_defaults_and_overrides() {
+    use crate::CacheBackend;
+    use std::time::Duration;
+    let d = parse("").unwrap();
+    let CacheBackend::Tiered {
+        l1_ttl,
+        l2_ttl,
+        l3_ttl,
+        ..
+    } = d.infrastructure.cache;
+    assert_eq!(
+        (l1_ttl, l2_ttl, l3_ttl),
+        (
+            Duration::from_secs(300),
+            Duration::from_secs(900),
+            Duration::from_secs(3600)
+        )
+    );
+    let c = parse(
+        "[infrastructure]\ncache = { type = \"tiered\", l1-max-bytes = \"8MiB\", l1-ttl = \"10s\", l2-ttl = \"1m\", l3-ttl = \"2h\", max-ttl = \"2h\", max-key-bytes = \"256\", max-value-bytes = \"64KiB\" }\n",
+    )
+    .unwrap();
+    assert_eq!(
+        c.infrastructure.cache,
+        CacheBackend::Tiered {
+            l1_max_bytes: 8 << 20,
+            l1_ttl: Duration::from_secs(10),
+            l2_ttl: Duration::from_secs(60),
+            l3_ttl: Duration::from_secs(7200),
+            max_ttl: Duration::from_secs(7200),
+            max_key_bytes: 256,
+            max_value_bytes: 64 << 10,
+        }
+    );
+}
+
+#[test]
+fn cache_errors_name_key_and_accepted_values() {
+    for (toml, needle) in [
+        ("cache = { type = \"redis\" }", "supported: \"tiered\""),
+        (
+            "cache = { type = \"tiered\", l2-ttl = \"0s\" }",
+            "infrastructure.cache.l2-ttl",
+        ),
+        (
+            "cache = { type = \"tiered\", max-ttl = \"10m\" }",
+            "exceeds max-ttl",
+        ),
+        (
+            "cache = { type = \"tiered\", max-value-bytes = \"1GiB\" }",
+            "infrastructure.cache.max-value-bytes",
+        ),
+        ("cache = { type = \"tiered\", l4-ttl = \"1s\" }", "l4-ttl"),
+    ] {
+        let e = parse(&format!("[infrastructure]\n{toml}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(needle), "{toml}: {e}");
+        assert!(e.contains("keel.toml:2:"), "{toml}: {e}");
+    }
+}

@@ -31,6 +31,7 @@ pub use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use bytes::Bytes;
 use keel_config::{ComponentConfig, Diagnostic, Diagnostics, KeelConfig};
 use keel_telemetry::{ComponentMetrics, Metrics};
+use keel_world::bindings::exports::keel::platform::cache_loader::GuestIndices as CacheLoaderIndices;
 use keel_world::bindings::exports::keel::platform::subscriber::GuestIndices as SubscriberIndices;
 use keel_world::bindings::keel::platform::types as wit;
 use sha2::Digest as _;
@@ -67,6 +68,8 @@ pub struct LoadedComponent {
     pre: ProxyPre<HostState>,
     /// The exported `keel:platform/subscriber`, if any.
     subscriber: Option<SubscriberIndices>,
+    /// The exported `keel:platform/cache-loader`, if any.
+    cache_loader: Option<CacheLoaderIndices>,
     /// `None` only for `keel check`, which never serves.
     context: Option<Arc<ComponentContext>>,
     permits: Arc<Semaphore>,
@@ -245,6 +248,17 @@ fn load_component(
     } else {
         None
     };
+    let cache_loader = if exports
+        .iter()
+        .any(|e| keel_world::interface_short_name(e) == Some("cache-loader"))
+    {
+        Some(
+            CacheLoaderIndices::new(pre.instance_pre())
+                .map_err(|e| at_wasm(format!("keel:platform/cache-loader export: {e:#}")))?,
+        )
+    } else {
+        None
+    };
     Ok(Arc::new_cyclic(|this| LoadedComponent {
         config: c.clone(),
         digest,
@@ -255,6 +269,7 @@ fn load_component(
         metrics: metrics.component(&c.name),
         pre,
         subscriber,
+        cache_loader,
         context: services.map(|s| {
             Arc::new(ComponentContext {
                 ns: keel_store::Namespace::new(&c.name)
@@ -394,6 +409,63 @@ impl LoadedComponent {
             tracing::warn!(component = %self.config.name, subscription, sequence, reason, "delivery failed; will retry");
         }
         outcome
+    }
+
+    /// Whether the component exports `keel:platform/cache-loader`.
+    pub fn exports_cache_loader(&self) -> bool {
+        self.cache_loader.is_some()
+    }
+
+    /// Calls the exported `cache-loader.load` in a fresh instance under the
+    /// component's limits. It takes no instance slot: it runs on behalf of
+    /// a call that holds one (waiting for another could deadlock a
+    /// component limited to one instance). `Err` says why it failed.
+    pub(crate) async fn load_cache_entry(
+        self: &Arc<Self>,
+        key: &str,
+    ) -> Result<Option<keel_cache::Loaded>, keel_cache::CacheError> {
+        use keel_cache::CacheError;
+        let indices = self.cache_loader.as_ref().ok_or_else(|| {
+            CacheError::Invalid("the component does not export keel:platform/cache-loader".into())
+        })?;
+        let started = Instant::now();
+        let mut store = self
+            .new_store(started)
+            .map_err(|f| CacheError::Unavailable(f.0))?;
+        store.data_mut().in_cache_loader = true;
+        let timeout = self.config.limits.timeout;
+        self.metrics.in_flight.inc();
+        let run = async {
+            let instance = self
+                .pre
+                .instance_pre()
+                .instantiate_async(&mut store)
+                .await?;
+            let guest = indices.load(&mut store, &instance)?;
+            guest.call_load(&mut store, key).await
+        };
+        let outcome = tokio::time::timeout(timeout + HARD_DEADLINE_GRACE, run).await;
+        drop(store);
+        self.metrics.in_flight.dec();
+        let failed = |reason: String| {
+            self.metrics.traps.inc();
+            tracing::warn!(component = %self.config.name, key, reason, "cache-loader failed");
+            CacheError::Unavailable(format!("cache-loader failed: {reason}"))
+        };
+        match outcome {
+            Ok(Ok(Ok(loaded))) => Ok(loaded.map(|l| keel_cache::Loaded {
+                value: l.value,
+                ttl: l.ttl_seconds.map(|s| Duration::from_secs(s.into())),
+                scope: host::cache_scope(l.scope),
+            })),
+            Ok(Ok(Err(e))) => Err(CacheError::Unavailable(format!(
+                "cache-loader returned an error: {e:?}"
+            ))),
+            Ok(Err(trap)) => Err(failed(describe_guest_error(&trap, timeout))),
+            Err(_) => Err(failed(format!(
+                "deadline of {timeout:?} exceeded while blocked in a host call; instance dropped"
+            ))),
+        }
     }
 
     /// Reserve one instance slot, or `None` when all are busy.

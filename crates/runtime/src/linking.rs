@@ -10,6 +10,7 @@ use wasmtime::component::Linker;
 /// this build. A granted interface outside this list makes the component
 /// fail to load rather than be linked with fake answers.
 pub const IMPLEMENTED_INTERFACES: &[&str] = &[
+    "cache",
     "edge-operations",
     "events",
     "global-coordination",

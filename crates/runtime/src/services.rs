@@ -2,17 +2,13 @@
 //! the bus and state sync.
 
 use keel_bus::Bus;
-use keel_cache::LocalCache;
 use keel_config::{
-    Diagnostic, Diagnostics, EventLogBackend, EventStreamBackend, KeelConfig, KvBackend,
-    NodeConfig, RegionsConfig, SqlBackend, StateBackend,
+    CacheBackend, Diagnostic, Diagnostics, EventLogBackend, EventStreamBackend, KeelConfig,
+    KvBackend, NodeConfig, RegionsConfig, SqlBackend, StateBackend,
 };
 use keel_store::{EdgeStore, EventLog, KvStore, SqlStore, StoreLimits};
 use keel_telemetry::Metrics;
 use std::sync::Arc;
-
-/// Bytes of L1 cache per node.
-const L1_BYTES: u64 = 64 * 1024 * 1024;
 
 /// Everything a host interface may call. Built once per process.
 pub struct Services {
@@ -26,7 +22,8 @@ pub struct Services {
     pub outbox: Arc<dyn keel_store::Outbox>,
     pub sql: Arc<dyn SqlStore>,
     pub auth: Arc<keel_auth::Authenticator>,
-    pub local_cache: LocalCache,
+    /// The hierarchical cache (L1 here, L2 the region's bucket, L3 global).
+    pub cache: keel_cache::TieredCache,
     /// The region's bus (in a `regions.toml` deployment: the connection in
     /// the region's residency-zone account).
     pub bus: Arc<dyn Bus>,
@@ -218,6 +215,13 @@ impl Services {
             background.handle(),
         )
         .map_err(|e| fail("CRDT replicas", e))?;
+        let cache = keel_cache::TieredCache::new(
+            cache_options(config),
+            bus.clone(),
+            buses.global.clone(),
+            metrics.cache.clone(),
+        );
+        cache.start(background.handle());
         let api = crate::global::GlobalApi::new(region, bus.clone());
         api.serve(
             crate::global::Answerer::new(&regional, sync.clone()),
@@ -232,7 +236,7 @@ impl Services {
             edge: rocks,
             sql: Arc::new(sql),
             auth: Arc::new(auth),
-            local_cache: LocalCache::new(L1_BYTES),
+            cache,
             bus,
             global_bus: buses.global,
             sync,
@@ -244,6 +248,57 @@ impl Services {
             residency,
             background: Some(background),
         }))
+    }
+}
+
+/// `[infrastructure] cache` and the buckets of this node's L2 and L3: the
+/// region's bucket on its own cluster (none with `cache_tier = "none"`),
+/// the global one wherever its first user created it.
+fn cache_options(config: &KeelConfig) -> keel_cache::CacheOptions {
+    let CacheBackend::Tiered {
+        l1_max_bytes,
+        l1_ttl,
+        l2_ttl,
+        l3_ttl,
+        max_ttl,
+        max_key_bytes,
+        max_value_bytes,
+    } = config.infrastructure.cache;
+    let region = &config.node.region;
+    let regions = config.regions.as_deref();
+    let replicas = regions.map_or(1, |r| keel_topology::replicas(r, region));
+    let has_l2 = regions
+        .and_then(|r| r.region(region))
+        .is_none_or(|r| r.cache_tier != keel_config::CacheTier::None);
+    keel_cache::CacheOptions {
+        region: region.clone(),
+        edge: config.node.edge.clone(),
+        l1_max_bytes,
+        default_ttls: keel_cache::LevelTtls {
+            l1: l1_ttl,
+            l2: l2_ttl,
+            l3: l3_ttl,
+        },
+        max_ttl,
+        max_key_bytes,
+        max_value_bytes,
+        region_bucket: has_l2.then(|| keel_bus::KvSpec {
+            bucket: keel_topology::cache_bucket_name(region),
+            history: 1,
+            max_age: Some(max_ttl),
+            replicas,
+            placement: regions.map(|_| keel_bus::Placement {
+                cluster: Some(region.clone()),
+                tags: vec![format!("region:{region}")],
+            }),
+        }),
+        global_bucket: keel_bus::KvSpec {
+            bucket: keel_topology::GLOBAL_CACHE_BUCKET.to_string(),
+            history: 1,
+            max_age: Some(max_ttl),
+            replicas,
+            placement: None,
+        },
     }
 }
 

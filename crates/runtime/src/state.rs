@@ -30,6 +30,9 @@ pub struct HostState {
     pub(crate) limits: StoreLimits,
     /// Wall-clock deadline checked on every epoch tick.
     pub(crate) deadline: Instant,
+    /// This instance runs the component's `cache-loader.load`: its own
+    /// `cache.get` must not call the loader again (it would wait for itself).
+    pub(crate) in_cache_loader: bool,
 }
 
 impl HostState {
@@ -60,6 +63,7 @@ impl HostState {
             },
             limits,
             deadline,
+            in_cache_loader: false,
         }
     }
 }

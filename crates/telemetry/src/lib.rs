@@ -2,7 +2,8 @@
 
 pub mod metrics;
 pub use metrics::{
-    BusMetrics, ComponentMetrics, Metrics, OutboxMetrics, RejectReason, SyncMetrics,
+    BusMetrics, CacheLevelMetrics, CacheMetrics, ComponentMetrics, Metrics, OutboxMetrics,
+    RejectReason, SyncMetrics,
 };
 
 use std::io::IsTerminal;

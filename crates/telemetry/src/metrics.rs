@@ -51,6 +51,8 @@ pub struct Metrics {
     pub bus: BusMetrics,
     /// The outbox forwarder (`keel-coord`).
     pub outbox: OutboxMetrics,
+    /// The hierarchical cache (`keel-cache`).
+    pub cache: CacheMetrics,
 }
 
 /// Counters of the state-sync service. Cheap to clone (shared atomics).
@@ -93,6 +95,108 @@ pub struct OutboxMetrics {
     pub duplicates: Counter,
     /// Failed forwarding rounds (partition, stream missing, timeout).
     pub errors: Counter,
+}
+
+/// One level of the hierarchical cache (`level` label `l1`, `l2`, `l3`).
+#[derive(Clone, Default)]
+pub struct CacheLevelMetrics {
+    pub hits: Counter,
+    pub misses: Counter,
+    /// Entries dropped for size or age (L2/L3: found expired on read).
+    pub evictions: Counter,
+    /// Keys or prefixes dropped by `invalidate` (remote ones included).
+    pub invalidations: Counter,
+    /// Reads of the level that failed (bus unavailable); counted as misses too.
+    pub errors: Counter,
+}
+
+/// The hierarchical cache: per level, plus the component loader.
+#[derive(Clone)]
+pub struct CacheMetrics {
+    pub l1: CacheLevelMetrics,
+    pub l2: CacheLevelMetrics,
+    pub l3: CacheLevelMetrics,
+    /// Calls of a component's `cache-loader.load` (after a miss everywhere).
+    pub loads: Counter,
+    pub load_errors: Counter,
+    pub load_duration: Histogram,
+}
+
+impl CacheMetrics {
+    /// Registers the cache's families; the level handles are their children.
+    fn registered(registry: &mut Registry) -> CacheMetrics {
+        let family = |registry: &mut Registry, name: &str, help: &str| {
+            let f = Family::<Labels, Counter>::default();
+            registry.register(name, help, f.clone());
+            f
+        };
+        let hits = family(
+            registry,
+            "cache_hits",
+            "Cache lookups answered by the level",
+        );
+        let misses = family(
+            registry,
+            "cache_misses",
+            "Cache lookups the level could not answer",
+        );
+        let evictions = family(
+            registry,
+            "cache_evictions",
+            "Cache entries dropped for size or age (L2/L3: found expired)",
+        );
+        let invalidations = family(
+            registry,
+            "cache_invalidations",
+            "Cache keys or prefixes dropped by invalidate",
+        );
+        let errors = family(
+            registry,
+            "cache_errors",
+            "Cache level reads or writes that failed (bus unavailable)",
+        );
+        let level = |name: &str| {
+            let l: Labels = vec![("level", name.to_string())];
+            CacheLevelMetrics {
+                hits: hits.get_or_create_owned(&l),
+                misses: misses.get_or_create_owned(&l),
+                evictions: evictions.get_or_create_owned(&l),
+                invalidations: invalidations.get_or_create_owned(&l),
+                errors: errors.get_or_create_owned(&l),
+            }
+        };
+        let m = CacheMetrics {
+            l1: level("l1"),
+            l2: level("l2"),
+            l3: level("l3"),
+            loads: Counter::default(),
+            load_errors: Counter::default(),
+            load_duration: latency_histogram(),
+        };
+        registry.register(
+            "cache_loads",
+            "Calls of a component's cache-loader after a miss in every level",
+            m.loads.clone(),
+        );
+        registry.register(
+            "cache_load_errors",
+            "cache-loader calls that failed",
+            m.load_errors.clone(),
+        );
+        registry.register(
+            "cache_load_duration_seconds",
+            "Time a cache-loader call took",
+            m.load_duration.clone(),
+        );
+        m
+    }
+}
+
+impl Default for CacheMetrics {
+    /// Unregistered handles (tests).
+    fn default() -> Self {
+        CacheMetrics::registered(&mut Registry::default())
+    }
 }
 
 impl Default for Metrics {
@@ -225,10 +329,12 @@ impl Metrics {
         ] {
             registry.register(name, help, c.clone());
         }
+        let cache = CacheMetrics::registered(&mut registry);
         Metrics {
             sync,
             bus,
             outbox,
+            cache,
             registry,
             requests,
             duration,

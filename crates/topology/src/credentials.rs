@@ -70,6 +70,15 @@ pub fn stream_name(region: &str) -> String {
     format!("KEEL_{}_EVENTS", upper_snake(region))
 }
 
+/// The KV bucket of a region's cache tier (L2): `KEEL_<REGION>_CACHE`, in
+/// the region's zone account, placed on the region's cluster.
+pub fn cache_bucket_name(region: &str) -> String {
+    format!("KEEL_{}_CACHE", upper_snake(region))
+}
+
+/// The KV bucket of the global cache tier (L3), in the `GLOBAL` account.
+pub const GLOBAL_CACHE_BUCKET: &str = "KEEL_GLOBAL_CACHE";
+
 /// Replicas of a region's streams and KV buckets: with
 /// `consensus_protocol = "raft"` `min(3, servers in the region)`, with
 /// `"none"` 1. At least 1 (also for an unknown region).

@@ -7,6 +7,7 @@
 //!   (`bindings::keel::platform::kv::Host`, `...::kv::add_to_linker`, ...), so
 //!   the runtime links exactly the interfaces a component was granted;
 //! * typed callers of the exported `subscriber` and `scheduled` interfaces
+//!   and `cache-loader`
 //!   (`bindings::exports::keel::platform::subscriber::GuestIndices`, ...), which
 //!   the runtime loads only for components that export them.
 //!
@@ -51,6 +52,7 @@ pub const KEEL_INTERFACES: &[&str] = &[
     "keel:platform/ledger",
     "keel:platform/subscriber",
     "keel:platform/scheduled",
+    "keel:platform/cache-loader",
 ];
 
 /// Imported interfaces that are capabilities: each must be granted in
@@ -74,7 +76,11 @@ pub const GRANTABLE_INTERFACES: &[&str] = &[
 pub const TYPE_ONLY_INTERFACES: &[&str] = &["keel:platform/types"];
 
 /// Interfaces a component may export for the host to call.
-pub const EXPORTED_INTERFACES: &[&str] = &["keel:platform/subscriber", "keel:platform/scheduled"];
+pub const EXPORTED_INTERFACES: &[&str] = &[
+    "keel:platform/subscriber",
+    "keel:platform/scheduled",
+    "keel:platform/cache-loader",
+];
 
 /// Maps a keel interface name, as it appears in a component's imports or
 /// exports, to its short name: `"keel:platform/kv@0.1.0"` -> `"kv"`.
@@ -188,6 +194,7 @@ mod tests {
             "http-events",
             "http-state",
             "http-cache",
+            "http-cache-loading",
             "http-ledger",
             "http-edge",
             "http-regional",
@@ -268,6 +275,7 @@ mod tests {
             ("http-events", "keel:platform/events"),
             ("http-state", "keel:platform/state"),
             ("http-cache", "keel:platform/cache"),
+            ("http-cache-loading", "keel:platform/cache"),
             ("http-ledger", "keel:platform/ledger"),
             ("http-edge", "keel:platform/edge-operations"),
             ("http-regional", "keel:platform/regional-coordination"),

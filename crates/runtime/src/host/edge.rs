@@ -5,9 +5,6 @@ use keel_world::bindings::keel::platform::edge_operations as edge;
 use keel_world::bindings::keel::platform::types;
 use std::time::Duration;
 
-/// Longest TTL `update-local-cache` accepts (the L1 tier's maximum).
-const MAX_L1_TTL: Duration = Duration::from_secs(24 * 3600);
-
 fn auth_error(e: keel_auth::AuthError) -> types::AuthError {
     use keel_auth::AuthError as A;
     match e {
@@ -84,23 +81,17 @@ impl edge::Host for HostState {
         ttl_seconds: u32,
     ) -> wasmtime::Result<Result<(), WitError>> {
         let c = self.component();
-        let limits = &c.services.limits;
-        let checked = limits
-            .check_key(&key)
-            .and_then(|_| limits.check_value(&value))
-            .map_err(wit_error);
-        if let Err(e) = checked {
-            return Ok(Err(e));
-        }
-        let ttl = Duration::from_secs(ttl_seconds.into());
-        if ttl.is_zero() || ttl > MAX_L1_TTL {
-            return Ok(Err(WitError::Invalid(format!(
-                "ttl-seconds must be 1 to {}",
-                MAX_L1_TTL.as_secs()
-            ))));
-        }
-        c.services.local_cache.insert(&c.ns, key, value, ttl);
-        Ok(Ok(()))
+        Ok(c.services
+            .cache
+            .set(
+                &c.ns,
+                &key,
+                value,
+                Some(Duration::from_secs(ttl_seconds.into())),
+                keel_cache::Scope::Edge,
+            )
+            .await
+            .map_err(super::cache::cache_error))
     }
 
     async fn authenticate_user(

@@ -2,6 +2,7 @@
 //! calling component's namespace; expected failures are WIT `error`s, and a
 //! `wasmtime::Error` (which traps the guest) is reserved for host bugs.
 
+mod cache;
 mod edge;
 mod events;
 mod global;
@@ -9,6 +10,8 @@ mod kv;
 mod regional;
 mod sql;
 mod state;
+
+pub(crate) use cache::cache_scope;
 
 use crate::state::HostState;
 use keel_store::StoreError;
@@ -133,6 +136,7 @@ pub(crate) fn add_to_linker(
     use keel_world::bindings::keel::platform as p;
     use wasmtime::component::HasSelf;
     match interface {
+        "cache" => p::cache::add_to_linker::<_, HasSelf<HostState>>(linker, |s| s),
         "kv" => p::kv::add_to_linker::<_, HasSelf<HostState>>(linker, |s| s),
         "sql" => p::sql::add_to_linker::<_, HasSelf<HostState>>(linker, |s| s),
         "events" => p::events::add_to_linker::<_, HasSelf<HostState>>(linker, |s| s),
