@@ -35,49 +35,26 @@
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use futures::StreamExt;
-use http_body_util::{BodyExt, Full};
-use hyper::client::conn::http1::SendRequest;
-use keel_config::RegionsConfig;
-use keel_test_support::{NatsSupercluster, ServerSpec, free_port};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
+use tier_bench::{
+    Http, INTERRUPTED, Node, Samples, Topology, WARMUP, check_interrupted, gets, keel_bin, logs,
+    report_logs, text, wait_connected, watch_signals,
+};
 
-/// The environment variable regions.toml names for the deployment secret.
-const SECRET_ENV: &str = "KEEL_TEST_NATS_SECRET";
-const SECRET: &str = "regional-op-bench-secret";
 /// us-east, then us-west; the first edge of a region is its coordinator.
-const REGIONS: [(&str, [&str; 2]); 2] = [("us-east", ["nyc", "bos"]), ("us-west", ["sfo", "lax"])];
+const REGIONS: [(&str, &[&str]); 2] = [("us-east", &["nyc", "bos"]), ("us-west", &["sfo", "lax"])];
 /// The edges that run a keel node.
 const NODES: [&str; 3] = ["nyc", "bos", "sfo"];
-/// Deadline for a node to print its address.
-const START_DEADLINE: Duration = Duration::from_secs(120);
-/// Deadline for a node's bus to connect.
-const READY_DEADLINE: Duration = Duration::from_secs(60);
 /// Deadline for one sample (a write to become visible on the other edge).
 const SAMPLE_DEADLINE: Duration = Duration::from_secs(30);
-/// Unmeasured samples before each measurement.
-const WARMUP: usize = 20;
 /// Cap on subscription-delivery samples: each poll lists every delivery.
 const MAX_DELIVERY_SAMPLES: usize = 200;
 const ECHO_SUBJECT: &str = "bench.regional-op.echo";
-
-/// Set by the first SIGINT/SIGTERM/SIGHUP: loops stop, guards clean up.
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-fn check_interrupted() -> anyhow::Result<()> {
-    if INTERRUPTED.load(Ordering::Relaxed) {
-        bail!("interrupted by a signal");
-    }
-    Ok(())
-}
 
 fn main() -> anyhow::Result<()> {
     let samples: usize = std::env::args()
@@ -98,6 +75,11 @@ fn main() -> anyhow::Result<()> {
         "{} is missing: run `make guests` (or set KEEL_REGIONAL_PROBE)",
         wasm.display()
     );
+    let components = format!(
+        "[components.reg]\nwasm = {:?}\nroute = \"/reg/...\"\n\
+         grants = [\"regional-coordination\", \"global-coordination\", \"edge-operations\", \"kv\"]\n",
+        wasm.display().to_string()
+    );
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -105,12 +87,12 @@ fn main() -> anyhow::Result<()> {
     rt.block_on(watch_signals())?;
 
     eprintln!("== nats: 2 regions x 1 server (us-east: nyc, bos; us-west: sfo, lax)");
-    let topology = Topology::start()?;
+    let topology = Topology::start("regional-op", &REGIONS, false)?;
     check_interrupted()?;
     let mut nodes = Vec::new();
     for edge in NODES {
         eprintln!("== keel {edge} ({})", bin.display());
-        nodes.push(Node::start(&bin, &wasm, &topology, edge)?);
+        nodes.push(Node::start(&bin, &topology, edge, &components)?);
         check_interrupted()?;
     }
     let outcome = rt.block_on(run(&topology, &nodes, samples));
@@ -128,404 +110,6 @@ fn main() -> anyhow::Result<()> {
     outcome
     // Drops: nodes (keel killed), then the topology (nats-servers killed,
     // then its temp dir removed).
-}
-
-/// `$KEEL_BIN`, else `$CARGO_TARGET_DIR/release/keel`, else the `keel` next
-/// to this binary (both are built into the same release dir).
-fn keel_bin() -> anyhow::Result<PathBuf> {
-    let bin = match (
-        std::env::var_os("KEEL_BIN"),
-        std::env::var_os("CARGO_TARGET_DIR"),
-    ) {
-        (Some(b), _) => PathBuf::from(b),
-        (None, Some(t)) => PathBuf::from(t).join("release/keel"),
-        (None, None) => std::env::current_exe()?.with_file_name("keel"),
-    };
-    anyhow::ensure!(
-        bin.is_file(),
-        "{} is missing: `cargo build --release --workspace --bins` (or set KEEL_BIN)",
-        bin.display()
-    );
-    Ok(bin)
-}
-
-/// The first signal stops the run at the next check (children and temp
-/// dirs are cleaned up as `main` returns); a second one exits at once.
-async fn watch_signals() -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    for kind in [
-        SignalKind::interrupt(),
-        SignalKind::terminate(),
-        SignalKind::hangup(),
-    ] {
-        let mut s = signal(kind)?;
-        tokio::spawn(async move {
-            while s.recv().await.is_some() {
-                if INTERRUPTED.swap(true, Ordering::Relaxed) {
-                    eprintln!("second signal: exiting without cleanup");
-                    std::process::exit(130);
-                }
-                eprintln!("signal: stopping after the current step and cleaning up");
-            }
-        });
-    }
-    Ok(())
-}
-
-/// regions.toml on disk and its running NATS servers.
-struct Topology {
-    regions: RegionsConfig,
-    path: PathBuf,
-    // Declared before `_dir`: the servers are killed before their store
-    // (inside `_dir`) is removed.
-    nats: NatsSupercluster,
-    _dir: tempfile::TempDir,
-}
-
-fn regions_text(store_dir: &Path) -> String {
-    let mut text = String::new();
-    for (name, edges) in REGIONS {
-        text.push_str(&format!(
-            "[regions.{name}]\nedges = {edges:?}\ncoordinator = {:?}\ndata_residency = \"us\"\n\
-             servers = [{{ host = \"127.0.0.1\", client = {}, cluster = {}, gateway = {}, monitor = {} }}]\n\n",
-            edges[0],
-            free_port(),
-            free_port(),
-            free_port(),
-            free_port()
-        ));
-    }
-    text.push_str(&format!(
-        "[coordination]\nconsensus_protocol = \"raft\"\n\n[nats]\nsecret_env = {SECRET_ENV:?}\nstore_dir = {:?}\n",
-        store_dir.display().to_string()
-    ));
-    text
-}
-
-impl Topology {
-    /// Renders the servers' configs as `keel topology` does and starts them
-    /// (retrying on fresh ports if one was taken meanwhile); returns once
-    /// the super-cluster has formed (60 s deadline, then a panic with every
-    /// server's log tail).
-    fn start() -> anyhow::Result<Topology> {
-        let dir = tempfile::Builder::new()
-            .prefix("keel-regional-op-")
-            .tempdir()?;
-        let path = dir.path().join("regions.toml");
-        let store = dir.path().join("nats");
-        let last: Arc<Mutex<Option<RegionsConfig>>> = Arc::default();
-        let keep = last.clone();
-        let nats = NatsSupercluster::start_retrying(|| {
-            let text = regions_text(&store);
-            std::fs::write(&path, &text).expect("write regions.toml");
-            let regions = RegionsConfig::parse(&path, &text)
-                .unwrap_or_else(|e| panic!("invalid regions.toml: {e:?}\n{text}"));
-            let rendered = keel_topology::render(&regions, SECRET.as_bytes());
-            *keep.lock().expect("not poisoned") = Some(regions);
-            rendered
-                .into_iter()
-                .map(|r| ServerSpec {
-                    server_name: r.server_name,
-                    cluster: Some(r.region),
-                    host: r.addr.host.clone(),
-                    client_port: r.addr.client_port,
-                    monitor_port: r.addr.monitor_port,
-                    store_dir: r.store_dir,
-                    config: r.config,
-                })
-                .collect()
-        });
-        let regions = last
-            .lock()
-            .expect("not poisoned")
-            .take()
-            .context("no regions.toml was rendered")?;
-        Ok(Topology {
-            regions,
-            path,
-            nats,
-            _dir: dir,
-        })
-    }
-
-    fn credentials(&self, edge: &str) -> anyhow::Result<keel_topology::EdgeCredentials> {
-        keel_topology::edge_credentials(&self.regions, SECRET.as_bytes(), edge)
-            .with_context(|| format!("{edge} is in no region"))
-    }
-}
-
-/// A running `keel up` for one edge; killed and reaped on drop, then its
-/// temp dir (config, data, log) removed.
-struct Node {
-    edge: &'static str,
-    addr: SocketAddr,
-    log: PathBuf,
-    child: Child,
-    _dir: tempfile::TempDir,
-}
-
-impl Node {
-    /// Starts `keel up` for `edge` and returns once it prints its address.
-    fn start(
-        bin: &Path,
-        wasm: &Path,
-        topology: &Topology,
-        edge: &'static str,
-    ) -> anyhow::Result<Node> {
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("keel-regional-op-{edge}-"))
-            .tempdir()?;
-        let config = dir.path().join("keel.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[server]\nlisten = \"127.0.0.1:0\"\nworkers = 2\n\n[node]\nedge = {edge:?}\nregions = {:?}\n\n\
-                 [components.reg]\nwasm = {:?}\nroute = \"/reg/...\"\n\
-                 grants = [\"regional-coordination\", \"global-coordination\", \"edge-operations\", \"kv\"]\n",
-                topology.path.display().to_string(),
-                wasm.display().to_string()
-            ),
-        )?;
-        let log = dir.path().join("keel.log");
-        let mut command = Command::new(bin);
-        command
-            .args(["--log-format", "json", "up", "--config"])
-            .arg(&config)
-            .env_remove("RUST_BACKTRACE")
-            .env_remove("RUST_LIB_BACKTRACE")
-            .env(
-                "KEEL_LOG",
-                std::env::var("KEEL_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .env(SECRET_ENV, SECRET)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log)?);
-        // SAFETY: only prctl(2), async-signal-safe, between fork and exec.
-        // The node gets SIGKILL when the thread that spawned it (main, which
-        // lives as long as the process) exits, however it exits.
-        unsafe {
-            command.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let mut child = command
-            .spawn()
-            .with_context(|| format!("spawn {}", bin.display()))?;
-        let stdout = child.stdout.take().context("keel stdout is piped")?;
-        let mut node = Node {
-            edge,
-            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            log,
-            child,
-            _dir: dir,
-        };
-        // Reads stdout to its end, so keel never blocks on a full pipe.
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if let Some(a) = line.strip_prefix("keel listening on http://") {
-                    let _ = tx.send(a.trim().to_string());
-                }
-            }
-        });
-        let deadline = Instant::now() + START_DEADLINE;
-        loop {
-            check_interrupted()?;
-            match rx.recv_timeout(Duration::from_millis(100)) {
-                Ok(a) => {
-                    node.addr = a
-                        .parse()
-                        .with_context(|| format!("keel {edge} printed address {a:?}"))?;
-                    return Ok(node);
-                }
-                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                    let status = node.child.wait()?;
-                    bail!(
-                        "keel {edge} exited ({status}) before listening\n{}",
-                        node.log_text()
-                    );
-                }
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                    if let Some(status) = node.child.try_wait()? {
-                        bail!(
-                            "keel {edge} exited ({status}) before listening\n{}",
-                            node.log_text()
-                        );
-                    }
-                    if Instant::now() > deadline {
-                        bail!(
-                            "keel {edge} did not listen within {START_DEADLINE:?}\n{}",
-                            node.log_text()
-                        );
-                    }
-                }
-            }
-        }
-    }
-
-    /// The node's log (its last 200 lines), for failure messages.
-    fn log_text(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        format!(
-            "--- keel {} log ({}, last {} of {} lines):\n{}",
-            self.edge,
-            self.log.display(),
-            lines.len().min(200),
-            lines.len(),
-            lines[lines.len().saturating_sub(200)..].join("\n")
-        )
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Every node's log, for failure messages.
-fn logs(nodes: &[&Node]) -> String {
-    nodes
-        .iter()
-        .map(|n| n.log_text())
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
-/// Warn/error lines in the nodes' logs, to stderr (nothing is asserted).
-fn report_logs(nodes: &[Node]) {
-    for n in nodes {
-        let text = std::fs::read_to_string(&n.log).unwrap_or_default();
-        let bad: Vec<&str> = text
-            .lines()
-            .filter(|l| l.contains("\"level\":\"WARN\"") || l.contains("\"level\":\"ERROR\""))
-            .collect();
-        eprintln!("keel {}: {} warn/error log lines", n.edge, bad.len());
-        for l in bad.iter().take(10) {
-            eprintln!("  {l}");
-        }
-    }
-}
-
-/// One keep-alive HTTP/1.1 connection to a node (TCP_NODELAY), reopened
-/// if the node closes it (counted).
-struct Http {
-    addr: SocketAddr,
-    send: Option<SendRequest<Full<Bytes>>>,
-    reconnects: u64,
-}
-
-impl Http {
-    fn new(node: &Node) -> Http {
-        Http {
-            addr: node.addr,
-            send: None,
-            reconnects: 0,
-        }
-    }
-
-    async fn connect(&mut self) -> anyhow::Result<()> {
-        let stream = tokio::net::TcpStream::connect(self.addr).await?;
-        stream.set_nodelay(true)?;
-        let (send, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        self.send = Some(send);
-        Ok(())
-    }
-
-    /// One request; (status, body).
-    async fn call(
-        &mut self,
-        method: &str,
-        path: &str,
-        body: impl Into<Bytes>,
-    ) -> anyhow::Result<(u16, Bytes)> {
-        let ready = match &mut self.send {
-            Some(s) => s.ready().await.is_ok(),
-            None => false,
-        };
-        if !ready {
-            if self.send.is_some() {
-                self.reconnects += 1;
-            }
-            self.connect().await?;
-        }
-        let send = self.send.as_mut().context("connected")?;
-        send.ready().await?;
-        let req = hyper::Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", self.addr.to_string())
-            .body(Full::new(body.into()))?;
-        let resp = send
-            .send_request(req)
-            .await
-            .with_context(|| format!("{method} {path} to {}", self.addr))?;
-        let status = resp.status().as_u16();
-        let body = resp.into_body().collect().await?.to_bytes();
-        Ok((status, body))
-    }
-}
-
-fn text(b: &Bytes) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-/// Polls `/_keel/ready` until the node's bus is connected.
-async fn wait_connected(node: &Node) -> anyhow::Result<()> {
-    let mut http = Http::new(node);
-    let deadline = Instant::now() + READY_DEADLINE;
-    loop {
-        check_interrupted()?;
-        let (status, body) = http.call("GET", "/_keel/ready", "").await?;
-        let v: Value = serde_json::from_slice(&body).unwrap_or_default();
-        if v["bus"]["state"] == "connected" {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "keel {}: bus not connected within {READY_DEADLINE:?}; last /_keel/ready: {status} {}\n{}",
-                node.edge,
-                text(&body),
-                node.log_text()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Samples of one measurement, in seconds.
-#[derive(Default)]
-struct Samples(Vec<f64>);
-
-impl Samples {
-    fn push(&mut self, d: Duration) {
-        self.0.push(d.as_secs_f64());
-    }
-
-    fn quantile(&self, q: f64) -> f64 {
-        let mut s = self.0.clone();
-        s.sort_by(f64::total_cmp);
-        s[((s.len() as f64 - 1.0) * q).round() as usize]
-    }
-
-    fn mean(&self) -> f64 {
-        self.0.iter().sum::<f64>() / self.0.len() as f64
-    }
-
-    fn max(&self) -> f64 {
-        self.0.iter().copied().fold(0.0, f64::max)
-    }
 }
 
 /// A write at one edge until a poll at the other shows it.
@@ -799,29 +383,6 @@ async fn posts(
         if status != 200 {
             bail!(
                 "POST {path} at {}: {status} {}\n{}",
-                node.edge,
-                text(&reply),
-                node.log_text()
-            );
-        }
-        if i >= WARMUP {
-            out.push(d);
-        }
-    }
-    Ok(out)
-}
-
-/// (4) `n` GETs of `path` at `node` (after a warm-up), each answered 200.
-async fn gets(node: &Node, http: &mut Http, path: &str, n: usize) -> anyhow::Result<Samples> {
-    let mut out = Samples::default();
-    for i in 0..WARMUP + n {
-        check_interrupted()?;
-        let start = Instant::now();
-        let (status, reply) = http.call("GET", path, "").await?;
-        let d = start.elapsed();
-        if status != 200 {
-            bail!(
-                "GET {path} at {}: {status} {}\n{}",
                 node.edge,
                 text(&reply),
                 node.log_text()
