@@ -3,7 +3,7 @@
 # Every host build is `--workspace --all-targets`: cargo resolves dependency
 # features per selected package set, so `-p xtask` or `--bin keel` would
 # rebuild wasmtime with other features. One resolution, one build.
-.PHONY: run test guests build host bootstrap bench bench-edge bench-sync bench-region bench-regional-op check fmt clippy
+.PHONY: run test guests build host bootstrap bench bench-edge bench-sync bench-region bench-regional-op bench-cache check fmt clippy
 
 CARGO ?= cargo
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
@@ -30,7 +30,7 @@ run: build
 	env -u RUST_BACKTRACE $(KEEL) up --config keel.toml
 
 # Tests and benchmarks start their own nats-server (bootstrap installs it).
-test bench bench-sync bench-region bench-regional-op: export KEEL_NATS_SERVER ?= $(CURDIR)/.tools/venv/bin/nats-server
+test bench bench-sync bench-region bench-regional-op bench-cache: export KEEL_NATS_SERVER ?= $(CURDIR)/.tools/venv/bin/nats-server
 
 test: guests
 	env -u RUST_BACKTRACE $(CARGO) test --workspace --all-targets --no-fail-fast
@@ -44,6 +44,7 @@ bench: guests
 	./benches/sync.sh
 	./benches/region.sh
 	./benches/regional-op.sh
+	./benches/cache.sh
 
 bench-edge: guests
 	./benches/edge.sh
@@ -57,6 +58,9 @@ bench-region: bootstrap
 # Needs the regional-probe guest.
 bench-regional-op: guests
 	./benches/regional-op.sh
+
+bench-cache: guests
+	./benches/cache.sh
 
 fmt:
 	$(CARGO) fmt --all

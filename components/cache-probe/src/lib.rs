@@ -10,6 +10,8 @@
 //! | `PUT /entry/<key>?scope=edge\|region\|global&ttl=S` (body) | `cache.set` (`ttl` optional) | 204 |
 //! | `DELETE /entry/<key>?scope=..` | `cache.invalidate(key)` | 204 |
 //! | `DELETE /prefix/<prefix>?scope=..` | `cache.invalidate(prefix)` (`/prefix/` = everything) | 204 |
+//! | `POST /bench/get?n=N&key=K` | `cache.get(K)` N times | 200 `N` |
+//! | `POST /bench/get-each?n=N&prefix=P` | `cache.get(P0)` .. `cache.get(P<N-1>)` | 200 hits |
 //!
 //! `cache-loader.load(key)`, by the key's first segment:
 //! `edge/..`, `region/..`, `global/..` load `loaded <key>` at that scope;
@@ -86,6 +88,30 @@ impl incoming_handler::Guest for CacheProbe {
             ("DELETE", "entry") => cache::invalidate(&cache::InvalidationTarget::Key(rest), scope),
             ("DELETE", "prefix") => {
                 cache::invalidate(&cache::InvalidationTarget::Prefix(rest), scope)
+            }
+            ("POST", "bench") => {
+                let n: u64 = match req.query_param("n").map(|n| n.parse()) {
+                    Some(Ok(n)) => n,
+                    _ => return keel_guest::error(out, 400, "bad-request", "n is a number"),
+                };
+                let param = |name| req.query_param(name).unwrap_or_default();
+                let mut hits = 0u64;
+                for i in 0..n {
+                    let key = match rest.as_str() {
+                        "get" => param("key"),
+                        "get-each" => format!("{}{i}", param("prefix")),
+                        _ => return keel_guest::error(out, 404, "no-route", &req.path),
+                    };
+                    match cache::get(&key) {
+                        Ok(found) => hits += u64::from(found.is_some()),
+                        Err(e) => {
+                            let (case, message) = error_case(e);
+                            let status = keel_guest::error_status(case);
+                            return keel_guest::error(out, status, case, &message);
+                        }
+                    }
+                }
+                return keel_guest::text(out, 200, &hits.to_string());
             }
             _ => return keel_guest::error(out, 404, "no-route", &req.path),
         };
