@@ -21,7 +21,7 @@ use async_trait::async_trait;
 use keel_bus::{Bus, StreamSpec};
 use keel_coord::envelope::CloudEvent;
 use keel_coord::{FeedHandle, FeedHandler, FeedOptions, MetricsView, UserStateView, start_feed};
-use keel_store::HostRecords;
+use keel_store::{GLOBAL_EVENT_RETENTION, HostRecords, HostWrite};
 use keel_world::bindings::keel::platform::types;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -523,6 +523,12 @@ struct Delivery {
     records: Option<(Arc<dyn HostRecords>, &'static str)>,
 }
 
+/// Expiring table of the global event ids delivered to each global
+/// subscription (`<component>/<subscription>/<event id>`): an id published
+/// again, on another node and after JetStream's duplicate window, is not
+/// delivered twice while the stream keeps the event.
+const GLOBAL_DELIVERED: &str = "global-delivered";
+
 #[async_trait]
 impl FeedHandler for Delivery {
     async fn apply(&self, stream_sequence: u64, event: &CloudEvent) -> Result<(), String> {
@@ -533,16 +539,27 @@ impl FeedHandler for Delivery {
             .component
             .upgrade()
             .ok_or_else(|| "component unloaded".to_string())?;
-        match &self.filter {
-            Filter::Regional(_) => {
-                component
-                    .deliver_update(self.id, update_of(stream_sequence, event))
-                    .await?
-            }
-            Filter::Global(_) => {
-                component
-                    .deliver_global_event(self.id, global_event_of(event))
-                    .await?
+        let delivered_key = matches!(self.filter, Filter::Global(_))
+            .then(|| format!("{}/{}/{}", self.name, self.id, event.id));
+        let seen = match (&delivered_key, &self.records) {
+            (Some(k), Some((records, _))) => records
+                .expiring_host_record(GLOBAL_DELIVERED, k)
+                .map_err(|e| format!("reading delivered ids: {e}"))?
+                .is_some(),
+            _ => false,
+        };
+        if !seen {
+            match &self.filter {
+                Filter::Regional(_) => {
+                    component
+                        .deliver_update(self.id, update_of(stream_sequence, event))
+                        .await?
+                }
+                Filter::Global(_) => {
+                    component
+                        .deliver_global_event(self.id, global_event_of(event))
+                        .await?
+                }
             }
         }
         let Some((records, table)) = &self.records else {
@@ -557,7 +574,21 @@ impl FeedHandler for Delivery {
                 filter: self.filter.clone(),
                 cursor: stream_sequence,
             };
-            records.put_host_record(table, record_key(&self.name, self.id), encode(&record))
+            let mut writes = vec![HostWrite::Put {
+                table,
+                key: record_key(&self.name, self.id),
+                value: encode(&record),
+            }];
+            if let Some(key) = delivered_key.filter(|_| !seen) {
+                writes.push(HostWrite::PutExpiring {
+                    table: GLOBAL_DELIVERED,
+                    key,
+                    value: Vec::new(),
+                    expires_at_ms: now_ms()
+                        .saturating_add(GLOBAL_EVENT_RETENTION.as_millis() as u64),
+                });
+            }
+            records.write_host_records(writes)
         };
         // Delivered: a failed save only means a redelivery after a restart.
         if let Err(e) = save.await {
@@ -565,6 +596,12 @@ impl FeedHandler for Delivery {
         }
         Ok(())
     }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The WIT `received-global-event` of one global stream message.

@@ -143,12 +143,15 @@ impl Services {
         // Every node forwards, the embedded one too (to the stream on its
         // own bus): the regional tier reads the region's stream only.
         let stream = region_stream(config.regions.as_deref(), region, bus.kind());
-        let global_stream = keel_coord::global_stream(
+        let mut global_stream = keel_coord::global_stream(
             config
                 .regions
                 .as_deref()
                 .map_or(1, |r| keel_topology::replicas(r, region)),
         );
+        if let Some(window) = test_global_duplicate_window() {
+            global_stream.duplicate_window = window;
+        }
         keel_coord::start_forwarder(
             rocks.clone(),
             bus.clone(),
@@ -337,6 +340,20 @@ fn crash_hook() -> Option<keel_coord::migration::Phase> {
         tracing::warn!(value = %v, "KEEL_TEST_CRASH_MIGRATION_AFTER names no migration phase; ignored");
     }
     phase
+}
+
+/// `KEEL_TEST_GLOBAL_DUPLICATE_WINDOW=<ms>`: the global stream's duplicate
+/// window when this node creates it, so tests can outlive it (every node of
+/// a deployment must agree, or the stream check refuses the difference).
+fn test_global_duplicate_window() -> Option<std::time::Duration> {
+    let v = std::env::var("KEEL_TEST_GLOBAL_DUPLICATE_WINDOW").ok()?;
+    match v.parse() {
+        Ok(ms) => Some(std::time::Duration::from_millis(ms)),
+        Err(_) => {
+            tracing::warn!(value = %v, "KEEL_TEST_GLOBAL_DUPLICATE_WINDOW is not a number of ms; ignored");
+            None
+        }
+    }
 }
 
 /// How long a region's events are kept in its stream.

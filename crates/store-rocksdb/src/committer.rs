@@ -200,6 +200,23 @@ impl<'a> Txn<'a> {
         }
     }
 
+    /// Up to `max` keys starting with `prefix`, ascending, as committed
+    /// before this group (this group's own writes are not seen).
+    pub fn committed_keys(&self, cf: Cf, prefix: &[u8], max: usize) -> StoreResult<Vec<Vec<u8>>> {
+        let mut it = self.db.raw_iterator_cf(handle(self.db, cf)?);
+        it.seek(prefix);
+        let mut out = Vec::new();
+        while out.len() < max {
+            match it.key() {
+                Some(k) if k.starts_with(prefix) => out.push(k.to_vec()),
+                _ => break,
+            }
+            it.next();
+        }
+        it.status().map_err(map_err)?;
+        Ok(out)
+    }
+
     pub fn put(&mut self, cf: Cf, key: Vec<u8>, value: Vec<u8>) {
         self.staged.push(Op::Put(cf, key, value));
     }

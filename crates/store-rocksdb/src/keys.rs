@@ -101,13 +101,38 @@ pub fn host_record_key(table: &str, key: &str) -> Vec<u8> {
     k
 }
 
-/// `g\0<ns>\0<id>`: a global event id this node queued for a component
-/// (publishing it again is a no-op). Value: when, in ms since the epoch.
-pub fn global_event_key(ns: &Namespace, id: &str) -> Vec<u8> {
-    let mut k = b"g\0".to_vec();
-    k.extend_from_slice(&ns_prefix(ns));
-    k.extend_from_slice(id.as_bytes());
+/// `x\0<table>\0<key>`: an expiring host record. Value: expires-at ms
+/// (u64 BE), then the record.
+pub fn expiring_record_key(table: &str, key: &str) -> Vec<u8> {
+    let mut k = b"x\0".to_vec();
+    k.extend_from_slice(table.as_bytes());
+    k.push(0);
+    k.extend_from_slice(key.as_bytes());
     k
+}
+
+/// Prefix of the expiry index, ordered by expiry time.
+pub const EXPIRY_INDEX_PREFIX: &[u8] = b"X\0";
+
+/// `X\0<expires-at ms, u64 BE><table>\0<key>`: one expiring record, in
+/// expiry order (pruning reads it from the start).
+pub fn expiry_index_key(expires_at_ms: u64, table: &str, key: &str) -> Vec<u8> {
+    let mut k = EXPIRY_INDEX_PREFIX.to_vec();
+    k.extend_from_slice(&expires_at_ms.to_be_bytes());
+    k.extend_from_slice(table.as_bytes());
+    k.push(0);
+    k.extend_from_slice(key.as_bytes());
+    k
+}
+
+/// (expires-at, record key) of an expiry index key.
+pub fn parse_expiry_index_key(k: &[u8]) -> Option<(u64, Vec<u8>)> {
+    let rest = k.strip_prefix(EXPIRY_INDEX_PREFIX)?;
+    let (at, table_key) = rest.split_at_checked(8)?;
+    let at = u64::from_be_bytes(at.try_into().ok()?);
+    let mut record = b"x\0".to_vec();
+    record.extend_from_slice(table_key);
+    Some((at, record))
 }
 
 pub fn meta_incarnation() -> Vec<u8> {

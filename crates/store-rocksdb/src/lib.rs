@@ -18,8 +18,9 @@ use keel_core::{Hlc, HlcClock};
 
 use keel_store::{
     Activity, ActivityRecord, AppendedBatch, CrdtStore, EdgeStore, EventData, EventLog,
-    GlobalEvent, HostRecords, KvStore, Namespace, Outbox, OutboxEntry, StateValue, StoreError,
-    StoreLimits, StoreResult, StoredCrdt, StoredEvent, WriteFuture,
+    GLOBAL_EVENT_RETENTION, GlobalEvent, HostRecords, HostWrite, KvStore, Namespace, Outbox,
+    OutboxEntry, StateValue, StoreError, StoreLimits, StoreResult, StoredCrdt, StoredEvent,
+    WriteFuture,
 };
 use rocksdb::{BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, Options};
 use serde::{Deserialize, Serialize};
@@ -363,6 +364,101 @@ impl HostRecords for RocksStore {
             Ok(())
         })
     }
+
+    fn expiring_host_record(&self, table: &str, key: &str) -> StoreResult<Option<Vec<u8>>> {
+        let db = &self.inner.db;
+        let v = db
+            .get_cf(
+                committer::handle(db, Cf::Meta)?,
+                keys::expiring_record_key(table, key),
+            )
+            .map_err(map_err)?;
+        Ok(v.and_then(|v| live_expiring(&v, now_ms()).map(<[u8]>::to_vec)))
+    }
+
+    fn write_host_records(&self, writes: Vec<HostWrite>) -> WriteFuture<()> {
+        self.inner.committer.write(move |tx| {
+            for w in writes {
+                match w {
+                    HostWrite::Put { table, key, value } => {
+                        tx.put(Cf::Meta, keys::host_record_key(table, &key), value)
+                    }
+                    HostWrite::PutExpiring {
+                        table,
+                        key,
+                        value,
+                        expires_at_ms,
+                    } => put_expiring(tx, table, &key, &value, expires_at_ms)?,
+                }
+            }
+            prune_expired(tx, now_ms())
+        })
+    }
+}
+
+/// Expiring table of the global event ids this node queued, per component.
+const GLOBAL_EVENT_IDS: &str = "global-event-ids";
+
+fn global_id_key(ns: &Namespace, id: &str) -> String {
+    format!("{ns}\0{id}")
+}
+
+/// The record of an expiring value that is still alive at `now_ms`.
+fn live_expiring(v: &[u8], now_ms: u64) -> Option<&[u8]> {
+    let (at, record) = v.split_at_checked(8)?;
+    let at = u64::from_be_bytes(at.try_into().ok()?);
+    (at > now_ms).then_some(record)
+}
+
+fn put_expiring(
+    tx: &mut committer::Txn,
+    table: &str,
+    key: &str,
+    value: &[u8],
+    expires_at_ms: u64,
+) -> StoreResult<()> {
+    let k = keys::expiring_record_key(table, key);
+    if let Some(old) = tx.get(Cf::Meta, &k)?
+        && let Some(at) = old.get(..8)
+    {
+        let at = u64::from_be_bytes(at.try_into().expect("8 bytes"));
+        tx.delete(Cf::Meta, keys::expiry_index_key(at, table, key));
+    }
+    let mut v = expires_at_ms.to_be_bytes().to_vec();
+    v.extend_from_slice(value);
+    tx.put(Cf::Meta, k, v);
+    tx.put(
+        Cf::Meta,
+        keys::expiry_index_key(expires_at_ms, table, key),
+        Vec::new(),
+    );
+    Ok(())
+}
+
+/// Expired records removed per write: enough to keep up with any rate of
+/// expiring writes (each write adds one), bounded so no write waits long.
+const PRUNE_PER_WRITE: usize = 16;
+
+/// Deletes up to [`PRUNE_PER_WRITE`] expired records, oldest first. A record
+/// rewritten since its index entry was made keeps its newer value.
+fn prune_expired(tx: &mut committer::Txn, now_ms: u64) -> StoreResult<()> {
+    for ik in tx.committed_keys(Cf::Meta, keys::EXPIRY_INDEX_PREFIX, PRUNE_PER_WRITE)? {
+        let Some((at, record)) = keys::parse_expiry_index_key(&ik) else {
+            tx.delete(Cf::Meta, ik);
+            continue;
+        };
+        if at > now_ms {
+            break;
+        }
+        tx.delete(Cf::Meta, ik);
+        if tx
+            .get(Cf::Meta, &record)?
+            .is_some_and(|v| v.get(..8) == Some(&at.to_be_bytes()[..]))
+        {
+            tx.delete(Cf::Meta, record);
+        }
+    }
+    Ok(())
 }
 
 impl KvStore for RocksStore {
@@ -721,13 +817,25 @@ impl EdgeStore for RocksStore {
         let inner = self.inner.clone();
         let ns = ns.clone();
         let write = self.inner.committer.write(move |tx| {
-            // Publishing an id again is a no-op on this node, however long
-            // after (JetStream's own dedup only spans its window).
-            let seen = keys::global_event_key(&ns, &event.id);
-            if tx.get(Cf::Meta, &seen)?.is_some() {
+            // Publishing an id again is a no-op on this node for as long as
+            // the global stream keeps the event (JetStream's own dedup only
+            // spans its window).
+            let now = now_ms();
+            let seen = keys::expiring_record_key(GLOBAL_EVENT_IDS, &global_id_key(&ns, &event.id));
+            if tx
+                .get(Cf::Meta, &seen)?
+                .is_some_and(|v| live_expiring(&v, now).is_some())
+            {
                 return Ok(());
             }
-            tx.put(Cf::Meta, seen, now_ms().to_be_bytes().to_vec());
+            put_expiring(
+                tx,
+                GLOBAL_EVENT_IDS,
+                &global_id_key(&ns, &event.id),
+                &[],
+                now.saturating_add(GLOBAL_EVENT_RETENTION.as_millis() as u64),
+            )?;
+            prune_expired(tx, now)?;
             let entry = OutboxEntry::Global {
                 component: ns.to_string(),
                 event,

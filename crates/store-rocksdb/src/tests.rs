@@ -553,3 +553,60 @@ async fn a_global_event_id_is_queued_once_per_component_across_restarts() {
     assert_eq!(out.len(), 1);
     assert!(matches!(&out[0].1, OutboxEntry::Global { event, .. } if event.id == "e2"));
 }
+
+#[tokio::test]
+async fn expiring_host_records_vanish_and_are_pruned() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = RocksStore::open(dir.path(), options(false)).unwrap();
+    let now = now_ms();
+    let put = |key: &str, value: &[u8], expires_at_ms: u64| HostWrite::PutExpiring {
+        table: "seen",
+        key: key.into(),
+        value: value.to_vec(),
+        expires_at_ms,
+    };
+    s.write_host_records(vec![
+        put("old", b"1", now - 1),
+        put("live", b"2", now + 60_000),
+        put("again", b"3", now - 1),
+        HostWrite::Put {
+            table: "seen",
+            key: "plain".into(),
+            value: b"4".to_vec(),
+        },
+    ])
+    .await
+    .unwrap();
+    assert_eq!(s.expiring_host_record("seen", "old").unwrap(), None);
+    assert_eq!(
+        s.expiring_host_record("seen", "live").unwrap(),
+        Some(b"2".to_vec())
+    );
+    // Expiring and plain tables of one name are apart.
+    assert_eq!(s.expiring_host_record("seen", "plain").unwrap(), None);
+    assert_eq!(s.host_record("seen", "plain").unwrap(), Some(b"4".to_vec()));
+    assert_eq!(s.host_record("seen", "live").unwrap(), None);
+    // Rewritten with a later expiry: the old index entry must not prune it.
+    s.write_host_records(vec![put("again", b"5", now + 60_000)])
+        .await
+        .unwrap();
+    // The next write prunes what expired (old), and keeps the rest.
+    s.write_host_records(vec![]).await.unwrap();
+    let meta = |prefix: &[u8]| {
+        let db = &s.inner.db;
+        let mut it = db.raw_iterator_cf(committer::handle(db, Cf::Meta).unwrap());
+        it.seek(prefix);
+        let mut n = 0;
+        while it.key().is_some_and(|k| k.starts_with(prefix)) {
+            n += 1;
+            it.next();
+        }
+        n
+    };
+    assert_eq!(meta(b"x\0"), 2, "old is gone, live and again remain");
+    assert_eq!(meta(keys::EXPIRY_INDEX_PREFIX), 2);
+    assert_eq!(
+        s.expiring_host_record("seen", "again").unwrap(),
+        Some(b"5".to_vec())
+    );
+}

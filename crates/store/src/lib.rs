@@ -218,7 +218,38 @@ pub trait HostRecords: Send + Sync + 'static {
     fn host_records(&self, table: &str) -> StoreResult<Vec<(String, Vec<u8>)>>;
     fn put_host_record(&self, table: &str, key: String, value: Vec<u8>) -> WriteFuture<()>;
     fn delete_host_record(&self, table: &str, key: String) -> WriteFuture<()>;
+    /// A record written with [`HostWrite::PutExpiring`], while it lives.
+    /// Expiring tables are apart from plain ones of the same name.
+    fn expiring_host_record(&self, table: &str, key: &str) -> StoreResult<Option<Vec<u8>>>;
+    /// Several writes in one atomic, fsynced batch. Each call also deletes
+    /// some expired records (oldest first), so expiring tables stay bounded
+    /// by what lives.
+    fn write_host_records(&self, writes: Vec<HostWrite>) -> WriteFuture<()>;
 }
+
+/// One write of [`HostRecords::write_host_records`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostWrite {
+    Put {
+        table: &'static str,
+        key: String,
+        value: Vec<u8>,
+    },
+    /// Readable with [`HostRecords::expiring_host_record`] until
+    /// `expires_at_ms` (ms since the Unix epoch, this node's clock).
+    PutExpiring {
+        table: &'static str,
+        key: String,
+        value: Vec<u8>,
+        expires_at_ms: u64,
+    },
+}
+
+/// How long an id given to `publish-global-event` stays an idempotency key
+/// (on the publishing node and for every subscription): as long as the
+/// global event stream keeps the event.
+pub const GLOBAL_EVENT_RETENTION: std::time::Duration =
+    std::time::Duration::from_secs(7 * 24 * 3600);
 
 /// One SQLite (or other) database per component (`sql`).
 pub trait SqlStore: Send + Sync + 'static {
