@@ -2,8 +2,9 @@
 //! embedded node (L2 and L3 on the in-process bus), and across two regions
 //! of real NATS clusters joined by a gateway, with a partitioned edge.
 
+use crate::regions::{RegionSpec, world};
 use crate::support::*;
-use keel_test_support::{FaultProxy, NatsSupercluster, ServerSpec, free_port};
+use keel_test_support::FaultProxy;
 use std::time::{Duration, Instant};
 
 const GRANTS: &str = r#"grants = ["cache"]"#;
@@ -180,87 +181,31 @@ async fn the_loader_fills_misses_once() {
     assert_eq!(metric(&keel, "keel_cache_loads_total").await, before + 1);
 }
 
-/// Two regions (`east`: edges e1 e2, e2 behind a fault proxy; `west`: w1
-/// w2), one NATS server each, joined by a gateway.
-struct TwoRegions {
-    _dir: tempfile::TempDir,
-    path: std::path::PathBuf,
-    regions: keel_config::RegionsConfig,
-    _nats: NatsSupercluster,
-}
-
-const SECRET_ENV: &str = "KEEL_TEST_NATS_SECRET";
-const SECRET: &str = "cache-test-secret";
-
-fn two_regions() -> TwoRegions {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("regions.toml");
-    let store = dir.path().join("nats");
-    let last = std::sync::Arc::new(std::sync::Mutex::new(None));
-    let keep = last.clone();
-    let nats = NatsSupercluster::start_retrying(|| {
-        let server = || {
-            format!(
-                "{{ host = \"127.0.0.1\", client = {}, cluster = {}, gateway = {}, monitor = {} }}",
-                free_port(),
-                free_port(),
-                free_port(),
-                free_port()
-            )
-        };
-        let text = format!(
-            "[regions.east]\nedges = [\"e1\", \"e2\"]\ncoordinator = \"e1\"\ndata_residency = \"global\"\nservers = [{}]\n\n\
-             [regions.west]\nedges = [\"w1\", \"w2\"]\ncoordinator = \"w1\"\ndata_residency = \"global\"\nservers = [{}]\n\n\
-             [nats]\nsecret_env = {SECRET_ENV:?}\nstore_dir = {:?}\n",
-            server(),
-            server(),
-            store.display().to_string()
-        );
-        std::fs::write(&path, &text).unwrap();
-        let regions = keel_config::RegionsConfig::parse(&path, &text).unwrap();
-        let rendered = keel_topology::render(&regions, SECRET.as_bytes());
-        *keep.lock().unwrap() = Some(regions);
-        rendered
-            .into_iter()
-            .map(|r| ServerSpec {
-                server_name: r.server_name,
-                cluster: Some(r.region),
-                host: r.addr.host.clone(),
-                client_port: r.addr.client_port,
-                monitor_port: r.addr.monitor_port,
-                store_dir: r.store_dir,
-                config: r.config,
-            })
-            .collect()
-    });
-    let regions = last.lock().unwrap().take().unwrap();
-    TwoRegions {
-        _dir: dir,
-        path,
-        regions,
-        _nats: nats,
-    }
-}
-
-impl TwoRegions {
-    fn node(&self, edge: &str, servers: Option<&str>) -> Node {
-        let bus = servers
-            .map(|s| format!("event-stream = {{ type = \"nats\", servers = [\"{s}\"] }}"))
-            .unwrap_or_default();
-        let mut node = Node::new(&format!(
-            "[node]\nedge = \"{edge}\"\nregions = {:?}\n\n[infrastructure]\n{bus}\n\n{}",
-            self.path.display().to_string(),
-            component("c", "cache-probe", "/c/...", GRANTS),
-        ));
-        node.env.push((SECRET_ENV.into(), SECRET.into()));
-        node
-    }
-}
-
 #[test]
 fn cache_levels_span_regions_and_invalidations_reach_their_scope() {
     let _heavy = heavy_test();
-    let world = two_regions();
+    // east: e1 e2 (e2 behind a fault proxy); west: w1 w2.
+    let world = world(&[
+        RegionSpec {
+            name: "east",
+            residency: "global",
+            edges: &["e1", "e2"],
+            servers: 1,
+        },
+        RegionSpec {
+            name: "west",
+            residency: "global",
+            edges: &["w1", "w2"],
+            servers: 1,
+        },
+    ]);
+    let node = |edge, servers| {
+        world.node(
+            edge,
+            servers,
+            &component("c", "cache-probe", "/c/...", GRANTS),
+        )
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -273,10 +218,10 @@ fn cache_levels_span_regions_and_invalidations_reach_their_scope() {
             .unwrap(),
     );
     let nodes = [
-        world.node("e1", None),
-        world.node("e2", Some(&proxy.url())),
-        world.node("w1", None),
-        world.node("w2", None),
+        node("e1", None),
+        node("e2", Some(proxy.url().as_str())),
+        node("w1", None),
+        node("w2", None),
     ];
     let keels: Vec<Keel> = nodes.iter().map(Node::start).collect();
     let [e1, e2, w1, w2] = [&keels[0], &keels[1], &keels[2], &keels[3]];

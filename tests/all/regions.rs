@@ -40,18 +40,18 @@ const SECRET: &str = "regions-test-secret";
 /// Deadline for anything that should arrive promptly.
 const WAIT: Duration = Duration::from_secs(30);
 
-struct RegionSpec {
-    name: &'static str,
-    residency: &'static str,
-    edges: &'static [&'static str],
-    servers: usize,
+pub(crate) struct RegionSpec {
+    pub(crate) name: &'static str,
+    pub(crate) residency: &'static str,
+    pub(crate) edges: &'static [&'static str],
+    pub(crate) servers: usize,
 }
 
 /// A running topology: the regions.toml on disk and its NATS servers.
-struct World {
+pub(crate) struct World {
     _dir: tempfile::TempDir,
     path: PathBuf,
-    regions: RegionsConfig,
+    pub(crate) regions: RegionsConfig,
     _nats: NatsSupercluster,
 }
 
@@ -86,7 +86,7 @@ fn regions_text(specs: &[RegionSpec], store_dir: &std::path::Path) -> String {
     text
 }
 
-fn world(specs: &[RegionSpec]) -> World {
+pub(crate) fn world(specs: &[RegionSpec]) -> World {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("regions.toml");
     let last: Arc<Mutex<Option<RegionsConfig>>> = Arc::default();
@@ -147,18 +147,27 @@ impl World {
     /// A keel node for `edge` serving edge-probe at `/probe/...`; with
     /// `servers`, it reaches NATS there instead (a fault proxy).
     fn edge_node(&self, edge: &str, servers: Option<&str>) -> Node {
+        self.node(
+            edge,
+            servers,
+            &component(
+                "probe",
+                "edge-probe",
+                "/probe/...",
+                r#"grants = ["edge-operations", "events", "kv", "sql"]"#,
+            ),
+        )
+    }
+
+    /// A keel node for `edge` with `components` (keel.toml tables); with
+    /// `servers`, it reaches NATS there instead (a fault proxy).
+    pub(crate) fn node(&self, edge: &str, servers: Option<&str>, components: &str) -> Node {
         let bus = servers
             .map(|s| format!("event-stream = {{ type = \"nats\", servers = [\"{s}\"] }}"))
             .unwrap_or_default();
         let mut node = Node::new(&format!(
-            "[node]\nedge = \"{edge}\"\nregions = {:?}\n\n[infrastructure]\n{bus}\n\n{}",
+            "[node]\nedge = \"{edge}\"\nregions = {:?}\n\n[infrastructure]\n{bus}\n\n{components}",
             self.path.display().to_string(),
-            component(
-                "probe",
-                "edge-probe",
-                "/probe/...",
-                r#"grants = ["edge-operations", "events", "kv", "sql"]"#
-            )
         ));
         node.env.push((SECRET_ENV.into(), SECRET.into()));
         node

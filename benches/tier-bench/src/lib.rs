@@ -43,6 +43,31 @@ pub fn check_interrupted() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The first argument: how many samples (`default` without one).
+pub fn samples_arg(program: &str, default: usize) -> anyhow::Result<usize> {
+    let samples = std::env::args()
+        .nth(1)
+        .map(|s| s.parse())
+        .transpose()
+        .with_context(|| format!("usage: {program} [samples]"))?
+        .unwrap_or(default);
+    anyhow::ensure!(samples > 0, "samples must be at least 1");
+    Ok(samples)
+}
+
+/// `$<env>`, else `components/target/wasm/<name>.wasm`; it must exist.
+pub fn guest_wasm(env: &str, name: &str) -> anyhow::Result<PathBuf> {
+    let wasm = std::env::var_os(env).map(PathBuf::from).unwrap_or_else(|| {
+        keel_test_support::workspace_root().join(format!("components/target/wasm/{name}.wasm"))
+    });
+    anyhow::ensure!(
+        wasm.is_file(),
+        "{} is missing: run `make guests` (or set {env})",
+        wasm.display()
+    );
+    Ok(wasm)
+}
+
 /// `$KEEL_BIN`, else `$CARGO_TARGET_DIR/release/keel`, else the `keel` next
 /// to this binary (both are built into the same release dir).
 pub fn keel_bin() -> anyhow::Result<PathBuf> {

@@ -237,28 +237,22 @@ fn load_component(
         .instantiate_pre(&component)
         .and_then(ProxyPre::new)
         .map_err(|e| at_wasm(format!("cannot link {}: {e:#}", c.wasm.display())))?;
-    let subscriber = if exports
-        .iter()
-        .any(|e| keel_world::interface_short_name(e) == Some("subscriber"))
-    {
-        Some(
-            SubscriberIndices::new(pre.instance_pre())
-                .map_err(|e| at_wasm(format!("keel:platform/subscriber export: {e:#}")))?,
-        )
-    } else {
-        None
+    // The typed callers of the keel interfaces the component exports.
+    let exported = |name: &str| {
+        exports
+            .iter()
+            .any(|e| keel_world::interface_short_name(e) == Some(name))
     };
-    let cache_loader = if exports
-        .iter()
-        .any(|e| keel_world::interface_short_name(e) == Some("cache-loader"))
-    {
-        Some(
-            CacheLoaderIndices::new(pre.instance_pre())
-                .map_err(|e| at_wasm(format!("keel:platform/cache-loader export: {e:#}")))?,
-        )
-    } else {
-        None
-    };
+    let indices_error =
+        |name: &str, e: wasmtime::Error| at_wasm(format!("keel:platform/{name} export: {e:#}"));
+    let subscriber = exported("subscriber")
+        .then(|| SubscriberIndices::new(pre.instance_pre()))
+        .transpose()
+        .map_err(|e| indices_error("subscriber", e))?;
+    let cache_loader = exported("cache-loader")
+        .then(|| CacheLoaderIndices::new(pre.instance_pre()))
+        .transpose()
+        .map_err(|e| indices_error("cache-loader", e))?;
     Ok(Arc::new_cyclic(|this| LoadedComponent {
         config: c.clone(),
         digest,

@@ -28,12 +28,11 @@
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use keel_store::Namespace;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tier_bench::{
-    Http, INTERRUPTED, Node, Samples, Topology, check_interrupted, keel_bin, report_logs, text,
-    wait_connected, watch_signals,
+    Http, INTERRUPTED, Node, Samples, Topology, check_interrupted, guest_wasm, keel_bin,
+    report_logs, samples_arg, text, wait_connected, watch_signals,
 };
 
 const REGIONS: [(&str, &[&str]); 2] =
@@ -51,24 +50,9 @@ const LOOP_REPEATS: usize = 15;
 const VALUE_BYTES: usize = 100;
 
 fn main() -> anyhow::Result<()> {
-    let samples: usize = std::env::args()
-        .nth(1)
-        .map(|s| s.parse())
-        .transpose()
-        .context("usage: cache-bench [samples]")?
-        .unwrap_or(200);
-    anyhow::ensure!(samples > 0, "samples must be at least 1");
+    let samples = samples_arg("cache-bench", 200)?;
     let bin = keel_bin()?;
-    let wasm = std::env::var_os("KEEL_CACHE_PROBE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            keel_test_support::workspace_root().join("components/target/wasm/cache-probe.wasm")
-        });
-    anyhow::ensure!(
-        wasm.is_file(),
-        "{} is missing: run `make guests` (or set KEEL_CACHE_PROBE)",
-        wasm.display()
-    );
+    let wasm = guest_wasm("KEEL_CACHE_PROBE", "cache-probe")?;
     let components = format!(
         "[components.c]\nwasm = {:?}\nroute = \"/c/...\"\ngrants = [\"cache\"]\n",
         wasm.display().to_string()

@@ -37,13 +37,12 @@ use bytes::Bytes;
 use futures::StreamExt;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tier_bench::{
-    Http, INTERRUPTED, Node, Samples, Topology, WARMUP, check_interrupted, gets, keel_bin, logs,
-    report_logs, text, wait_connected, watch_signals,
+    Http, INTERRUPTED, Node, Samples, Topology, WARMUP, check_interrupted, gets, guest_wasm,
+    keel_bin, logs, report_logs, samples_arg, text, wait_connected, watch_signals,
 };
 
 /// us-east, then us-west; the first edge of a region is its coordinator.
@@ -57,24 +56,9 @@ const MAX_DELIVERY_SAMPLES: usize = 200;
 const ECHO_SUBJECT: &str = "bench.regional-op.echo";
 
 fn main() -> anyhow::Result<()> {
-    let samples: usize = std::env::args()
-        .nth(1)
-        .map(|s| s.parse())
-        .transpose()
-        .context("usage: regional-op [samples]")?
-        .unwrap_or(500);
-    anyhow::ensure!(samples > 0, "samples must be at least 1");
+    let samples = samples_arg("regional-op", 500)?;
     let bin = keel_bin()?;
-    let wasm = std::env::var_os("KEEL_REGIONAL_PROBE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            keel_test_support::workspace_root().join("components/target/wasm/regional-probe.wasm")
-        });
-    anyhow::ensure!(
-        wasm.is_file(),
-        "{} is missing: run `make guests` (or set KEEL_REGIONAL_PROBE)",
-        wasm.display()
-    );
+    let wasm = guest_wasm("KEEL_REGIONAL_PROBE", "regional-probe")?;
     let components = format!(
         "[components.reg]\nwasm = {:?}\nroute = \"/reg/...\"\n\
          grants = [\"regional-coordination\", \"global-coordination\", \"edge-operations\", \"kv\"]\n",
