@@ -948,6 +948,99 @@ fn regional_coordination_spans_the_edges_of_a_region() {
             serde_json::from_str(report["body"].as_str().unwrap()).unwrap();
         assert_eq!(body["regions"]["us-east"]["order"]["count"], 2, "{body}");
         assert_eq!(body["regions"]["us-east"]["note"]["count"], 1, "{body}");
+
+        // Global user search: every region's users of the component; a
+        // display name only where the user's residency allows it (eve is
+        // homed in eu-central: her name never leaves the EU); partial,
+        // and saying so, when a region does not answer.
+        for (node, user, name) in [
+            (nyc, "srch-ann", "Srch Ann"),
+            (sfo, "srch-bob", "Srch Bob"),
+            (fra, "eve", "Srchy Eve"),
+        ] {
+            let r = node
+                .post(
+                    &format!("/reg/activity/{user}"),
+                    json!({"kind": "sign-in", "attributes": {"display-name": name}}).to_string(),
+                )
+                .await;
+            assert_eq!(r.status, 204, "{}", r.body);
+        }
+        let search = json!({"name_prefix": "SRCH", "limit": 10}).to_string();
+        let found = nyc
+            .poll(
+                "POST",
+                "/reg/global/search",
+                &search,
+                "three users found",
+                |s, v| s == 200 && v["users"].as_array().is_some_and(|u| u.len() == 3),
+            )
+            .await;
+        let by_user = |v: &serde_json::Value, user: &str| {
+            v["users"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|u| u["user"] == user)
+                .cloned()
+                .unwrap_or_else(|| panic!("{user} not found: {v}"))
+        };
+        assert_eq!(found["missing_regions"], json!([]), "{found}");
+        assert_eq!(
+            found["regions"],
+            json!(["eu-central", "us-east", "us-west"])
+        );
+        let ann = by_user(&found, "srch-ann");
+        assert_eq!(
+            (&ann["home_region"], &ann["display_name"]),
+            (&json!("us-east"), &json!("Srch Ann"))
+        );
+        assert_eq!(by_user(&found, "srch-bob")["home_region"], "us-west");
+        let eve = by_user(&found, "eve");
+        assert_eq!(eve["home_region"], "eu-central");
+        assert_eq!(
+            eve["display_name"],
+            json!(null),
+            "a gdpr user's name left the EU: {found}"
+        );
+        // In the EU her name is shown; the home filter keeps only her.
+        let eu = json!({"name_prefix": "srch", "home_region": "eu-central", "limit": 10});
+        let r = fra.post("/reg/global/search", eu.to_string()).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        let users = r.json()["users"].clone();
+        assert_eq!(users.as_array().map(Vec::len), Some(1), "{users}");
+        assert_eq!(users[0]["display_name"], "Srchy Eve");
+        let r = nyc
+            .post("/reg/global/search", json!({"limit": 0}).to_string())
+            .await;
+        assert_eq!(r.status, 400, "{}", r.body);
+        // us-west stops: the answer is partial and says which region is missing.
+        sfo.sigterm();
+        let partial = nyc
+            .poll(
+                "POST",
+                "/reg/global/search",
+                &search,
+                "us-west missing",
+                |s, v| s == 200 && v["missing_regions"] == json!(["us-west"]),
+            )
+            .await;
+        assert_eq!(
+            partial["regions"],
+            json!(["eu-central", "us-east"]),
+            "{partial}"
+        );
+        let users: Vec<&str> = partial["users"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|u| u["user"].as_str().unwrap())
+            .collect();
+        assert!(!users.contains(&"srch-bob"), "{partial}");
+        assert!(
+            users.contains(&"srch-ann") && users.contains(&"eve"),
+            "{partial}"
+        );
     });
 }
 

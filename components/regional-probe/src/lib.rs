@@ -32,6 +32,7 @@
 //! | `DELETE /global/subscribe/<id>` | `unsubscribe-global-events` | 204 |
 //! | `POST /global/query` (one-key object, below) | `query-global-state` | the result (below) |
 //! | `POST /global/report/<type>` `{"start_ms", "end_ms", "regions"?, "options"?}` | `generate-global-report` | report object (below) |
+//! | `POST /global/search` `{"name_prefix"?, "home_region"?, "active_since_ms"?, "limit"}` | `search-global-users` | `{"users": [{"user", "home_region", "display_name", "last_seen_ms"}], "regions", "missing_regions"}` |
 //! | `PUT /fail-updates?n=N` | `kv.set("fail-updates", N)` | 204 |
 //! | `GET /deliveries?prefix=P` | `kv.list-keys` (all pages) + `kv.get` | `[<recorded JSON>, ..]` in key order |
 //!
@@ -364,6 +365,35 @@ fn route(req: &Request) -> Outcome {
         ("POST", ["global", "query"]) => {
             let query = global_query_in(&json_body(req)?)?;
             json(global_result_out(global::query_global_state(&query)?))
+        }
+        #[cfg(feature = "global")]
+        ("POST", ["global", "search"]) => {
+            let body = json_body(req)?;
+            let criteria = global::SearchCriteria {
+                name_prefix: opt_str_field(&body, "name_prefix")?,
+                home_region: opt_str_field(&body, "home_region")?,
+                active_since_ms: body["active_since_ms"].as_u64(),
+                limit: u32::try_from(u64_field(&body, "limit")?)
+                    .map_err(|_| Failure::bad_request("`limit` is at most 2^32-1"))?,
+            };
+            let found = global::search_global_users(&criteria)?;
+            let users: Vec<Value> = found
+                .users
+                .iter()
+                .map(|u| {
+                    json!({
+                        "user": u.user,
+                        "home_region": u.home_region,
+                        "display_name": u.display_name,
+                        "last_seen_ms": u.last_seen_ms,
+                    })
+                })
+                .collect();
+            json(json!({
+                "users": users,
+                "regions": found.regions,
+                "missing_regions": found.missing_regions,
+            }))
         }
         #[cfg(feature = "global")]
         ("POST", ["global", "report", report_type]) => {

@@ -61,6 +61,26 @@ pub struct LastActivity {
     pub attributes: Vec<(String, String)>,
 }
 
+/// The activity attribute that names a user for `search-global-users`.
+pub const DISPLAY_NAME_ATTRIBUTE: &str = "display-name";
+
+/// What [`UserStateView::search`] looks for.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UserSearch {
+    /// Case-insensitive prefix of the user id or display name.
+    pub name_prefix: Option<String>,
+    pub active_since_ms: Option<u64>,
+    pub limit: usize,
+}
+
+/// One user [`UserStateView::search`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserHit {
+    pub user: String,
+    pub display_name: Option<String>,
+    pub last_seen_ms: u64,
+}
+
 /// A user's state in the region.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UserState {
@@ -87,6 +107,8 @@ struct UserEntry {
     last_seen: Hlc,
     last_seen_edge: String,
     last_activity: LastActivity,
+    /// The [`DISPLAY_NAME_ATTRIBUTE`] of the latest activity that had one.
+    display_name: Option<(Hlc, String)>,
     /// Latest activity per edge.
     edges: HashMap<String, Hlc>,
 }
@@ -145,6 +167,11 @@ impl UserStateView {
         };
         let user = scoped(event.component(), &user);
         let edge = data.edge.unwrap_or_else(|| event.edge().to_string());
+        let display_name = data
+            .attributes
+            .iter()
+            .find(|(k, _)| k == DISPLAY_NAME_ATTRIBUTE)
+            .map(|(_, v)| (at.clone(), v.clone()));
         let activity = LastActivity {
             kind: data.kind,
             attributes: data.attributes,
@@ -158,6 +185,7 @@ impl UserStateView {
                         last_seen: at.clone(),
                         last_seen_edge: edge.clone(),
                         last_activity: activity,
+                        display_name,
                         edges: HashMap::from([(edge, at)]),
                     },
                 );
@@ -167,6 +195,14 @@ impl UserStateView {
                     entry.last_seen = at.clone();
                     entry.last_seen_edge = edge.clone();
                     entry.last_activity = activity;
+                }
+                if let Some((named_at, name)) = display_name
+                    && entry
+                        .display_name
+                        .as_ref()
+                        .is_none_or(|(t, _)| named_at > *t)
+                {
+                    entry.display_name = Some((named_at, name));
                 }
                 match entry.edges.get_mut(&edge) {
                     Some(latest) if *latest >= at => {}
@@ -250,6 +286,46 @@ impl UserStateView {
             .collect();
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out
+    }
+
+    /// A component's users matching `search`, most recently seen first
+    /// (then by id), at most `search.limit`.
+    pub fn search(&self, component: &str, search: &UserSearch) -> Vec<UserHit> {
+        let prefix = search.name_prefix.as_deref().map(str::to_lowercase);
+        let mut hits: Vec<UserHit> = lock(&self.users)
+            .iter()
+            .filter_map(|(k, e)| {
+                let (c, user) = k.split_once('\0')?;
+                if c != component {
+                    return None;
+                }
+                if search
+                    .active_since_ms
+                    .is_some_and(|since| e.last_seen.physical_ms < since)
+                {
+                    return None;
+                }
+                let name = e.display_name.as_ref().map(|(_, n)| n.as_str());
+                if let Some(p) = &prefix {
+                    let matches = |s: &str| s.to_lowercase().starts_with(p.as_str());
+                    if !matches(user) && !name.is_some_and(matches) {
+                        return None;
+                    }
+                }
+                Some(UserHit {
+                    user: user.to_string(),
+                    display_name: name.map(str::to_string),
+                    last_seen_ms: e.last_seen.physical_ms,
+                })
+            })
+            .collect();
+        hits.sort_by(|a, b| {
+            b.last_seen_ms
+                .cmp(&a.last_seen_ms)
+                .then_with(|| a.user.cmp(&b.user))
+        });
+        hits.truncate(search.limit);
+        hits
     }
 
     /// Users known.
@@ -486,13 +562,29 @@ mod tests {
     }
 
     fn activity(user: &str, edge: &str, kind: &str, at: Hlc) -> CloudEvent {
+        activity_with(
+            user,
+            edge,
+            kind,
+            at,
+            vec![("page".into(), format!("/{kind}"))],
+        )
+    }
+
+    fn activity_with(
+        user: &str,
+        edge: &str,
+        kind: &str,
+        at: Hlc,
+        attributes: Vec<(String, String)>,
+    ) -> CloudEvent {
         let entry = OutboxEntry::Activity {
             component: "app".into(),
             user: user.into(),
             record: ActivityRecord {
                 activity: Activity {
                     kind: kind.into(),
-                    attributes: vec![("page".into(), format!("/{kind}"))],
+                    attributes,
                 },
                 edge: edge.into(),
                 at,
@@ -696,5 +788,67 @@ mod tests {
         w.record_sample("app", "m", 0, 1.0);
         assert_eq!(w.prune_before(9), 0);
         assert_eq!(w.prune_before(10), 1);
+    }
+
+    #[test]
+    fn search_matches_ids_and_display_names_newest_first() {
+        let v = UserStateView::default();
+        let named = |n: &str| vec![(DISPLAY_NAME_ATTRIBUTE.to_string(), n.to_string())];
+        v.record(&activity_with(
+            "u1",
+            "fra",
+            "in",
+            hlc(1_000, 0, "fra"),
+            named("Alice"),
+        ));
+        // A later activity without a name keeps the name.
+        v.record(&activity("u1", "fra", "click", hlc(3_000, 0, "fra")));
+        // An older name arriving late does not replace the newer one.
+        v.record(&activity_with(
+            "u1",
+            "fra",
+            "in",
+            hlc(500, 0, "fra"),
+            named("Old"),
+        ));
+        v.record(&activity_with(
+            "alfred",
+            "fra",
+            "in",
+            hlc(2_000, 0, "fra"),
+            named("Bob"),
+        ));
+        v.record(&activity("zed", "fra", "in", hlc(4_000, 0, "fra")));
+        let search = |prefix: Option<&str>, since: Option<u64>, limit: usize| {
+            v.search(
+                "app",
+                &UserSearch {
+                    name_prefix: prefix.map(str::to_string),
+                    active_since_ms: since,
+                    limit,
+                },
+            )
+        };
+        let users = |hits: Vec<UserHit>| hits.into_iter().map(|h| h.user).collect::<Vec<_>>();
+        assert_eq!(users(search(None, None, 10)), ["zed", "u1", "alfred"]);
+        // "al": alice by name, alfred by id; case-insensitive.
+        assert_eq!(users(search(Some("AL"), None, 10)), ["u1", "alfred"]);
+        assert_eq!(users(search(None, Some(2_500), 10)), ["zed", "u1"]);
+        assert_eq!(users(search(None, None, 1)), ["zed"]);
+        let hit = &search(Some("alice"), None, 10)[0];
+        assert_eq!(
+            (hit.display_name.as_deref(), hit.last_seen_ms),
+            (Some("Alice"), 3_000)
+        );
+        assert!(
+            v.search(
+                "other",
+                &UserSearch {
+                    limit: 10,
+                    ..UserSearch::default()
+                }
+            )
+            .is_empty()
+        );
     }
 }

@@ -4,12 +4,14 @@
 //! which regions answered.
 //!
 //! Invariants:
-//! - **Aggregates only.** Answers are metric buckets, leaderboard scores and
-//!   event counts of the asking component: nothing personal crosses a zone.
+//! - **Nothing personal crosses a zone.** Answers are metric buckets,
+//!   leaderboard scores and event counts of the asking component, and user
+//!   search hits (pseudonymous ids, as in the global directory) whose
+//!   display names the *answering* region leaves out unless the user's
+//!   residency allows the asking region to hold them.
 //! - **Partial, never silently.** A region that does not answer in time is
 //!   listed as missing; the caller decides what a partial answer is worth.
 
-use crate::regional::RegionalTier;
 use bytes::Bytes;
 use keel_bus::Bus;
 use keel_coord::MetricPoint;
@@ -50,6 +52,26 @@ pub enum RegionQuery {
         start_ms: u64,
         end_ms: u64,
     },
+    /// The component's users active in the region (`search-global-users`).
+    Users {
+        component: String,
+        /// The asking node's region: display names go only where the
+        /// user's residency allows.
+        asker_region: String,
+        name_prefix: Option<String>,
+        home_region: Option<String>,
+        active_since_ms: Option<u64>,
+        limit: u32,
+    },
+}
+
+/// One user search hit, as it travels.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserHit {
+    pub user: String,
+    pub home_region: String,
+    pub display_name: Option<String>,
+    pub last_seen_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -92,6 +114,7 @@ pub enum RegionAnswer {
     Leaderboard(Vec<(String, i64)>),
     /// Name → (count, sum, min, max) over the range.
     Totals(BTreeMap<String, Point>),
+    Users(Vec<UserHit>),
     Error(String),
 }
 
@@ -131,7 +154,7 @@ impl GlobalApi {
                     continue;
                 };
                 let answer = match serde_json::from_slice::<RegionQuery>(&msg.payload) {
-                    Ok(q) => answerer.answer(q),
+                    Ok(q) => answerer.answer(q).await,
                     Err(e) => RegionAnswer::Error(format!("malformed query: {e}")),
                 };
                 let body = serde_json::to_vec(&answer).expect("answers serialize");
@@ -183,26 +206,21 @@ impl GlobalApi {
     }
 }
 
-/// What answers a region query: the node's views and its CRDTs.
+/// What answers a region query: the node's views, its CRDTs, and (for
+/// user searches) the directory and the residency rules.
 #[derive(Clone)]
 pub struct Answerer {
+    pub region: String,
     pub metrics: Arc<keel_coord::MetricsView>,
     pub events: Arc<keel_coord::MetricsView>,
+    pub users: Arc<keel_coord::UserStateView>,
     pub sync: keel_sync::Sync,
+    pub directory: Arc<keel_coord::directory::Directory>,
+    pub residency: keel_coord::migration::ResidencyRules,
 }
 
 impl Answerer {
-    pub fn new(regional: &RegionalTier, sync: keel_sync::Sync) -> Answerer {
-        Answerer {
-            metrics: regional.metrics.clone(),
-            events: regional.events.clone(),
-            sync,
-        }
-    }
-}
-
-impl Answerer {
-    pub fn answer(&self, q: RegionQuery) -> RegionAnswer {
+    pub async fn answer(&self, q: RegionQuery) -> RegionAnswer {
         match q {
             RegionQuery::Metric {
                 component,
@@ -258,8 +276,90 @@ impl Answerer {
                 }
                 RegionAnswer::Totals(totals)
             }
+            RegionQuery::Users {
+                component,
+                asker_region,
+                name_prefix,
+                home_region,
+                active_since_ms,
+                limit,
+            } => {
+                let search = keel_coord::UserSearch {
+                    name_prefix,
+                    active_since_ms,
+                    // Without a home filter the first `limit` hits are the
+                    // answer; with one, look further (homes are checked
+                    // below, one directory read per hit, cached).
+                    limit: if home_region.is_some() {
+                        MAX_USER_SCAN
+                    } else {
+                        limit as usize
+                    },
+                };
+                let mut out = Vec::new();
+                for hit in self.users.search(&component, &search) {
+                    if out.len() >= limit as usize {
+                        break;
+                    }
+                    // A user the directory does not know lives where seen.
+                    let home = match self.directory.home_cached(&hit.user).await {
+                        Ok(Some(h)) => h,
+                        Ok(None) => self.region.clone(),
+                        Err(e) => return RegionAnswer::Error(format!("directory: {e}")),
+                    };
+                    if home_region.as_ref().is_some_and(|r| *r != home) {
+                        continue;
+                    }
+                    let shown = self.residency.allows(&home, &asker_region);
+                    out.push(UserHit {
+                        display_name: hit.display_name.filter(|_| shown),
+                        user: hit.user,
+                        home_region: home,
+                        last_seen_ms: hit.last_seen_ms,
+                    });
+                }
+                RegionAnswer::Users(out)
+            }
         }
     }
+}
+
+/// Users one region scans at most for a search filtered by home region.
+const MAX_USER_SCAN: usize = 10_000;
+
+/// Search hits of several regions: one per user (the most recent sighting;
+/// a display name from any region that could show it), most recently seen
+/// first, then by id, the first `limit`.
+pub fn merge_user_hits(parts: impl IntoIterator<Item = Vec<UserHit>>, limit: u32) -> Vec<UserHit> {
+    let mut by_user: BTreeMap<String, UserHit> = BTreeMap::new();
+    for hit in parts.into_iter().flatten() {
+        match by_user.get_mut(&hit.user) {
+            None => {
+                by_user.insert(hit.user.clone(), hit);
+            }
+            Some(known) => {
+                let name = known.display_name.take();
+                let fresher = hit.last_seen_ms > known.last_seen_ms;
+                let (newer_name, older_name) = if fresher {
+                    (hit.display_name.clone(), name)
+                } else {
+                    (name, hit.display_name.clone())
+                };
+                if fresher {
+                    *known = hit;
+                }
+                known.display_name = newer_name.or(older_name);
+            }
+        }
+    }
+    let mut hits: Vec<UserHit> = by_user.into_values().collect();
+    hits.sort_by(|a, b| {
+        b.last_seen_ms
+            .cmp(&a.last_seen_ms)
+            .then_with(|| a.user.cmp(&b.user))
+    });
+    hits.truncate(limit as usize);
+    hits
 }
 
 /// The points of a series folded into one (start of the first bucket).
@@ -325,6 +425,32 @@ mod tests {
             ]
         );
         assert_eq!(merge_leaderboards([vec![("a".into(), 1)]], 0), []);
+    }
+
+    #[test]
+    fn user_hits_merge_per_user_freshest_first() {
+        let hit = |user: &str, name: Option<&str>, seen: u64| UserHit {
+            user: user.into(),
+            home_region: "eu".into(),
+            display_name: name.map(Into::into),
+            last_seen_ms: seen,
+        };
+        let merged = merge_user_hits(
+            [
+                vec![hit("ann", Some("Ann"), 5), hit("bob", None, 9)],
+                vec![hit("ann", None, 7), hit("cy", Some("Cy"), 1)],
+            ],
+            10,
+        );
+        assert_eq!(
+            merged,
+            [
+                hit("bob", None, 9),
+                hit("ann", Some("Ann"), 7),
+                hit("cy", Some("Cy"), 1)
+            ]
+        );
+        assert_eq!(merge_user_hits([merged], 1).len(), 1);
     }
 
     #[test]

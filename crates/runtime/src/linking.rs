@@ -22,14 +22,15 @@ pub const IMPLEMENTED_INTERFACES: &[&str] = &[
 
 /// The functions of `global-coordination` this build implements. A
 /// component importing any other function of it does not load (its events
-/// and queries work; the ledger, compliance and search functions come with
-/// the global tier).
+/// queries and user search work; the ledger and compliance functions come
+/// with the global tier).
 pub const GLOBAL_FUNCTIONS_IMPLEMENTED: &[&str] = &[
     "publish-global-event",
     "subscribe-global-events",
     "unsubscribe-global-events",
     "query-global-state",
     "generate-global-report",
+    "search-global-users",
 ];
 
 /// Functions of partly implemented interfaces that `component` imports but

@@ -227,7 +227,15 @@ impl Services {
         cache.start(background.handle());
         let api = crate::global::GlobalApi::new(region, bus.clone());
         api.serve(
-            crate::global::Answerer::new(&regional, sync.clone()),
+            crate::global::Answerer {
+                region: region.clone(),
+                metrics: regional.metrics.clone(),
+                events: regional.events.clone(),
+                users: regional.users.clone(),
+                sync: sync.clone(),
+                directory: directory.clone(),
+                residency: residency.clone(),
+            },
             background.handle(),
         );
         Ok(Arc::new(Services {

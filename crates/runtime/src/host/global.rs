@@ -3,7 +3,7 @@
 //! `on-global-event`), global queries and reports (every region's API,
 //! with a deadline), and the directory.
 //!
-//! The ledger, compliance and search functions of this interface are not in
+//! The ledger and compliance functions of this interface are not in
 //! this build: a component that imports any of them does not load
 //! ([`crate::linking::GLOBAL_FUNCTIONS_IMPLEMENTED`]), so their host stubs
 //! below are unreachable from a loaded guest.
@@ -40,6 +40,9 @@ impl HostState {
         }
     }
 }
+
+/// Most users one `search-global-users` returns.
+const MAX_SEARCH_RESULTS: u32 = 1000;
 
 impl gc::Host for HostState {
     async fn publish_global_event(&mut self, event: types::GlobalEvent) -> R<()> {
@@ -267,11 +270,39 @@ impl gc::Host for HostState {
         }))
     }
 
-    async fn search_global_users(
-        &mut self,
-        _criteria: gc::SearchCriteria,
-    ) -> R<Vec<gc::UserSummary>> {
-        Err(not_in_this_build("search-global-users"))
+    async fn search_global_users(&mut self, criteria: gc::SearchCriteria) -> R<gc::UserSearch> {
+        if criteria.limit == 0 {
+            return Ok(Err(WitError::Invalid("limit must be at least 1".into())));
+        }
+        let c = self.component();
+        let limit = criteria.limit.min(MAX_SEARCH_RESULTS);
+        let ask = RegionQuery::Users {
+            component: c.ns.as_str().to_string(),
+            asker_region: c.services.node.region.clone(),
+            name_prefix: criteria.name_prefix.filter(|p| !p.is_empty()),
+            home_region: criteria.home_region,
+            active_since_ms: criteria.active_since_ms,
+            limit,
+        };
+        let (answers, missing) = c.services.api.scatter(&self.all_regions(), &ask).await;
+        let regions: Vec<String> = answers.keys().cloned().collect();
+        let parts = answers.into_values().filter_map(|a| match a {
+            RegionAnswer::Users(hits) => Some(hits),
+            _ => None,
+        });
+        Ok(Ok(gc::UserSearch {
+            users: crate::global::merge_user_hits(parts, limit)
+                .into_iter()
+                .map(|h| gc::UserSummary {
+                    user: h.user,
+                    home_region: h.home_region,
+                    display_name: h.display_name,
+                    last_seen_ms: Some(h.last_seen_ms),
+                })
+                .collect(),
+            regions,
+            missing_regions: missing,
+        }))
     }
 
     async fn reconcile_billing(&mut self, _period: gc::BillingPeriod) -> R<gc::Reconciliation> {
