@@ -1,8 +1,9 @@
 //! Regional tier through guests, end to end, run by `benches/regional-op.sh`
 //! (numbers go to BENCHMARKS.md; nothing is asserted). A real loopback
-//! topology: 2 regions x 2 edges (us-east: nyc, bos; us-west: sfo, lax), one
-//! nats-server per region (gateways, residency zone "us"), release `keel up`
-//! nodes for nyc, bos and sfo serving regional-probe at `/reg/...` (granted
+//! topology: 3 regions x 2 edges (us-east: nyc, bos; us-west: sfo, lax;
+//! eu-central: fra, ams), one nats-server per region (gateways, one residency
+//! zone), release `keel up` nodes for nyc, bos, sfo and fra serving
+//! regional-probe at `/reg/...` (granted
 //! what it imports: `regional-coordination`, `global-coordination` with its
 //! default `global` feature, `edge-operations`, `kv`). Each
 //! HTTP figure is measured over one keep-alive connection per node; the
@@ -20,6 +21,10 @@
 //! 4. HTTP floor: `GET /reg/node` at bos, a guest call with no regional
 //!    work; and `GET /reg/user/<known user>` at bos, the cost of one poll of
 //!    (1).
+//! 5. global event delivery nyc -> sfo; 6. global query (metric) at nyc,
+//!    scatter-gather to the three regions; 7. `search-global-users` at nyc
+//!    (name prefix, limit 20) over 100 users with display names in each
+//!    region.
 //!
 //! Every child (nats-server, keel) is killed and every temp dir removed on
 //! exit, error, panic or SIGINT/SIGTERM/SIGHUP (keel nodes also die with
@@ -46,9 +51,13 @@ use tier_bench::{
 };
 
 /// us-east, then us-west; the first edge of a region is its coordinator.
-const REGIONS: [(&str, &[&str]); 2] = [("us-east", &["nyc", "bos"]), ("us-west", &["sfo", "lax"])];
+const REGIONS: [(&str, &[&str]); 3] = [
+    ("us-east", &["nyc", "bos"]),
+    ("us-west", &["sfo", "lax"]),
+    ("eu-central", &["fra", "ams"]),
+];
 /// The edges that run a keel node.
-const NODES: [&str; 3] = ["nyc", "bos", "sfo"];
+const NODES: [&str; 4] = ["nyc", "bos", "sfo", "fra"];
 /// Deadline for one sample (a write to become visible on the other edge).
 const SAMPLE_DEADLINE: Duration = Duration::from_secs(30);
 /// Cap on subscription-delivery samples: each poll lists every delivery.
@@ -408,7 +417,7 @@ async fn run(topology: &Topology, nodes: &[Node], n: usize) -> anyhow::Result<()
         WARMUP.min(nd)
     );
     let global = delivery((nyc, sfo), (&mut a, &mut c), nd, Via::Global).await?;
-    eprintln!("== 6. global query (metric, both regions): {WARMUP} warm-up + {n} samples");
+    eprintln!("== 6. global query (metric, three regions): {WARMUP} warm-up + {n} samples");
     let query = posts(
         nyc,
         &mut a,
@@ -417,6 +426,46 @@ async fn run(topology: &Topology, nodes: &[Node], n: usize) -> anyhow::Result<()
         n,
     )
     .await?;
+
+    eprintln!(
+        "== 7. search-global-users (three regions): 300 users, {WARMUP} warm-up + {n} samples"
+    );
+    for (i, node) in nodes.iter().enumerate().filter(|(i, _)| *i != 1) {
+        let mut http = Http::new(node);
+        for u in 0..100 {
+            let body =
+                json!({"kind": "sign-in", "attributes": {"display-name": format!("Srch {i} {u}")}});
+            let (status, reply) = http
+                .call(
+                    "POST",
+                    &format!("/reg/activity/srch-{i}-{u}"),
+                    body.to_string(),
+                )
+                .await?;
+            if status != 204 {
+                bail!("activity at {}: {status} {}", node.edge, text(&reply));
+            }
+        }
+    }
+    let search_body = json!({"name_prefix": "srch", "limit": 20});
+    // The three regions' views have the users once a search finds 20.
+    let deadline = Instant::now() + SAMPLE_DEADLINE;
+    loop {
+        check_interrupted()?;
+        let (_, reply) = a
+            .call("POST", "/reg/global/search", search_body.to_string())
+            .await?;
+        let v: Value = serde_json::from_slice(&reply).unwrap_or_default();
+        if v["users"].as_array().is_some_and(|u| u.len() == 20) && v["missing_regions"] == json!([])
+        {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("search never found 20 users in every region: {v}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let search = posts(nyc, &mut a, "/reg/global/search", &search_body, n).await?;
 
     eprintln!("== 4. HTTP floor: {WARMUP} warm-up + {n} samples each");
     let floor = gets(bos, &mut b, "/reg/node", n).await?;
@@ -442,7 +491,7 @@ async fn run(topology: &Topology, nodes: &[Node], n: usize) -> anyhow::Result<()
         );
     };
     println!(
-        "| measurement (loopback, 2 regions x 2 edges, 1 nats-server per region; µs) | samples | p50 | p99 | mean | max | keel / raw NATS round trip (p50 / p99) |"
+        "| measurement (loopback, 3 regions x 2 edges, 1 nats-server per region; µs) | samples | p50 | p99 | mean | max | keel / raw NATS round trip (p50 / p99) |"
     );
     println!("|---|---:|---:|---:|---:|---:|---:|");
     row(
@@ -502,9 +551,15 @@ async fn run(topology: &Topology, nodes: &[Node], n: usize) -> anyhow::Result<()
         false,
     );
     row(
-        "global op: query-global-state(metric) at nyc, scatter-gather to both regions",
+        "global op: query-global-state(metric) at nyc, scatter-gather to the three regions",
         n,
         &query,
+        true,
+    );
+    row(
+        "global op: search-global-users at nyc (name prefix, limit 20), scatter-gather to the three regions",
+        n,
+        &search,
         true,
     );
     row(
