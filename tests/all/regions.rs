@@ -98,18 +98,7 @@ pub(crate) fn world(specs: &[RegionSpec]) -> World {
         let regions = RegionsConfig::parse(&path, &text).unwrap();
         let rendered = keel_topology::render(&regions, SECRET.as_bytes());
         *keep.lock().unwrap() = Some(regions);
-        rendered
-            .into_iter()
-            .map(|r| ServerSpec {
-                server_name: r.server_name,
-                cluster: Some(r.region),
-                host: r.addr.host.clone(),
-                client_port: r.addr.client_port,
-                monitor_port: r.addr.monitor_port,
-                store_dir: r.store_dir,
-                config: r.config,
-            })
-            .collect()
+        rendered.into_iter().map(ServerSpec::from).collect()
     });
     let regions = last.lock().unwrap().take().unwrap();
     World {

@@ -191,18 +191,7 @@ impl Topology {
                 }
             }
             *keep.lock().expect("not poisoned") = Some((config, proxies));
-            rendered
-                .into_iter()
-                .map(|r| ServerSpec {
-                    server_name: r.server_name,
-                    cluster: Some(r.region),
-                    host: r.addr.host.clone(),
-                    client_port: r.addr.client_port,
-                    monitor_port: r.addr.monitor_port,
-                    store_dir: r.store_dir,
-                    config: r.config,
-                })
-                .collect()
+            rendered.into_iter().map(ServerSpec::from).collect()
         });
         let (regions, gateway_proxies) = last
             .lock()

@@ -128,6 +128,26 @@ pub struct ServerSpec {
     pub config: String,
 }
 
+impl From<keel_topology::RenderedServer> for ServerSpec {
+    /// A server as `keel topology` renders it (in its region's cluster
+    /// unless the topology has a single server, which has no cluster block).
+    fn from(r: keel_topology::RenderedServer) -> ServerSpec {
+        let clustered = r
+            .config
+            .lines()
+            .any(|l| l.trim_start().starts_with("cluster {"));
+        ServerSpec {
+            server_name: r.server_name,
+            cluster: clustered.then_some(r.region),
+            host: r.addr.host,
+            client_port: r.addr.client_port,
+            monitor_port: r.addr.monitor_port,
+            store_dir: r.store_dir,
+            config: r.config,
+        }
+    }
+}
+
 /// A minimal HTTP GET against the monitoring port: `(status, body)`.
 fn http_get(host: &str, port: u16, path: &str) -> Option<(u16, String)> {
     let addr: SocketAddr = format!("{host}:{port}").parse().ok()?;

@@ -112,18 +112,6 @@ fn three_regions(store_root: &Path) -> RegionsConfig {
     )
 }
 
-fn spec(s: &RenderedServer, clustered: bool) -> ServerSpec {
-    ServerSpec {
-        server_name: s.server_name.clone(),
-        cluster: clustered.then(|| s.region.clone()),
-        host: s.addr.host.clone(),
-        client_port: s.addr.client_port,
-        monitor_port: s.addr.monitor_port,
-        store_dir: s.store_dir.clone(),
-        config: s.config.clone(),
-    }
-}
-
 /// Renders `make(store_root)` and starts it (again on new ports if one was
 /// taken meanwhile); returns once routes, gateways and JetStream formed.
 fn start(make: fn(&Path) -> RegionsConfig) -> Topo {
@@ -136,8 +124,7 @@ fn start(make: fn(&Path) -> RegionsConfig) -> Topo {
     let sc = NatsSupercluster::start_retrying(|| {
         let regions = make(&root);
         let rendered = render(&regions, SECRET);
-        let clustered = rendered.len() > 1;
-        let specs = rendered.iter().map(|s| spec(s, clustered)).collect();
+        let specs = rendered.iter().cloned().map(ServerSpec::from).collect();
         last = Some((regions, rendered));
         specs
     });
