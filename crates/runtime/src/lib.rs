@@ -360,7 +360,40 @@ impl LoadedComponent {
             .await
             .map_err(|e| e.to_string())?;
         let started = Instant::now();
-        let mut store = self.new_store(started).map_err(|f| f.0)?;
+        let outcome = self
+            .call_export(Some(permit), false, async |store, instance| {
+                let guest = indices.load(&mut *store, &instance)?;
+                match &delivery {
+                    Delivery::Update(u) => guest.call_on_update(store, subscription, u).await,
+                    Delivery::Global(g) => guest.call_on_global_event(store, subscription, g).await,
+                }
+            })
+            .await
+            .and_then(|r| r.map_err(|e| format!("the handler returned {e:?}")));
+        self.metrics
+            .duration
+            .observe(started.elapsed().as_secs_f64());
+        if let Err(reason) = &outcome {
+            tracing::warn!(component = %self.config.name, subscription, sequence, reason, "delivery failed; will retry");
+        }
+        outcome
+    }
+
+    /// Runs `call` on a fresh instance of the component, under its limits
+    /// and deadline, then frees the pool slot, then `permit` (the instance
+    /// slot, if the caller holds one for this call). `Err` is a trap or the
+    /// deadline, described for operators and counted as a trap.
+    async fn call_export<T>(
+        &self,
+        permit: Option<OwnedSemaphorePermit>,
+        in_cache_loader: bool,
+        call: impl AsyncFnOnce(
+            &mut Store<HostState>,
+            wasmtime::component::Instance,
+        ) -> wasmtime::Result<T>,
+    ) -> Result<T, String> {
+        let mut store = self.new_store(Instant::now()).map_err(|f| f.0)?;
+        store.data_mut().in_cache_loader = in_cache_loader;
         let timeout = self.config.limits.timeout;
         self.metrics.in_flight.inc();
         let run = async {
@@ -369,19 +402,14 @@ impl LoadedComponent {
                 .instance_pre()
                 .instantiate_async(&mut store)
                 .await?;
-            let guest = indices.load(&mut store, &instance)?;
-            match &delivery {
-                Delivery::Update(u) => guest.call_on_update(&mut store, subscription, u).await,
-                Delivery::Global(g) => {
-                    guest
-                        .call_on_global_event(&mut store, subscription, g)
-                        .await
-                }
-            }
+            call(&mut store, instance).await
         };
-        let outcome = match tokio::time::timeout(timeout + HARD_DEADLINE_GRACE, run).await {
-            Ok(Ok(Ok(()))) => Ok(()),
-            Ok(Ok(Err(e))) => Err(format!("the handler returned {e:?}")),
+        let outcome = tokio::time::timeout(timeout + HARD_DEADLINE_GRACE, run).await;
+        drop(store);
+        drop(permit);
+        self.metrics.in_flight.dec();
+        match outcome {
+            Ok(Ok(v)) => Ok(v),
             Ok(Err(trap)) => {
                 self.metrics.traps.inc();
                 Err(describe_guest_error(&trap, timeout))
@@ -392,17 +420,7 @@ impl LoadedComponent {
                     "deadline of {timeout:?} exceeded while blocked in a host call; instance dropped"
                 ))
             }
-        };
-        drop(store);
-        drop(permit);
-        self.metrics.in_flight.dec();
-        self.metrics
-            .duration
-            .observe(started.elapsed().as_secs_f64());
-        if let Err(reason) = &outcome {
-            tracing::warn!(component = %self.config.name, subscription, sequence, reason, "delivery failed; will retry");
         }
-        outcome
     }
 
     /// Whether the component exports `keel:platform/cache-loader`.
@@ -422,43 +440,29 @@ impl LoadedComponent {
         let indices = self.cache_loader.as_ref().ok_or_else(|| {
             CacheError::Invalid("the component does not export keel:platform/cache-loader".into())
         })?;
-        let started = Instant::now();
-        let mut store = self
-            .new_store(started)
-            .map_err(|f| CacheError::Unavailable(f.0))?;
-        store.data_mut().in_cache_loader = true;
-        let timeout = self.config.limits.timeout;
-        self.metrics.in_flight.inc();
-        let run = async {
-            let instance = self
-                .pre
-                .instance_pre()
-                .instantiate_async(&mut store)
-                .await?;
-            let guest = indices.load(&mut store, &instance)?;
-            guest.call_load(&mut store, key).await
-        };
-        let outcome = tokio::time::timeout(timeout + HARD_DEADLINE_GRACE, run).await;
-        drop(store);
-        self.metrics.in_flight.dec();
-        let failed = |reason: String| {
-            self.metrics.traps.inc();
-            tracing::warn!(component = %self.config.name, key, reason, "cache-loader failed");
-            CacheError::Unavailable(format!("cache-loader failed: {reason}"))
-        };
+        let outcome = self
+            .call_export(None, true, async |store, instance| {
+                indices
+                    .load(&mut *store, &instance)?
+                    .call_load(store, key)
+                    .await
+            })
+            .await;
         match outcome {
-            Ok(Ok(Ok(loaded))) => Ok(loaded.map(|l| keel_cache::Loaded {
+            Ok(Ok(loaded)) => Ok(loaded.map(|l| keel_cache::Loaded {
                 value: l.value,
                 ttl: l.ttl_seconds.map(|s| Duration::from_secs(s.into())),
                 scope: host::cache_scope(l.scope),
             })),
-            Ok(Ok(Err(e))) => Err(CacheError::Unavailable(format!(
+            Ok(Err(e)) => Err(CacheError::Unavailable(format!(
                 "cache-loader returned an error: {e:?}"
             ))),
-            Ok(Err(trap)) => Err(failed(describe_guest_error(&trap, timeout))),
-            Err(_) => Err(failed(format!(
-                "deadline of {timeout:?} exceeded while blocked in a host call; instance dropped"
-            ))),
+            Err(reason) => {
+                tracing::warn!(component = %self.config.name, key, reason, "cache-loader failed");
+                Err(CacheError::Unavailable(format!(
+                    "cache-loader failed: {reason}"
+                )))
+            }
         }
     }
 
