@@ -82,10 +82,21 @@ pub fn workspace_root() -> PathBuf {
 /// A currently free TCP port on 127.0.0.1 (bound, then released: another
 /// process may still take it before the caller binds it).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind 127.0.0.1:0")
+    // The kernel may hand a just-closed port out again; a config that names
+    // one port twice (two calls in a row) is invalid, so this process never
+    // gets the same port twice.
+    static HANDED_OUT: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("bind 127.0.0.1:0");
+        let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+        if handed_out.insert(port) {
+            return port;
+        }
+    }
 }
 
 /// Polls `cond` every [`POLL_INTERVAL`] until it holds (true) or `timeout`
@@ -146,5 +157,12 @@ mod tests {
     #[test]
     fn finds_nats_server() {
         assert!(nats_server_binary().is_file());
+    }
+
+    #[test]
+    fn free_ports_are_never_handed_out_twice() {
+        let ports: Vec<u16> = (0..500).map(|_| free_port()).collect();
+        let distinct: std::collections::BTreeSet<u16> = ports.iter().copied().collect();
+        assert_eq!(distinct.len(), ports.len());
     }
 }
