@@ -68,6 +68,63 @@ pub fn guest_wasm(env: &str, name: &str) -> anyhow::Result<PathBuf> {
     Ok(wasm)
 }
 
+/// Runs a tier benchmark: a multi-thread runtime with signal handling, the
+/// topology of `regions` (with gateway proxies if asked), a release node
+/// with `components` on each of `edges`, then `body`. Afterwards the nodes'
+/// warnings go to stderr, and on failure the servers' log tails too. Drops
+/// the nodes (keel killed), then the topology (nats-servers killed, then
+/// its temp dir removed).
+pub fn run_bench(
+    name: &str,
+    regions: &[(&str, &[&str])],
+    gateway_proxies: bool,
+    edges: &[&'static str],
+    components: &str,
+    body: impl AsyncFnOnce(&Topology, &[Node]) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let bin = keel_bin()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(watch_signals())?;
+    let names: Vec<String> = regions
+        .iter()
+        .map(|(r, e)| format!("{r}: {}", e.join(", ")))
+        .collect();
+    eprintln!(
+        "== nats: {} regions x 1 server ({}){}",
+        regions.len(),
+        names.join("; "),
+        if gateway_proxies {
+            ", gateways through fault proxies"
+        } else {
+            ""
+        }
+    );
+    let topology = Topology::start(name, regions, gateway_proxies)?;
+    check_interrupted()?;
+    let mut nodes = Vec::new();
+    for edge in edges {
+        eprintln!("== keel {edge} ({})", bin.display());
+        nodes.push(Node::start(&bin, &topology, edge, components)?);
+        check_interrupted()?;
+    }
+    let outcome = rt.block_on(body(&topology, &nodes));
+    report_logs(&nodes);
+    if outcome.is_err() && !INTERRUPTED.load(Ordering::Relaxed) {
+        for s in topology.nats.servers() {
+            eprintln!(
+                "--- {} log ({}), last 30 lines:\n{}",
+                s.server_name(),
+                s.log_path().display(),
+                s.log_tail(30)
+            );
+        }
+    }
+    outcome
+}
+
 /// `$KEEL_BIN`, else `$CARGO_TARGET_DIR/release/keel`, else the `keel` next
 /// to this binary (both are built into the same release dir).
 pub fn keel_bin() -> anyhow::Result<PathBuf> {

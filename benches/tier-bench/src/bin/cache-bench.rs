@@ -31,8 +31,8 @@ use keel_store::Namespace;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tier_bench::{
-    Http, INTERRUPTED, Node, Samples, Topology, check_interrupted, guest_wasm, keel_bin,
-    report_logs, samples_arg, text, wait_connected, watch_signals,
+    Http, Node, Samples, Topology, check_interrupted, guest_wasm, run_bench, samples_arg, text,
+    wait_connected,
 };
 
 const REGIONS: [(&str, &[&str]); 2] =
@@ -51,39 +51,19 @@ const VALUE_BYTES: usize = 100;
 
 fn main() -> anyhow::Result<()> {
     let samples = samples_arg("cache-bench", 200)?;
-    let bin = keel_bin()?;
     let wasm = guest_wasm("KEEL_CACHE_PROBE", "cache-probe")?;
     let components = format!(
         "[components.c]\nwasm = {:?}\nroute = \"/c/...\"\ngrants = [\"cache\"]\n",
         wasm.display().to_string()
     );
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    rt.block_on(watch_signals())?;
-
-    eprintln!("== nats: 2 regions x 1 server, gateways through fault proxies");
-    let topology = Topology::start("cache-bench", &REGIONS, true)?;
-    check_interrupted()?;
-    let mut nodes = Vec::new();
-    for edge in NODES {
-        eprintln!("== keel {edge} ({})", bin.display());
-        nodes.push(Node::start(&bin, &topology, edge, &components)?);
-        check_interrupted()?;
-    }
-    let outcome = rt.block_on(run(&topology, &nodes, samples));
-    report_logs(&nodes);
-    if outcome.is_err() && !INTERRUPTED.load(std::sync::atomic::Ordering::Relaxed) {
-        for s in topology.nats.servers() {
-            eprintln!(
-                "--- {} log, last 30 lines:\n{}",
-                s.server_name(),
-                s.log_tail(30)
-            );
-        }
-    }
-    outcome
+    run_bench(
+        "cache-bench",
+        &REGIONS,
+        true,
+        &NODES,
+        &components,
+        async |topology, nodes| run(topology, nodes, samples).await,
+    )
 }
 
 /// One request that must answer `want`; its duration.

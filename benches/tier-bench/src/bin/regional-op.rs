@@ -46,8 +46,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tier_bench::{
-    Http, INTERRUPTED, Node, Samples, Topology, WARMUP, check_interrupted, gets, guest_wasm,
-    keel_bin, logs, report_logs, samples_arg, text, wait_connected, watch_signals,
+    Http, Node, Samples, Topology, WARMUP, check_interrupted, gets, guest_wasm, logs, run_bench,
+    samples_arg, text, wait_connected,
 };
 
 /// us-east, then us-west; the first edge of a region is its coordinator.
@@ -66,43 +66,20 @@ const ECHO_SUBJECT: &str = "bench.regional-op.echo";
 
 fn main() -> anyhow::Result<()> {
     let samples = samples_arg("regional-op", 500)?;
-    let bin = keel_bin()?;
     let wasm = guest_wasm("KEEL_REGIONAL_PROBE", "regional-probe")?;
     let components = format!(
         "[components.reg]\nwasm = {:?}\nroute = \"/reg/...\"\n\
          grants = [\"regional-coordination\", \"global-coordination\", \"edge-operations\", \"kv\"]\n",
         wasm.display().to_string()
     );
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    rt.block_on(watch_signals())?;
-
-    eprintln!("== nats: 2 regions x 1 server (us-east: nyc, bos; us-west: sfo, lax)");
-    let topology = Topology::start("regional-op", &REGIONS, false)?;
-    check_interrupted()?;
-    let mut nodes = Vec::new();
-    for edge in NODES {
-        eprintln!("== keel {edge} ({})", bin.display());
-        nodes.push(Node::start(&bin, &topology, edge, &components)?);
-        check_interrupted()?;
-    }
-    let outcome = rt.block_on(run(&topology, &nodes, samples));
-    report_logs(&nodes);
-    if outcome.is_err() && !INTERRUPTED.load(Ordering::Relaxed) {
-        for s in topology.nats.servers() {
-            eprintln!(
-                "--- {} log ({}), last 30 lines:\n{}",
-                s.server_name(),
-                s.log_path().display(),
-                s.log_tail(30)
-            );
-        }
-    }
-    outcome
-    // Drops: nodes (keel killed), then the topology (nats-servers killed,
-    // then its temp dir removed).
+    run_bench(
+        "regional-op",
+        &REGIONS,
+        false,
+        &NODES,
+        &components,
+        async |topology, nodes| run(topology, nodes, samples).await,
+    )
 }
 
 /// A write at one edge until a poll at the other shows it.
