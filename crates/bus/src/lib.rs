@@ -260,6 +260,24 @@ pub trait Bus: Send + Sync + 'static {
         msg_id: Option<&str>,
     ) -> BusResult<StreamAck>;
 
+    /// Appends to the stream capturing `subject` only if the last message on
+    /// `subject` has stream sequence `expected_last` (0: the subject has no
+    /// message): JetStream's expected-last-subject-sequence, the
+    /// compare-and-set of a per-subject log. `Conflict` if it does not;
+    /// nothing is stored then.
+    async fn stream_append_if(
+        &self,
+        subject: &str,
+        headers: Headers,
+        payload: Bytes,
+        msg_id: Option<&str>,
+        expected_last: u64,
+    ) -> BusResult<StreamAck>;
+
+    /// The last message on `subject` (no wildcards) in `stream`, read from
+    /// the stream's leader, so it reflects every acknowledged append.
+    async fn stream_last(&self, stream: &str, subject: &str) -> BusResult<Option<StreamMessage>>;
+
     /// Appends several messages, pipelined where the backend can, and
     /// returns the acknowledgements of a prefix of `msgs` in order: it stops
     /// at the first failure, whose error is the last element. Messages after

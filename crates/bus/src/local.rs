@@ -427,6 +427,45 @@ fn not_found_bucket(bucket: &str) -> BusError {
 }
 
 impl LocalBus {
+    fn append_to_stream(
+        &self,
+        subject: &str,
+        headers: Headers,
+        payload: Bytes,
+        msg_id: Option<&str>,
+        expected_last: Option<u64>,
+    ) -> BusResult<StreamAck> {
+        check_publish_subject(subject)?;
+        check_headers(&headers)?;
+        let mut state = self.lock();
+        let stream = state
+            .capturing_stream(subject)
+            .ok_or_else(|| BusError::NotFound(format!("no stream captures subject {subject:?}")))?;
+        if let Some(expected) = expected_last {
+            let last = stream
+                .msgs
+                .iter()
+                .rev()
+                .find(|m| m.subject == subject)
+                .map_or(0, |m| m.seq);
+            if last != expected {
+                return Err(BusError::Conflict(format!(
+                    "wrong last sequence on {subject:?}: {last}, not {expected}"
+                )));
+            }
+        }
+        let ack = stream.append(subject, headers.clone(), payload.clone(), msg_id);
+        if !ack.duplicate {
+            state.deliver(&Message {
+                subject: subject.to_owned(),
+                headers,
+                payload,
+                reply: None,
+            });
+        }
+        Ok(ack)
+    }
+
     fn with_bucket<T>(
         &self,
         bucket: &str,
@@ -625,22 +664,40 @@ impl Bus for LocalBus {
         payload: Bytes,
         msg_id: Option<&str>,
     ) -> BusResult<StreamAck> {
+        self.append_to_stream(subject, headers, payload, msg_id, None)
+    }
+
+    async fn stream_append_if(
+        &self,
+        subject: &str,
+        headers: Headers,
+        payload: Bytes,
+        msg_id: Option<&str>,
+        expected_last: u64,
+    ) -> BusResult<StreamAck> {
+        self.append_to_stream(subject, headers, payload, msg_id, Some(expected_last))
+    }
+
+    async fn stream_last(&self, stream: &str, subject: &str) -> BusResult<Option<StreamMessage>> {
+        check_name("stream", stream)?;
         check_publish_subject(subject)?;
-        check_headers(&headers)?;
         let mut state = self.lock();
-        let stream = state
-            .capturing_stream(subject)
-            .ok_or_else(|| BusError::NotFound(format!("no stream captures subject {subject:?}")))?;
-        let ack = stream.append(subject, headers.clone(), payload.clone(), msg_id);
-        if !ack.duplicate {
-            state.deliver(&Message {
-                subject: subject.to_owned(),
-                headers,
-                payload,
-                reply: None,
-            });
-        }
-        Ok(ack)
+        let s = state
+            .streams
+            .get_mut(stream)
+            .ok_or_else(|| BusError::NotFound(format!("stream {stream:?}")))?;
+        s.prune();
+        Ok(s.msgs
+            .iter()
+            .rev()
+            .find(|m| m.subject == subject)
+            .map(|m| StreamMessage {
+                sequence: m.seq,
+                subject: m.subject.clone(),
+                headers: m.headers.clone(),
+                payload: m.payload.clone(),
+                time_ms: m.time_ms,
+            }))
     }
 
     async fn stream_read(

@@ -409,6 +409,44 @@ impl NatsBus {
         Ok(msg)
     }
 
+    /// Publishes `msg` to the stream capturing `subject` and waits for the
+    /// acknowledgement, riding out a leader election.
+    async fn publish_to_stream(
+        &self,
+        subject: &str,
+        msg: jetstream::message::PublishMessage,
+    ) -> BusResult<StreamAck> {
+        let classify = |e: jetstream::context::PublishError| match self.classify(&e) {
+            BusError::NotFound(_) => {
+                BusError::NotFound(format!("no stream captures subject {subject:?}"))
+            }
+            other => other,
+        };
+        let publish = || async {
+            self.inner
+                .js
+                .send_publish(subject.to_owned(), msg.clone())
+                .await
+                .map_err(classify)?
+                .await
+                .map_err(classify)
+        };
+        let exists = || async {
+            match self.inner.js.stream_by_subject(subject).await {
+                Ok(_) => Some(true),
+                Err(e) if e.kind() == jetstream::context::GetStreamByNameErrorKind::NotFound => {
+                    Some(false)
+                }
+                Err(_) => None,
+            }
+        };
+        let ack = self.retry_while_leaderless(publish, exists).await?;
+        Ok(StreamAck {
+            sequence: ack.sequence,
+            duplicate: ack.duplicate,
+        })
+    }
+
     fn classify(&self, err: &(dyn StdError + 'static)) -> BusError {
         classify(err, self.inner.request_timeout)
     }
@@ -1033,35 +1071,59 @@ impl Bus for NatsBus {
         msg_id: Option<&str>,
     ) -> BusResult<StreamAck> {
         let msg = self.stream_message(subject, headers, payload, msg_id)?;
-        let classify = |e: jetstream::context::PublishError| match self.classify(&e) {
-            BusError::NotFound(_) => {
-                BusError::NotFound(format!("no stream captures subject {subject:?}"))
-            }
-            other => other,
-        };
-        let publish = || async {
-            self.inner
-                .js
-                .send_publish(subject.to_owned(), msg.clone())
-                .await
-                .map_err(classify)?
-                .await
-                .map_err(classify)
-        };
-        let exists = || async {
-            match self.inner.js.stream_by_subject(subject).await {
-                Ok(_) => Some(true),
-                Err(e) if e.kind() == jetstream::context::GetStreamByNameErrorKind::NotFound => {
-                    Some(false)
+        self.publish_to_stream(subject, msg).await
+    }
+
+    async fn stream_append_if(
+        &self,
+        subject: &str,
+        headers: Headers,
+        payload: Bytes,
+        msg_id: Option<&str>,
+        expected_last: u64,
+    ) -> BusResult<StreamAck> {
+        let msg = self
+            .stream_message(subject, headers, payload, msg_id)?
+            .expected_last_subject_sequence(expected_last);
+        self.publish_to_stream(subject, msg).await
+    }
+
+    async fn stream_last(&self, stream: &str, subject: &str) -> BusResult<Option<StreamMessage>> {
+        check_name("stream", stream)?;
+        check_publish_subject(subject)?;
+        self.ensure_connected()?;
+        let handle = self.stream_handle(stream).await?;
+        // Not the direct get: with `allow_direct` any replica may answer
+        // that, a lagging follower included. This request goes to the leader.
+        let got = tokio::time::timeout(
+            self.inner.request_timeout,
+            handle.get_last_raw_message_by_subject(subject),
+        )
+        .await
+        .map_err(|_| BusError::Timeout(self.inner.request_timeout))?;
+        match got {
+            Ok(m) => Ok(Some(StreamMessage {
+                sequence: m.sequence,
+                subject: m.subject.to_string(),
+                headers: from_header_map(Some(&m.headers)),
+                payload: m.payload,
+                time_ms: u64::try_from(m.time.unix_timestamp_nanos() / 1_000_000).unwrap_or(0),
+            })),
+            Err(e) => {
+                let err = match e.kind() {
+                    stream::LastRawMessageErrorKind::NoMessageFound => return Ok(None),
+                    stream::LastRawMessageErrorKind::JetStream(api) => from_api(&api),
+                    stream::LastRawMessageErrorKind::InvalidSubject => {
+                        BusError::Invalid(e.to_string())
+                    }
+                    stream::LastRawMessageErrorKind::Other => self.classify(&e),
+                };
+                if matches!(err, BusError::NotFound(_)) {
+                    lock(&self.inner.streams).remove(stream);
                 }
-                Err(_) => None,
+                Err(err)
             }
-        };
-        let ack = self.retry_while_leaderless(publish, exists).await?;
-        Ok(StreamAck {
-            sequence: ack.sequence,
-            duplicate: ack.duplicate,
-        })
+        }
     }
 
     /// Writes every publish before awaiting any acknowledgement, so a batch

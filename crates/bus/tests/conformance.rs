@@ -78,6 +78,7 @@ conformance!(
     request_without_subscribers_has_no_responders,
     stream_append_and_read,
     stream_dedups_by_msg_id,
+    stream_append_if_is_a_compare_and_set_per_subject,
     stream_append_many_acks_a_prefix_in_order,
     stream_and_core_subjects_are_one_namespace,
     stream_and_bucket_errors,
@@ -401,6 +402,61 @@ async fn stream_dedups_by_msg_id(bus: Arc<dyn Bus>) {
     );
     // The msg_id is not a user header.
     assert!(msgs.iter().all(|m| m.headers.is_empty()), "{msgs:?}");
+}
+
+async fn stream_append_if_is_a_compare_and_set_per_subject(bus: Arc<dyn Bus>) {
+    bus.ensure_stream(&stream_spec("ACCOUNTS", &["acct.*"]))
+        .await
+        .unwrap();
+    assert_eq!(bus.stream_last("ACCOUNTS", "acct.a").await.unwrap(), None);
+    // 0: the subject must have no message yet.
+    let a1 = bus
+        .stream_append_if("acct.a", vec![], b("a1"), None, 0)
+        .await
+        .unwrap();
+    assert_eq!(a1.sequence, 1);
+    let again = bus
+        .stream_append_if("acct.a", vec![], b("a1 again"), None, 0)
+        .await;
+    assert!(matches!(again, Err(BusError::Conflict(_))), "{again:?}");
+    // Another subject's messages do not move `acct.a`'s last sequence.
+    let b1 = bus
+        .stream_append_if("acct.b", vec![], b("b1"), None, 0)
+        .await
+        .unwrap();
+    assert_eq!(b1.sequence, 2);
+    let a2 = bus
+        .stream_append_if("acct.a", h(&[("K", "v")]), b("a2"), None, a1.sequence)
+        .await
+        .unwrap();
+    assert_eq!(a2.sequence, 3);
+    let stale = bus
+        .stream_append_if("acct.a", vec![], b("stale"), None, a1.sequence)
+        .await;
+    assert!(matches!(stale, Err(BusError::Conflict(_))), "{stale:?}");
+    let last = bus
+        .stream_last("ACCOUNTS", "acct.a")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (last.sequence, last.subject.as_str(), last.payload.clone()),
+        (3, "acct.a", b("a2"))
+    );
+    assert_eq!(last.headers, h(&[("K", "v")]));
+    let msgs = bus.stream_read("ACCOUNTS", ">", 1, 10).await.unwrap();
+    assert_eq!(
+        msgs.iter().map(|m| m.payload.clone()).collect::<Vec<_>>(),
+        vec![b("a1"), b("b1"), b("a2")]
+    );
+    assert!(matches!(
+        bus.stream_last("NOPE", "acct.a").await,
+        Err(BusError::NotFound(_))
+    ));
+    assert!(matches!(
+        bus.stream_last("ACCOUNTS", "acct.*").await,
+        Err(BusError::Invalid(_))
+    ));
 }
 
 async fn stream_append_many_acks_a_prefix_in_order(bus: Arc<dyn Bus>) {
