@@ -53,6 +53,23 @@ pub struct Metrics {
     pub outbox: OutboxMetrics,
     /// The hierarchical cache (`keel-cache`).
     pub cache: CacheMetrics,
+    /// The strongly consistent ledger (`keel-ledger`).
+    pub ledger: LedgerMetrics,
+}
+
+/// The ledger (`keel-ledger`). Cheap to clone (shared atomics).
+#[derive(Clone, Default)]
+pub struct LedgerMetrics {
+    /// Entries appended (replays and refusals not counted).
+    pub appends: Counter,
+    /// Appends answered with an earlier entry of the same idempotency key.
+    pub replays: Counter,
+    /// Appends refused: insufficient funds or a reused key with another amount.
+    pub refusals: Counter,
+    /// Records written to the log (each carries the appends batched into it).
+    pub records: Counter,
+    /// Appends of a record that lost the compare-and-set to another writer.
+    pub conflicts: Counter,
 }
 
 /// Counters of the state-sync service. Cheap to clone (shared atomics).
@@ -330,7 +347,34 @@ impl Metrics {
             registry.register(name, help, c.clone());
         }
         let cache = CacheMetrics::registered(&mut registry);
+        let ledger = LedgerMetrics::default();
+        for (name, help, c) in [
+            ("ledger_appends", "Ledger entries appended", &ledger.appends),
+            (
+                "ledger_replays",
+                "Ledger appends answered by an earlier entry with the same idempotency key",
+                &ledger.replays,
+            ),
+            (
+                "ledger_refusals",
+                "Ledger appends refused (insufficient funds, key reused with another amount)",
+                &ledger.refusals,
+            ),
+            (
+                "ledger_records",
+                "Ledger records written (each batches concurrent appends of one account)",
+                &ledger.records,
+            ),
+            (
+                "ledger_conflicts",
+                "Ledger record writes that lost the compare-and-set to another writer",
+                &ledger.conflicts,
+            ),
+        ] {
+            registry.register(name, help, c.clone());
+        }
         Metrics {
+            ledger,
             sync,
             bus,
             outbox,

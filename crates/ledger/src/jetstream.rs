@@ -1,0 +1,134 @@
+//! The ledger on JetStream: one subject per account
+//! (`keel.<region>.ledger.<component>.<hex account>`) in the region's
+//! replicated ledger stream; a record is one message, its position the
+//! message's stream sequence, and the compare-and-set is the expected last
+//! subject sequence.
+
+use crate::{AccountKey, Batch, LedgerLog, LogError, Record};
+use async_trait::async_trait;
+use bytes::Bytes;
+use keel_bus::{Bus, BusError, StreamMessage, StreamSpec};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+pub struct JetStreamLog {
+    bus: Arc<dyn Bus>,
+    stream: StreamSpec,
+    /// `keel.<region>.ledger`
+    prefix: String,
+    ensured: AtomicBool,
+}
+
+impl JetStreamLog {
+    /// `stream` must capture `<prefix>.>`.
+    pub fn new(bus: Arc<dyn Bus>, stream: StreamSpec, prefix: String) -> JetStreamLog {
+        JetStreamLog {
+            bus,
+            stream,
+            prefix,
+            ensured: AtomicBool::new(false),
+        }
+    }
+
+    fn subject(&self, key: &AccountKey) -> String {
+        // Hex keeps any account id a single subject token.
+        format!(
+            "{}.{}.{}",
+            self.prefix,
+            key.component,
+            hex::encode(key.account.as_bytes())
+        )
+    }
+
+    /// Creates (or checks) the stream once; again after it went missing.
+    async fn ensure(&self) -> Result<(), LogError> {
+        if self.ensured.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        self.bus.ensure_stream(&self.stream).await.map_err(|e| {
+            LogError::Unavailable(format!("ledger stream {}: {e}", self.stream.name))
+        })?;
+        self.ensured.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    fn error(&self, e: BusError) -> LogError {
+        match e {
+            BusError::Conflict(_) => LogError::Conflict,
+            BusError::NotFound(m) => {
+                self.ensured.store(false, Ordering::Release);
+                LogError::Unavailable(m)
+            }
+            BusError::Unavailable(m) => LogError::Unavailable(m),
+            BusError::NoResponders(m) => LogError::Unavailable(format!("no responders on {m}")),
+            BusError::Timeout(d) => LogError::Uncertain(format!("no answer within {d:?}")),
+            BusError::Invalid(m) | BusError::Internal(m) => LogError::Internal(m),
+        }
+    }
+
+    fn record(m: StreamMessage) -> Result<Record, LogError> {
+        Ok(Record {
+            position: m.sequence,
+            batch: Batch::decode(&m.payload)?,
+        })
+    }
+}
+
+#[async_trait]
+impl LedgerLog for JetStreamLog {
+    fn kind(&self) -> &'static str {
+        "jetstream"
+    }
+
+    async fn read_after(
+        &self,
+        account: &AccountKey,
+        after: u64,
+        max: usize,
+    ) -> Result<Vec<Record>, LogError> {
+        self.ensure().await?;
+        let msgs = self
+            .bus
+            .stream_read(&self.stream.name, &self.subject(account), after + 1, max)
+            .await
+            .map_err(|e| self.error(e))?;
+        msgs.into_iter().map(Self::record).collect()
+    }
+
+    async fn last(&self, account: &AccountKey) -> Result<Option<Record>, LogError> {
+        self.ensure().await?;
+        self.bus
+            .stream_last(&self.stream.name, &self.subject(account))
+            .await
+            .map_err(|e| self.error(e))?
+            .map(Self::record)
+            .transpose()
+    }
+
+    async fn append(
+        &self,
+        account: &AccountKey,
+        expected: u64,
+        batch: &Batch,
+    ) -> Result<u64, LogError> {
+        self.ensure().await?;
+        let ack = self
+            .bus
+            .stream_append_if(
+                &self.subject(account),
+                Vec::new(),
+                Bytes::from(batch.encode()),
+                // A record id is never reused: a duplicate ack means this
+                // very record was stored (by an earlier try of this publish).
+                Some(&batch.id),
+                expected,
+            )
+            .await
+            .map_err(|e| match self.error(e) {
+                // A lost connection may have delivered the publish.
+                LogError::Unavailable(m) => LogError::Uncertain(m),
+                other => other,
+            })?;
+        Ok(ack.sequence)
+    }
+}
