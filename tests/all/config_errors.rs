@@ -27,21 +27,6 @@ fn ungranted_import_is_refused_with_the_line_to_add() {
 }
 
 #[test]
-fn granted_but_unimplemented_interface_is_not_available_in_this_build() {
-    let node = Node::raw(&component(
-        "uses-ledger",
-        "uses-ledger",
-        "/...",
-        "grants = [\"ledger\"]",
-    ));
-    let err = refused(&node);
-    assert!(
-        err.contains("imports keel:platform/ledger@0.1.0 (granted as \"ledger\"), which is not available in this build; available: cache, edge-operations, events, global-coordination, kv, regional-coordination, sql, state"),
-        "{err}"
-    );
-}
-
-#[test]
 fn a_global_function_not_in_this_build_is_refused_by_name() {
     let node = Node::raw(&component(
         "erasure",

@@ -10,6 +10,7 @@ mod crash;
 mod edge_tier;
 mod http_limits;
 mod isolation;
+mod ledger;
 mod regional;
 mod regions;
 mod serving;

@@ -42,6 +42,41 @@ pub struct InfrastructureConfig {
     pub event_stream: EventStreamBackend,
     pub state: StateBackend,
     pub cache: CacheBackend,
+    pub ledger: LedgerConfig,
+}
+
+/// Where ledger records live (`keel-ledger`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LedgerLogKind {
+    /// JetStream when the node's bus is NATS, SQLite on the in-process bus.
+    Auto,
+    /// One SQLite database on this node: strong on this node only.
+    Sqlite,
+    /// The region's replicated ledger stream (needs a NATS bus).
+    JetStream,
+}
+
+/// The ledger: its log and its policy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LedgerConfig {
+    pub log: LedgerLogKind,
+    /// Lowest balance a debit may leave (0: no overdraft).
+    pub min_balance: i64,
+    /// Per-account overrides of `min_balance`, keyed `<component>/<account>`.
+    pub account_min_balance: std::collections::BTreeMap<String, i64>,
+    /// Most entries one `history` call returns.
+    pub max_page: u32,
+}
+
+impl Default for LedgerConfig {
+    fn default() -> Self {
+        LedgerConfig {
+            log: LedgerLogKind::Auto,
+            min_balance: 0,
+            account_min_balance: Default::default(),
+            max_page: 1000,
+        }
+    }
 }
 
 /// The hierarchical cache (`keel-cache`): L1 in-process, L2/L3 KV buckets
@@ -141,6 +176,7 @@ impl Default for InfrastructureConfig {
                 max_key_bytes: 512,
                 max_value_bytes: 512 * 1024,
             },
+            ledger: LedgerConfig::default(),
         }
     }
 }
@@ -162,6 +198,16 @@ pub(crate) struct RawInfrastructure {
     event_stream: Option<Spanned<RawEventStream>>,
     state: Option<Spanned<RawState>>,
     cache: Option<Spanned<RawCache>>,
+    ledger: Option<Spanned<RawLedger>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawLedger {
+    r#type: Spanned<String>,
+    min_balance: Option<Spanned<i64>>,
+    max_page: Option<Spanned<i64>>,
+    account_min_balance: Option<std::collections::BTreeMap<Spanned<String>, Spanned<i64>>>,
 }
 
 #[derive(Deserialize)]
@@ -592,6 +638,56 @@ pub(crate) fn build_infrastructure(
                             "the default of {}s exceeds max-ttl ({}s); set {key} at most max-ttl",
                             d.as_secs(),
                             max_ttl.as_secs()
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    if let Some(l) = raw.ledger {
+        let l = l.into_inner();
+        let key = "infrastructure.ledger";
+        if check_type(
+            src,
+            &format!("{key}.type"),
+            &l.r#type,
+            &["auto", "sqlite", "jetstream"],
+            diags,
+        ) {
+            let c = &mut cfg.ledger;
+            c.log = match l.r#type.get_ref().as_str() {
+                "sqlite" => LedgerLogKind::Sqlite,
+                "jetstream" => LedgerLogKind::JetStream,
+                _ => LedgerLogKind::Auto,
+            };
+            if let Some(m) = l.min_balance {
+                c.min_balance = *m.get_ref();
+            }
+            if let Some(p) = l.max_page {
+                match u32::try_from(*p.get_ref()) {
+                    Ok(n @ 1..=10_000) => c.max_page = n,
+                    _ => diags.push(src.at(
+                        Some(p.span()),
+                        &format!("{key}.max-page"),
+                        "accepted: 1 to 10000".into(),
+                    )),
+                }
+            }
+            for (account, min) in l.account_min_balance.unwrap_or_default() {
+                let ok = account
+                    .get_ref()
+                    .split_once('/')
+                    .is_some_and(|(c, a)| !c.is_empty() && !a.is_empty() && a.len() <= 128);
+                if ok {
+                    c.account_min_balance
+                        .insert(account.get_ref().clone(), *min.get_ref());
+                } else {
+                    diags.push(src.at(
+                        Some(account.span()),
+                        &format!("{key}.account-min-balance"),
+                        format!(
+                            "{:?}: accepted: \"<component>/<account>\" (an account id of 1 to 128 bytes)",
+                            account.get_ref()
                         ),
                     ));
                 }

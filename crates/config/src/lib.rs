@@ -13,8 +13,8 @@ mod units;
 pub use auth::{AuthConfig, AuthKey, DEFAULT_LEEWAY, JwtAlgorithm, KeySource};
 pub use diagnostic::{Diagnostic, Diagnostics, Location};
 pub use infra::{
-    CacheBackend, EventLogBackend, EventStreamBackend, InfrastructureConfig, KvBackend, NodeConfig,
-    SqlBackend, StateBackend,
+    CacheBackend, EventLogBackend, EventStreamBackend, InfrastructureConfig, KvBackend,
+    LedgerConfig, LedgerLogKind, NodeConfig, SqlBackend, StateBackend,
 };
 pub use regions::{
     CacheTier, ConsensusProtocol, Coordination, GLOBAL_REGION, GlobalEventStream, NatsServerAddr,

@@ -41,7 +41,7 @@ impl JetStreamLog {
     }
 
     /// Creates (or checks) the stream once; again after it went missing.
-    async fn ensure(&self) -> Result<(), LogError> {
+    pub async fn ensure(&self) -> Result<(), LogError> {
         if self.ensured.load(Ordering::Acquire) {
             return Ok(());
         }

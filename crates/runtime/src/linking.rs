@@ -15,6 +15,7 @@ pub const IMPLEMENTED_INTERFACES: &[&str] = &[
     "events",
     "global-coordination",
     "kv",
+    "ledger",
     "regional-coordination",
     "sql",
     "state",
@@ -291,13 +292,7 @@ mod tests {
         );
         assert_eq!(classify(&component(&["kv"]), kv), None);
         let ledger = "keel:platform/ledger@0.1.0";
-        assert_eq!(
-            classify(&component(&["ledger"]), ledger),
-            Some(ImportProblem::NotAvailable {
-                import: ledger.into(),
-                grant: "ledger".into()
-            })
-        );
+        assert_eq!(classify(&component(&["ledger"]), ledger), None);
         // Type-only interfaces grant nothing and need no grant.
         assert_eq!(classify(&component(&[]), "keel:platform/types@0.1.0"), None);
     }

@@ -4,7 +4,7 @@
 use keel_bus::Bus;
 use keel_config::{
     CacheBackend, Diagnostic, Diagnostics, EventLogBackend, EventStreamBackend, KeelConfig,
-    KvBackend, NodeConfig, RegionsConfig, SqlBackend, StateBackend,
+    KvBackend, LedgerLogKind, NodeConfig, RegionsConfig, SqlBackend, StateBackend,
 };
 use keel_store::{EdgeStore, EventLog, KvStore, SqlStore, StoreLimits};
 use keel_telemetry::Metrics;
@@ -42,6 +42,9 @@ pub struct Services {
     pub regions: Option<Arc<RegionsConfig>>,
     /// Who may hold whose personal data (from `regions.toml`).
     pub residency: keel_coord::migration::ResidencyRules,
+    /// The strongly consistent ledger (the region's stream, or SQLite on
+    /// the embedded node).
+    pub ledger: Arc<keel_ledger::Ledger>,
     /// Runs the bus connection and the sync tasks, apart from the serving
     /// threads (which run one current-thread runtime per core).
     background: Option<tokio::runtime::Runtime>,
@@ -225,6 +228,7 @@ impl Services {
             metrics.cache.clone(),
         );
         cache.start(background.handle());
+        let ledger = open_ledger(config, bus.clone(), metrics, background.handle())?;
         let api = crate::global::GlobalApi::new(region, bus.clone());
         api.serve(
             crate::global::Answerer {
@@ -257,9 +261,89 @@ impl Services {
             api,
             regions: config.regions.clone(),
             residency,
+            ledger,
             background: Some(background),
         }))
     }
+}
+
+/// `[infrastructure] ledger`: on a NATS bus the region's replicated ledger
+/// stream (shared by the region's edges), on the in-process bus a SQLite
+/// database under `data-dir`.
+fn open_ledger(
+    config: &KeelConfig,
+    bus: Arc<dyn Bus>,
+    metrics: &Metrics,
+    background: &tokio::runtime::Handle,
+) -> Result<Arc<keel_ledger::Ledger>, Diagnostics> {
+    let l = &config.infrastructure.ledger;
+    let region = &config.node.region;
+    let nats = bus.kind() != "local";
+    let log: Arc<dyn keel_ledger::LedgerLog> = match (l.log, nats) {
+        (LedgerLogKind::JetStream, false) => {
+            return Err(Diagnostics::one(Diagnostic::file(
+                &config.path,
+                "infrastructure.ledger: type = \"jetstream\" needs a NATS bus (event-stream = { type = \"nats\", ... } or [node] regions); accepted here: \"auto\", \"sqlite\"".into(),
+            )));
+        }
+        (LedgerLogKind::Sqlite, _) | (LedgerLogKind::Auto, false) => {
+            let path = config.server.data_dir.join("ledger").join("ledger.sqlite");
+            Arc::new(keel_ledger::SqliteLog::open(&path).map_err(|e| {
+                Diagnostics::one(Diagnostic::file(
+                    &config.path,
+                    format!("cannot open the ledger database {}: {e}", path.display()),
+                ))
+            })?)
+        }
+        (LedgerLogKind::JetStream | LedgerLogKind::Auto, true) => {
+            let regions = config.regions.as_deref();
+            let stream = keel_bus::StreamSpec {
+                name: keel_topology::ledger_stream_name(region),
+                subjects: vec![format!("keel.{region}.ledger.>")],
+                replicas: regions.map_or(1, |r| keel_topology::replicas(r, region)),
+                duplicate_window: std::time::Duration::from_secs(120),
+                // Entries are kept forever: idempotency keys are too.
+                max_age: None,
+                placement: regions.map(|_| keel_bus::Placement {
+                    cluster: Some(region.to_string()),
+                    tags: vec![format!("region:{region}")],
+                }),
+            };
+            let log = Arc::new(keel_ledger::JetStreamLog::new(
+                bus,
+                stream,
+                format!("keel.{region}.ledger"),
+            ));
+            // Only the coordinator may create the region's streams: it does
+            // so at start, so the other edges find the stream on first use.
+            let coordinator = regions
+                .and_then(|r| r.region(region))
+                .is_some_and(|r| r.coordinator == config.node.edge);
+            if coordinator {
+                let log = log.clone();
+                background.spawn(async move {
+                    let mut wait = std::time::Duration::from_millis(100);
+                    while let Err(e) = log.ensure().await {
+                        tracing::debug!("ledger stream not created yet: {e}");
+                        tokio::time::sleep(wait).await;
+                        wait = (wait * 2).min(std::time::Duration::from_secs(5));
+                    }
+                });
+            }
+            log
+        }
+    };
+    Ok(Arc::new(keel_ledger::Ledger::new(
+        log,
+        keel_ledger::LedgerOptions {
+            min_balance: l.min_balance,
+            account_min_balance: l.account_min_balance.clone().into_iter().collect(),
+            max_page: l.max_page,
+            append_deadline: std::time::Duration::from_secs(10),
+            writer: config.node.edge.clone(),
+        },
+        metrics.ledger.clone(),
+    )))
 }
 
 /// `[infrastructure] cache` and the buckets of this node's L2 and L3: the

@@ -70,6 +70,13 @@ pub fn stream_name(region: &str) -> String {
     format!("KEEL_{}_EVENTS", upper_snake(region))
 }
 
+/// The JetStream stream of a region's ledger: `KEEL_<REGION>_LEDGER`, in
+/// the region's zone account, placed on the region's cluster, subjects
+/// `keel.<region>.ledger.>`.
+pub fn ledger_stream_name(region: &str) -> String {
+    format!("KEEL_{}_LEDGER", upper_snake(region))
+}
+
 /// The KV bucket of a region's cache tier (L2): `KEEL_<REGION>_CACHE`, in
 /// the region's zone account, placed on the region's cluster.
 pub fn cache_bucket_name(region: &str) -> String {

@@ -7,6 +7,7 @@ mod edge;
 mod events;
 mod global;
 mod kv;
+mod ledger;
 mod regional;
 mod sql;
 mod state;
@@ -138,6 +139,7 @@ pub(crate) fn add_to_linker(
     match interface {
         "cache" => p::cache::add_to_linker::<_, HasSelf<HostState>>(linker, |s| s),
         "kv" => p::kv::add_to_linker::<_, HasSelf<HostState>>(linker, |s| s),
+        "ledger" => p::ledger::add_to_linker::<_, HasSelf<HostState>>(linker, |s| s),
         "sql" => p::sql::add_to_linker::<_, HasSelf<HostState>>(linker, |s| s),
         "events" => p::events::add_to_linker::<_, HasSelf<HostState>>(linker, |s| s),
         "state" => p::state::add_to_linker::<_, HasSelf<HostState>>(linker, |s| s),
