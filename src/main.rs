@@ -48,6 +48,11 @@ enum Command {
         #[arg(short, long, default_value = "keel.toml", env = "KEEL_CONFIG")]
         config: PathBuf,
     },
+    /// The audit trail of global and compliance operations.
+    Audit {
+        #[command(subcommand)]
+        action: AuditAction,
+    },
     /// Print (or write) the NATS server configs of a regions.toml: one
     /// cluster per region, gateways between them, an account per residency
     /// zone. Passwords are derived from the secret in an environment
@@ -67,6 +72,17 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum AuditAction {
+    /// Read the whole hash chain the node of a keel.toml writes to (the
+    /// global audit stream, or the embedded node's database) and check
+    /// every record; exit 1 naming the first broken one.
+    Verify {
+        #[arg(short, long, default_value = "keel.toml", env = "KEEL_CONFIG")]
+        config: PathBuf,
+    },
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     keel_telemetry::init_logging(match cli.log_format.as_str() {
@@ -76,6 +92,9 @@ fn main() -> ExitCode {
     });
     match cli.command {
         Command::Check { config } => check(&config),
+        Command::Audit {
+            action: AuditAction::Verify { config },
+        } => audit_verify(&config),
         Command::Topology {
             regions,
             out,
@@ -119,6 +138,28 @@ fn check(path: &std::path::Path) -> ExitCode {
             }
             let _ = writeln!(out, "{}: ok", path.display());
             ExitCode::SUCCESS
+        }
+        Err(d) => {
+            eprintln!("{d}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+/// `keel audit verify`: 0 intact, 1 broken or unreadable, 2 config.
+fn audit_verify(path: &std::path::Path) -> ExitCode {
+    let config = match load_config(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match keel_runtime::verify_audit(&config) {
+        Ok(Ok(v)) => {
+            println!("audit chain intact: {} records, head {}", v.records, v.head);
+            ExitCode::SUCCESS
+        }
+        Ok(Err(e)) => {
+            eprintln!("audit chain broken: {e}");
+            ExitCode::FAILURE
         }
         Err(d) => {
             eprintln!("{d}");

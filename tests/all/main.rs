@@ -4,6 +4,7 @@
 mod support;
 
 mod admin;
+mod audit;
 mod cache;
 mod config_errors;
 mod crash;

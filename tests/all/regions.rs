@@ -1031,6 +1031,38 @@ fn regional_coordination_spans_the_edges_of_a_region() {
             "{partial}"
         );
     });
+    // Every global query above, from every region, is in one audit chain.
+    let records = crate::audit::verified_records(&nodes["fra"]);
+    assert!(records >= 8, "{records} audit records");
+    assert_eq!(crate::audit::verified_records(&nodes["nyc"]), records);
+    // A record appended by someone on the bus, without the chain key, is
+    // found and named.
+    rt.block_on(async {
+        let bus = world.client("nyc", true).await;
+        let subject = format!("keel.global.audit.$keel.{}", hex_of("audit"));
+        let last = bus
+            .stream_last("KEEL_AUDIT", &subject)
+            .await
+            .unwrap()
+            .unwrap();
+        let mut forged: serde_json::Value = serde_json::from_slice(&last.payload).unwrap();
+        forged["seq"] = json!(records + 1);
+        forged["prev"] = forged["hash"].clone();
+        forged["operation"] = json!("process-data-deletion");
+        bus.stream_append(&subject, vec![], forged.to_string().into(), None)
+            .await
+            .unwrap();
+    });
+    let (code, out, err) = nodes["fra"].audit_verify();
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains(&format!("(chain seq {})", records + 1)),
+        "{err}"
+    );
+}
+
+fn hex_of(s: &str) -> String {
+    s.bytes().map(|b| format!("{b:02x}")).collect()
 }
 
 /// `migrate-user-region` killed right after each phase's effect (before the

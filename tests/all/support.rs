@@ -107,6 +107,22 @@ impl Node {
         )
     }
 
+    /// `keel audit verify`: (exit code, stdout, stderr).
+    pub fn audit_verify(&self) -> (i32, String, String) {
+        let out = Command::new(keel_bin())
+            .args(["--log-format", "json", "audit", "verify", "--config"])
+            .arg(self.config())
+            .env_remove("RUST_BACKTRACE")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
     /// `keel up` expected to fail at startup: (exit code, stderr).
     pub fn up_fails(&self) -> (i32, String) {
         let mut child = self

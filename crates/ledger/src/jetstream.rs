@@ -4,7 +4,7 @@
 //! message's stream sequence, and the compare-and-set is the expected last
 //! subject sequence.
 
-use crate::{AccountKey, Batch, LedgerLog, LogError, Record};
+use crate::{AccountKey, LogError, RawRecord, RecordLog};
 use async_trait::async_trait;
 use bytes::Bytes;
 use keel_bus::{Bus, BusError, StreamMessage, StreamSpec};
@@ -66,16 +66,16 @@ impl JetStreamLog {
         }
     }
 
-    fn record(m: StreamMessage) -> Result<Record, LogError> {
-        Ok(Record {
+    fn record(m: StreamMessage) -> RawRecord {
+        RawRecord {
             position: m.sequence,
-            batch: Batch::decode(&m.payload)?,
-        })
+            bytes: m.payload.to_vec(),
+        }
     }
 }
 
 #[async_trait]
-impl LedgerLog for JetStreamLog {
+impl RecordLog for JetStreamLog {
     fn kind(&self) -> &'static str {
         "jetstream"
     }
@@ -85,31 +85,32 @@ impl LedgerLog for JetStreamLog {
         account: &AccountKey,
         after: u64,
         max: usize,
-    ) -> Result<Vec<Record>, LogError> {
+    ) -> Result<Vec<RawRecord>, LogError> {
         self.ensure().await?;
         let msgs = self
             .bus
             .stream_read(&self.stream.name, &self.subject(account), after + 1, max)
             .await
             .map_err(|e| self.error(e))?;
-        msgs.into_iter().map(Self::record).collect()
+        Ok(msgs.into_iter().map(Self::record).collect())
     }
 
-    async fn last(&self, account: &AccountKey) -> Result<Option<Record>, LogError> {
+    async fn last(&self, account: &AccountKey) -> Result<Option<RawRecord>, LogError> {
         self.ensure().await?;
-        self.bus
+        Ok(self
+            .bus
             .stream_last(&self.stream.name, &self.subject(account))
             .await
             .map_err(|e| self.error(e))?
-            .map(Self::record)
-            .transpose()
+            .map(Self::record))
     }
 
     async fn append(
         &self,
         account: &AccountKey,
         expected: u64,
-        batch: &Batch,
+        bytes: Vec<u8>,
+        id: &str,
     ) -> Result<u64, LogError> {
         self.ensure().await?;
         let ack = self
@@ -117,10 +118,10 @@ impl LedgerLog for JetStreamLog {
             .stream_append_if(
                 &self.subject(account),
                 Vec::new(),
-                Bytes::from(batch.encode()),
+                Bytes::from(bytes),
                 // A record id is never reused: a duplicate ack means this
                 // very record was stored (by an earlier try of this publish).
-                Some(&batch.id),
+                Some(id),
                 expected,
             )
             .await

@@ -1,6 +1,6 @@
 //! The strongly consistent ledger behind the `ledger` interface.
 //!
-//! Each account is a log of *records* in a [`LedgerLog`]: on NATS one
+//! Each account is a log of *records* in a [`RecordLog`]: on NATS one
 //! JetStream subject per account ([`JetStreamLog`]), on the embedded node a
 //! SQLite table ([`SqliteLog`]). A record holds one or more entries and is
 //! self-contained: every entry carries its account sequence and the balance
@@ -25,6 +25,7 @@
 //! meanwhile. That is what makes a hot account faster than one round trip
 //! per append.
 
+pub mod audit;
 mod jetstream;
 mod sqlite;
 
@@ -113,12 +114,28 @@ impl Batch {
     }
 }
 
-/// A record and its position in the log (increasing per account, not
-/// necessarily contiguous).
+/// A record as a [`RecordLog`] stores it: opaque bytes at a position
+/// (increasing per key, not necessarily contiguous).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawRecord {
+    pub position: u64,
+    pub bytes: Vec<u8>,
+}
+
+/// A ledger record and its position.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
     pub position: u64,
     pub batch: Batch,
+}
+
+impl Record {
+    fn decode(raw: RawRecord) -> Result<Record, LogError> {
+        Ok(Record {
+            position: raw.position,
+            batch: Batch::decode(&raw.bytes)?,
+        })
+    }
 }
 
 /// Why a log call failed.
@@ -138,30 +155,34 @@ pub enum LogError {
     Internal(String),
 }
 
-/// Where records live. Positions are compared only within one account.
+/// A compare-and-set log of opaque records per key (an account; the audit
+/// trail is one more key): where the ledger and the audit chain live.
+/// Positions are compared only within one key.
 #[async_trait]
-pub trait LedgerLog: Send + Sync + 'static {
+pub trait RecordLog: Send + Sync + 'static {
     /// "jetstream" or "sqlite".
     fn kind(&self) -> &'static str;
 
-    /// Up to `max` records of `account` with position > `after`, in order.
+    /// Up to `max` records of `key` with position > `after`, in order.
     async fn read_after(
         &self,
-        account: &AccountKey,
+        key: &AccountKey,
         after: u64,
         max: usize,
-    ) -> Result<Vec<Record>, LogError>;
+    ) -> Result<Vec<RawRecord>, LogError>;
 
-    /// The account's last record, reflecting every acknowledged write.
-    async fn last(&self, account: &AccountKey) -> Result<Option<Record>, LogError>;
+    /// The key's last record, reflecting every acknowledged write.
+    async fn last(&self, key: &AccountKey) -> Result<Option<RawRecord>, LogError>;
 
-    /// Writes `batch` as the account's next record if its last record is at
+    /// Writes `bytes` as the key's next record if its last record is at
     /// `expected` (0: it has none); returns the new record's position.
+    /// `id` is unique per write (the bus deduplicates retries by it).
     async fn append(
         &self,
-        account: &AccountKey,
+        key: &AccountKey,
         expected: u64,
-        batch: &Batch,
+        bytes: Vec<u8>,
+        id: &str,
     ) -> Result<u64, LogError>;
 }
 
@@ -231,9 +252,9 @@ impl Default for LedgerOptions {
 }
 
 /// The ledger of one node: the account cache and the append protocol over a
-/// [`LedgerLog`].
+/// [`RecordLog`].
 pub struct Ledger {
-    log: Arc<dyn LedgerLog>,
+    log: Arc<dyn RecordLog>,
     opts: LedgerOptions,
     metrics: LedgerMetrics,
     accounts: Mutex<HashMap<AccountKey, Arc<Account>>>,
@@ -327,7 +348,7 @@ fn log_error(e: LogError) -> LedgerError {
 }
 
 impl Ledger {
-    pub fn new(log: Arc<dyn LedgerLog>, opts: LedgerOptions, metrics: LedgerMetrics) -> Ledger {
+    pub fn new(log: Arc<dyn RecordLog>, opts: LedgerOptions, metrics: LedgerMetrics) -> Ledger {
         Ledger {
             log,
             opts,
@@ -422,6 +443,7 @@ impl Ledger {
             let records = self.log.read_after(key, state.position, READ_BATCH).await?;
             let n = records.len();
             for r in records {
+                let r = Record::decode(r)?;
                 if r.position <= state.position {
                     return Err(LogError::Internal(format!(
                         "ledger log returned position {} after {}",
@@ -468,7 +490,11 @@ impl Ledger {
                 entries: new,
             };
             ours.insert(id);
-            match self.log.append(key, state.position, &record).await {
+            match self
+                .log
+                .append(key, state.position, record.encode(), &record.id)
+                .await
+            {
                 Ok(position) => {
                     self.metrics.records.inc();
                     self.metrics.appends.inc_by(record.entries.len() as u64);
@@ -588,10 +614,11 @@ impl Ledger {
     /// entries): read from the log's last record.
     pub async fn balance(&self, key: &AccountKey) -> Result<i64, LedgerError> {
         check_account(&key.account)?;
-        let last = self.log.last(key).await.map_err(log_error)?;
-        Ok(last
-            .and_then(|r| r.batch.entries.last().map(|e| e.balance))
-            .unwrap_or(0))
+        let Some(last) = self.log.last(key).await.map_err(log_error)? else {
+            return Ok(0);
+        };
+        let last = Record::decode(last).map_err(log_error)?;
+        Ok(last.batch.entries.last().map_or(0, |e| e.balance))
     }
 
     /// Entries with sequence > `cursor`, at most `limit` (capped).

@@ -3,7 +3,7 @@
 //! the compare-and-set is a check of the account's last position inside an
 //! `IMMEDIATE` transaction.
 
-use crate::{AccountKey, Batch, LedgerLog, LogError, Record};
+use crate::{AccountKey, LogError, RawRecord, RecordLog};
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use std::path::Path;
@@ -72,15 +72,15 @@ impl SqliteLog {
     }
 }
 
-fn record(position: i64, bytes: &[u8]) -> Result<Record, LogError> {
-    Ok(Record {
+fn record(position: i64, bytes: Vec<u8>) -> RawRecord {
+    RawRecord {
         position: position as u64,
-        batch: Batch::decode(bytes)?,
-    })
+        bytes,
+    }
 }
 
 #[async_trait]
-impl LedgerLog for SqliteLog {
+impl RecordLog for SqliteLog {
     fn kind(&self) -> &'static str {
         "sqlite"
     }
@@ -90,7 +90,7 @@ impl LedgerLog for SqliteLog {
         account: &AccountKey,
         after: u64,
         max: usize,
-    ) -> Result<Vec<Record>, LogError> {
+    ) -> Result<Vec<RawRecord>, LogError> {
         let key = account.clone();
         self.with(move |c| {
             let mut stmt = c
@@ -109,20 +109,20 @@ impl LedgerLog for SqliteLog {
             let mut out = Vec::new();
             for row in rows {
                 let (p, bytes) = row.map_err(internal)?;
-                out.push(record(p, &bytes)?);
+                out.push(record(p, bytes));
             }
             Ok(out)
         })
         .await
     }
 
-    async fn last(&self, account: &AccountKey) -> Result<Option<Record>, LogError> {
+    async fn last(&self, account: &AccountKey) -> Result<Option<RawRecord>, LogError> {
         let key = account.clone();
         self.with(move |c| {
-            c.prepare_cached(
+            Ok(c.prepare_cached(
                 "SELECT position, record FROM ledger_records
-                 WHERE component = ?1 AND account = ?2
-                 ORDER BY position DESC LIMIT 1",
+                     WHERE component = ?1 AND account = ?2
+                     ORDER BY position DESC LIMIT 1",
             )
             .map_err(internal)?
             .query_row(params![key.component, key.account], |r| {
@@ -130,8 +130,7 @@ impl LedgerLog for SqliteLog {
             })
             .optional()
             .map_err(internal)?
-            .map(|(p, bytes)| record(p, &bytes))
-            .transpose()
+            .map(|(p, bytes)| record(p, bytes)))
         })
         .await
     }
@@ -140,10 +139,10 @@ impl LedgerLog for SqliteLog {
         &self,
         account: &AccountKey,
         expected: u64,
-        batch: &Batch,
+        bytes: Vec<u8>,
+        _id: &str,
     ) -> Result<u64, LogError> {
         let key = account.clone();
-        let bytes = batch.encode();
         self.with(move |c| {
             let tx = c
                 .transaction_with_behavior(TransactionBehavior::Immediate)

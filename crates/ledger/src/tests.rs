@@ -14,7 +14,7 @@ fn stream(name: &str) -> keel_bus::StreamSpec {
     }
 }
 
-fn ledger(log: Arc<dyn LedgerLog>, writer: &str) -> Ledger {
+fn ledger(log: Arc<dyn RecordLog>, writer: &str) -> Ledger {
     Ledger::new(
         log,
         LedgerOptions {
@@ -27,11 +27,11 @@ fn ledger(log: Arc<dyn LedgerLog>, writer: &str) -> Ledger {
     )
 }
 
-fn sqlite(dir: &tempfile::TempDir) -> Arc<dyn LedgerLog> {
+fn sqlite(dir: &tempfile::TempDir) -> Arc<dyn RecordLog> {
     Arc::new(SqliteLog::open(&dir.path().join("ledger.sqlite")).unwrap())
 }
 
-fn local_stream() -> Arc<dyn LedgerLog> {
+fn local_stream() -> Arc<dyn RecordLog> {
     let bus: Arc<dyn Bus> = Arc::new(keel_bus::local::LocalBus::new());
     Arc::new(JetStreamLog::new(
         bus,
@@ -40,7 +40,7 @@ fn local_stream() -> Arc<dyn LedgerLog> {
     ))
 }
 
-async fn nats_log(server: &NatsServer) -> Arc<dyn LedgerLog> {
+async fn nats_log(server: &NatsServer) -> Arc<dyn RecordLog> {
     let bus = NatsBus::connect(NatsOptions::new([server.url()]))
         .await
         .unwrap();
@@ -299,12 +299,12 @@ async fn contended_on_jetstream() {
 /// A log whose appends are stored but answered "uncertain" (an ack lost on
 /// the way back) while `lose_acks` is set.
 struct LosingAcks {
-    inner: Arc<dyn LedgerLog>,
+    inner: Arc<dyn RecordLog>,
     lose_acks: std::sync::atomic::AtomicBool,
 }
 
 #[async_trait]
-impl LedgerLog for LosingAcks {
+impl RecordLog for LosingAcks {
     fn kind(&self) -> &'static str {
         "losing-acks"
     }
@@ -313,19 +313,20 @@ impl LedgerLog for LosingAcks {
         account: &AccountKey,
         after: u64,
         max: usize,
-    ) -> Result<Vec<Record>, LogError> {
+    ) -> Result<Vec<RawRecord>, LogError> {
         self.inner.read_after(account, after, max).await
     }
-    async fn last(&self, account: &AccountKey) -> Result<Option<Record>, LogError> {
+    async fn last(&self, account: &AccountKey) -> Result<Option<RawRecord>, LogError> {
         self.inner.last(account).await
     }
     async fn append(
         &self,
         account: &AccountKey,
         expected: u64,
-        batch: &Batch,
+        bytes: Vec<u8>,
+        id: &str,
     ) -> Result<u64, LogError> {
-        let p = self.inner.append(account, expected, batch).await?;
+        let p = self.inner.append(account, expected, bytes, id).await?;
         if self.lose_acks.swap(false, Ordering::SeqCst) {
             return Err(LogError::Uncertain("ack lost".into()));
         }
@@ -375,4 +376,98 @@ async fn concurrent_appends_on_one_node_share_records() {
         "{} records for 200 concurrent appends",
         metrics.records.get()
     );
+}
+
+fn audit_event(i: usize) -> audit::AuditEvent {
+    audit::AuditEvent {
+        actor: format!("c@n{}", i % 3),
+        operation: "search-global-users".into(),
+        subject: format!("prefix={i}"),
+        outcome: "ok".into(),
+        region: "eu".into(),
+        edge: format!("n{}", i % 3),
+    }
+}
+
+/// Rewrites the record at `position` of the SQLite log.
+fn edit_row(dir: &tempfile::TempDir, position: u64, f: impl FnOnce(&mut serde_json::Value)) {
+    let c = rusqlite::Connection::open(dir.path().join("ledger.sqlite")).unwrap();
+    let bytes: Vec<u8> = c
+        .query_row(
+            "SELECT record FROM ledger_records WHERE position = ?1",
+            [position as i64],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let mut v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    f(&mut v);
+    c.execute(
+        "UPDATE ledger_records SET record = ?1 WHERE position = ?2",
+        rusqlite::params![serde_json::to_vec(&v).unwrap(), position as i64],
+    )
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_chain_is_one_chain_across_writers_and_any_edit_breaks_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = b"chain key".to_vec();
+    let trails: Vec<Arc<audit::AuditTrail>> = (0..3)
+        .map(|i| {
+            Arc::new(audit::AuditTrail::new(
+                sqlite(&dir),
+                Some(key.clone()),
+                &format!("n{i}"),
+            ))
+        })
+        .collect();
+    let tasks: Vec<_> = (0..60)
+        .map(|i| {
+            let t = trails[i % 3].clone();
+            tokio::spawn(async move { t.append(audit_event(i)).await.unwrap() })
+        })
+        .collect();
+    let mut seqs = Vec::new();
+    for t in tasks {
+        seqs.push(t.await.unwrap());
+    }
+    seqs.sort();
+    assert_eq!(seqs, (1..=60).collect::<Vec<u64>>());
+    let log = sqlite(&dir);
+    let ok = audit::verify(log.as_ref(), Some(&key)).await.unwrap();
+    assert_eq!(ok.records, 60);
+    // Without the key the hashes do not check out.
+    assert!(audit::verify(log.as_ref(), None).await.is_err());
+
+    // Edit record 17's outcome: verify names it.
+    edit_row(&dir, 17, |v| v["outcome"] = "error: denied".into());
+    let broken = match audit::verify(log.as_ref(), Some(&key)).await {
+        Err(audit::VerifyError::Broken(b)) => b,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!((broken.position, broken.seq), (17, 17), "{broken}");
+    assert!(broken.reason.contains("altered"), "{broken}");
+    // Recompute its hash too (without knowing the key): still caught there.
+    edit_row(&dir, 17, |v| {
+        v["hash"] = "f".repeat(64).into();
+    });
+    let broken = match audit::verify(log.as_ref(), Some(&key)).await {
+        Err(audit::VerifyError::Broken(b)) => b,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(broken.position, 17, "{broken}");
+    // A deleted record breaks the chain at the next one.
+    let dir2 = tempfile::tempdir().unwrap();
+    let t = audit::AuditTrail::new(sqlite(&dir2), None, "n");
+    for i in 0..5 {
+        t.append(audit_event(i)).await.unwrap();
+    }
+    let c = rusqlite::Connection::open(dir2.path().join("ledger.sqlite")).unwrap();
+    c.execute("DELETE FROM ledger_records WHERE position = 3", [])
+        .unwrap();
+    let broken = match audit::verify(sqlite(&dir2).as_ref(), None).await {
+        Err(audit::VerifyError::Broken(b)) => b,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!((broken.position, broken.seq), (4, 3), "{broken}");
 }

@@ -23,7 +23,7 @@ mod state;
 
 pub use body::{BodyLimitFlag, LimitedBody};
 pub use regional::{Filter, GlobalFilter, Kind as SubscriptionKind, RegionalTier, UpdateFilter};
-pub use services::Services;
+pub use services::{Services, verify_audit};
 pub use state::{ComponentContext, HostState};
 pub use wasmtime_wasi_http::Error as HttpError;
 pub use wasmtime_wasi_http::p2::body::HyperOutgoingBody;

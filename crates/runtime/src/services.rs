@@ -45,6 +45,8 @@ pub struct Services {
     /// The strongly consistent ledger (the region's stream, or SQLite on
     /// the embedded node).
     pub ledger: Arc<keel_ledger::Ledger>,
+    /// The hash-chained audit trail of global and compliance operations.
+    pub audit: Arc<keel_ledger::audit::AuditTrail>,
     /// Runs the bus connection and the sync tasks, apart from the serving
     /// threads (which run one current-thread runtime per core).
     background: Option<tokio::runtime::Runtime>,
@@ -228,7 +230,13 @@ impl Services {
             metrics.cache.clone(),
         );
         cache.start(background.handle());
-        let ledger = open_ledger(config, bus.clone(), metrics, background.handle())?;
+        let (ledger, audit) = open_ledger(
+            config,
+            bus.clone(),
+            buses.global.clone(),
+            metrics,
+            background.handle(),
+        )?;
         let api = crate::global::GlobalApi::new(region, bus.clone());
         api.serve(
             crate::global::Answerer {
@@ -262,24 +270,33 @@ impl Services {
             regions: config.regions.clone(),
             residency,
             ledger,
+            audit,
             background: Some(background),
         }))
     }
 }
 
-/// `[infrastructure] ledger`: on a NATS bus the region's replicated ledger
-/// stream (shared by the region's edges), on the in-process bus a SQLite
-/// database under `data-dir`.
+/// `[infrastructure] ledger` and the audit trail: on a NATS bus the
+/// region's replicated ledger stream (shared by the region's edges), on
+/// the in-process bus a SQLite database under `data-dir`.
 fn open_ledger(
     config: &KeelConfig,
     bus: Arc<dyn Bus>,
+    global: Arc<dyn Bus>,
     metrics: &Metrics,
     background: &tokio::runtime::Handle,
-) -> Result<Arc<keel_ledger::Ledger>, Diagnostics> {
+) -> Result<
+    (
+        Arc<keel_ledger::Ledger>,
+        Arc<keel_ledger::audit::AuditTrail>,
+    ),
+    Diagnostics,
+> {
     let l = &config.infrastructure.ledger;
     let region = &config.node.region;
     let nats = bus.kind() != "local";
-    let log: Arc<dyn keel_ledger::LedgerLog> = match (l.log, nats) {
+    let mut local = None;
+    let log: Arc<dyn keel_ledger::RecordLog> = match (l.log, nats) {
         (LedgerLogKind::JetStream, false) => {
             return Err(Diagnostics::one(Diagnostic::file(
                 &config.path,
@@ -287,13 +304,9 @@ fn open_ledger(
             )));
         }
         (LedgerLogKind::Sqlite, _) | (LedgerLogKind::Auto, false) => {
-            let path = config.server.data_dir.join("ledger").join("ledger.sqlite");
-            Arc::new(keel_ledger::SqliteLog::open(&path).map_err(|e| {
-                Diagnostics::one(Diagnostic::file(
-                    &config.path,
-                    format!("cannot open the ledger database {}: {e}", path.display()),
-                ))
-            })?)
+            let db = ledger_db(config)?;
+            local = Some(db.clone());
+            db
         }
         (LedgerLogKind::JetStream | LedgerLogKind::Auto, true) => {
             let regions = config.regions.as_deref();
@@ -333,7 +346,7 @@ fn open_ledger(
             log
         }
     };
-    Ok(Arc::new(keel_ledger::Ledger::new(
+    let ledger = Arc::new(keel_ledger::Ledger::new(
         log,
         keel_ledger::LedgerOptions {
             min_balance: l.min_balance,
@@ -343,7 +356,14 @@ fn open_ledger(
             writer: config.node.edge.clone(),
         },
         metrics.ledger.clone(),
-    )))
+    ));
+    let (audit_log, key) = audit_log(config, global, local)?;
+    let audit = Arc::new(keel_ledger::audit::AuditTrail::new(
+        audit_log,
+        key,
+        &config.node.edge,
+    ));
+    Ok((ledger, audit))
 }
 
 /// `[infrastructure] cache` and the buckets of this node's L2 and L3: the
@@ -511,15 +531,7 @@ fn connect(
         };
         return Ok(keel_bus::Buses::single(bus));
     };
-    let env = &regions.nats.secret_env;
-    let secret = std::env::var(env).ok().filter(|s| !s.is_empty()).ok_or_else(|| {
-        Diagnostics::one(Diagnostic::file(
-            &regions.path,
-            format!(
-                "nats.secret_env: environment variable {env} is not set; it must hold the deployment's NATS secret (the one `keel topology` used)"
-            ),
-        ))
-    })?;
+    let secret = deployment_secret(regions)?;
     let creds = keel_topology::edge_credentials(regions, secret.as_bytes(), &node.edge)
         .ok_or_else(|| {
             Diagnostics::one(Diagnostic::file(
@@ -542,6 +554,113 @@ fn connect(
         "global",
     )?;
     Ok(keel_bus::Buses { region, global })
+}
+
+/// The deployment's secret, from the environment variable regions.toml
+/// names.
+fn deployment_secret(regions: &RegionsConfig) -> Result<String, Diagnostics> {
+    let env = &regions.nats.secret_env;
+    std::env::var(env).ok().filter(|s| !s.is_empty()).ok_or_else(|| {
+        Diagnostics::one(Diagnostic::file(
+            &regions.path,
+            format!(
+                "nats.secret_env: environment variable {env} is not set; it must hold the deployment's NATS secret (the one `keel topology` used)"
+            ),
+        ))
+    })
+}
+
+/// The ledger's SQLite database (and, on the in-process bus, the audit
+/// chain's).
+fn ledger_db(config: &KeelConfig) -> Result<Arc<keel_ledger::SqliteLog>, Diagnostics> {
+    let path = config.server.data_dir.join("ledger").join("ledger.sqlite");
+    keel_ledger::SqliteLog::open(&path)
+        .map(Arc::new)
+        .map_err(|e| {
+            Diagnostics::one(Diagnostic::file(
+                &config.path,
+                format!("cannot open the ledger database {}: {e}", path.display()),
+            ))
+        })
+}
+
+/// A log and the HMAC key of its chain.
+type AuditLog = (Arc<dyn keel_ledger::RecordLog>, Option<Vec<u8>>);
+
+/// The audit chain's log and HMAC key: on NATS the global stream
+/// `KEEL_AUDIT` (subjects `keel.global.audit.>`, in the `GLOBAL` account),
+/// on the in-process bus the ledger database. The key is derived from the
+/// deployment secret in a `regions.toml` deployment.
+fn audit_log(
+    config: &KeelConfig,
+    global: Arc<dyn Bus>,
+    local: Option<Arc<keel_ledger::SqliteLog>>,
+) -> Result<AuditLog, Diagnostics> {
+    let key = match config.regions.as_deref() {
+        Some(r) => Some(keel_topology::audit_chain_key(
+            deployment_secret(r)?.as_bytes(),
+        )),
+        None => None,
+    };
+    if global.kind() == "local" {
+        let db = match local {
+            Some(db) => db,
+            None => ledger_db(config)?,
+        };
+        return Ok((db, key));
+    }
+    let stream = keel_bus::StreamSpec {
+        name: "KEEL_AUDIT".into(),
+        subjects: vec!["keel.global.audit.>".into()],
+        replicas: config
+            .regions
+            .as_deref()
+            .map_or(1, |r| keel_topology::replicas(r, &config.node.region)),
+        duplicate_window: std::time::Duration::from_secs(120),
+        max_age: None,
+        placement: None,
+    };
+    Ok((
+        Arc::new(keel_ledger::JetStreamLog::new(
+            global,
+            stream,
+            "keel.global.audit".into(),
+        )),
+        key,
+    ))
+}
+
+/// `keel audit verify`: reads the whole audit chain `config`'s node writes
+/// to (without opening anything else of the node) and checks every link.
+pub fn verify_audit(
+    config: &KeelConfig,
+) -> Result<Result<keel_ledger::audit::Verified, keel_ledger::audit::VerifyError>, Diagnostics> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            Diagnostics::one(Diagnostic::file(
+                &config.path,
+                format!("cannot start a runtime: {e}"),
+            ))
+        })?;
+    let buses = connect(config, &rt)?;
+    let (log, key) = audit_log(config, buses.global.clone(), None)?;
+    Ok(rt.block_on(async {
+        let mut state = buses.global.connection_events();
+        let connected = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            state.wait_for(|s| *s == keel_bus::ConnectionState::Connected),
+        )
+        .await;
+        if !matches!(connected, Ok(Ok(_))) {
+            return Err(keel_ledger::audit::VerifyError::Log(
+                keel_ledger::LogError::Unavailable("not connected to NATS within 10 s".into()),
+            ));
+        }
+        keel_ledger::audit::verify(log.as_ref(), key.as_deref()).await
+    }))
 }
 
 /// Mirrors the bus connection state into `/metrics`.

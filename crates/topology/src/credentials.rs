@@ -33,6 +33,14 @@ pub fn password(secret: &[u8], user: &str) -> String {
     hex
 }
 
+/// The HMAC key of the audit chain (`keel-ledger::audit`): only holders
+/// of the deployment secret can write records that verify.
+pub fn audit_chain_key(secret: &[u8]) -> Vec<u8> {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes keys of any length");
+    mac.update(b"keel-audit-chain");
+    mac.finalize().into_bytes().to_vec()
+}
+
 /// An edge's user in its residency zone's account: the edge name.
 pub fn edge_user(edge: &str) -> String {
     edge.to_string()

@@ -26,7 +26,7 @@ mod render;
 
 pub use credentials::{
     EdgeCredentials, GATEWAY_USER, GLOBAL_ACCOUNT, GLOBAL_CACHE_BUCKET, ROUTE_USER, SYS_ACCOUNT,
-    cache_bucket_name, edge_credentials, edge_global_user, edge_user, ledger_stream_name, password,
-    region_account, replicas, stream_name, sys_user,
+    audit_chain_key, cache_bucket_name, edge_credentials, edge_global_user, edge_user,
+    ledger_stream_name, password, region_account, replicas, stream_name, sys_user,
 };
 pub use render::{RenderedServer, render, server_name, validate, write};

@@ -41,62 +41,8 @@ impl HostState {
     }
 }
 
-/// Most users one `search-global-users` returns.
-const MAX_SEARCH_RESULTS: u32 = 1000;
-
-impl gc::Host for HostState {
-    async fn publish_global_event(&mut self, event: types::GlobalEvent) -> R<()> {
-        let c = self.component();
-        let s = &c.services;
-        if event.id.is_empty() || event.id.len() > MAX_EVENT_ID_BYTES {
-            return Ok(Err(WitError::Invalid(format!(
-                "event id must be 1 to {MAX_EVENT_ID_BYTES} bytes"
-            ))));
-        }
-        if !is_event_type(&event.event_type) {
-            return Ok(Err(WitError::Invalid(format!(
-                "event type {:?} must be dot-separated tokens of [A-Za-z0-9_-], at most 128 bytes",
-                event.event_type
-            ))));
-        }
-        if let Some(user) = &event.user {
-            let home = match s.directory.home_cached(user).await {
-                Ok(h) => h.unwrap_or_else(|| s.node.region.clone()),
-                Err(e) => return Ok(Err(unavailable(e))),
-            };
-            if !s.residency.allows_everywhere(&home) {
-                return Ok(Err(WitError::Residency(format!(
-                    "user {user:?} is homed in {home}, whose residency class keeps personal data in its zone; a global event about them would reach every region (publish it without `user`, pseudonymised)"
-                ))));
-            }
-        }
-        let event = keel_store::GlobalEvent {
-            id: event.id,
-            event_type: event.event_type,
-            subject: event.subject,
-            content_type: event.content_type,
-            data: event.data,
-            user: event.user,
-        };
-        let f = s.edge.queue_global_event(&c.ns, event);
-        Ok(f.await.map_err(wit_error))
-    }
-
-    async fn subscribe_global_events(&mut self, event_types: Vec<String>) -> R<u64> {
-        let filter = Filter::Global(GlobalFilter { types: event_types });
-        Ok(super::subscribe(self.component(), filter).await)
-    }
-
-    async fn unsubscribe_global_events(&mut self, id: u64) -> R<()> {
-        let c = self.component();
-        Ok(c.services
-            .regional
-            .unsubscribe(Kind::Global, c.ns.as_str(), id)
-            .await
-            .map_err(Into::into))
-    }
-
-    async fn query_global_state(&mut self, query: gc::GlobalQuery) -> R<gc::GlobalResult> {
+impl HostState {
+    async fn query_unaudited(&mut self, query: gc::GlobalQuery) -> R<gc::GlobalResult> {
         let c = self.component();
         let s = &c.services;
         let component = c.ns.as_str().to_string();
@@ -203,7 +149,7 @@ impl gc::Host for HostState {
         })
     }
 
-    async fn generate_global_report(
+    async fn report_unaudited(
         &mut self,
         report_type: String,
         parameters: gc::ReportParams,
@@ -270,7 +216,7 @@ impl gc::Host for HostState {
         }))
     }
 
-    async fn search_global_users(&mut self, criteria: gc::SearchCriteria) -> R<gc::UserSearch> {
+    async fn search_unaudited(&mut self, criteria: gc::SearchCriteria) -> R<gc::UserSearch> {
         if criteria.limit == 0 {
             return Ok(Err(WitError::Invalid("limit must be at least 1".into())));
         }
@@ -303,6 +249,104 @@ impl gc::Host for HostState {
             regions,
             missing_regions: missing,
         }))
+    }
+}
+
+/// Most users one `search-global-users` returns.
+const MAX_SEARCH_RESULTS: u32 = 1000;
+
+impl gc::Host for HostState {
+    async fn publish_global_event(&mut self, event: types::GlobalEvent) -> R<()> {
+        let c = self.component();
+        let s = &c.services;
+        if event.id.is_empty() || event.id.len() > MAX_EVENT_ID_BYTES {
+            return Ok(Err(WitError::Invalid(format!(
+                "event id must be 1 to {MAX_EVENT_ID_BYTES} bytes"
+            ))));
+        }
+        if !is_event_type(&event.event_type) {
+            return Ok(Err(WitError::Invalid(format!(
+                "event type {:?} must be dot-separated tokens of [A-Za-z0-9_-], at most 128 bytes",
+                event.event_type
+            ))));
+        }
+        if let Some(user) = &event.user {
+            let home = match s.directory.home_cached(user).await {
+                Ok(h) => h.unwrap_or_else(|| s.node.region.clone()),
+                Err(e) => return Ok(Err(unavailable(e))),
+            };
+            if !s.residency.allows_everywhere(&home) {
+                return Ok(Err(WitError::Residency(format!(
+                    "user {user:?} is homed in {home}, whose residency class keeps personal data in its zone; a global event about them would reach every region (publish it without `user`, pseudonymised)"
+                ))));
+            }
+        }
+        let event = keel_store::GlobalEvent {
+            id: event.id,
+            event_type: event.event_type,
+            subject: event.subject,
+            content_type: event.content_type,
+            data: event.data,
+            user: event.user,
+        };
+        let f = s.edge.queue_global_event(&c.ns, event);
+        Ok(f.await.map_err(wit_error))
+    }
+
+    async fn subscribe_global_events(&mut self, event_types: Vec<String>) -> R<u64> {
+        let filter = Filter::Global(GlobalFilter { types: event_types });
+        Ok(super::subscribe(self.component(), filter).await)
+    }
+
+    async fn unsubscribe_global_events(&mut self, id: u64) -> R<()> {
+        let c = self.component();
+        Ok(c.services
+            .regional
+            .unsubscribe(Kind::Global, c.ns.as_str(), id)
+            .await
+            .map_err(Into::into))
+    }
+
+    async fn query_global_state(&mut self, query: gc::GlobalQuery) -> R<gc::GlobalResult> {
+        let subject = match &query {
+            gc::GlobalQuery::HomeRegion(user) => format!("home-region user={user}"),
+            gc::GlobalQuery::UserCount(r) => {
+                format!("user-count region={}", r.as_deref().unwrap_or("*"))
+            }
+            gc::GlobalQuery::Metric(m) => format!("metric {}", m.metric_type),
+            gc::GlobalQuery::Leaderboard(l) => format!("leaderboard {}", l.category),
+            gc::GlobalQuery::Topology => "topology".into(),
+        };
+        let result = self.query_unaudited(query).await?;
+        Ok(super::audited(&self.component(), "query-global-state", subject, result).await)
+    }
+
+    async fn generate_global_report(
+        &mut self,
+        report_type: String,
+        parameters: gc::ReportParams,
+    ) -> R<gc::Report> {
+        let subject = format!(
+            "{report_type} {}..{}",
+            parameters.range.start_ms, parameters.range.end_ms
+        );
+        let result = self.report_unaudited(report_type, parameters).await?;
+        Ok(super::audited(&self.component(), "generate-global-report", subject, result).await)
+    }
+
+    async fn search_global_users(&mut self, criteria: gc::SearchCriteria) -> R<gc::UserSearch> {
+        // The shape of the question, not its text: the trail is global.
+        let subject = format!(
+            "name-prefix={} home-region={} limit={}",
+            criteria
+                .name_prefix
+                .as_ref()
+                .map_or(0, |p| p.chars().count()),
+            criteria.home_region.as_deref().unwrap_or("*"),
+            criteria.limit
+        );
+        let result = self.search_unaudited(criteria).await?;
+        Ok(super::audited(&self.component(), "search-global-users", subject, result).await)
     }
 
     async fn reconcile_billing(&mut self, _period: gc::BillingPeriod) -> R<gc::Reconciliation> {

@@ -35,6 +35,54 @@ pub(crate) fn wit_error(e: StoreError) -> WitError {
     }
 }
 
+/// Appends `operation`'s outcome (called by component `c`) to the audit
+/// trail and returns `result` — or, if the trail cannot be written,
+/// `unavailable`: no audited operation answers without its record.
+pub(crate) async fn audited<T>(
+    c: &crate::state::ComponentContext,
+    operation: &str,
+    subject: String,
+    result: Result<T, WitError>,
+) -> Result<T, WitError> {
+    {
+        let outcome = match &result {
+            Ok(_) => "ok".to_string(),
+            Err(e) => format!("error: {}", error_case(e)),
+        };
+        let event = keel_ledger::audit::AuditEvent {
+            actor: format!("{}@{}", c.ns, c.services.node.edge),
+            operation: operation.to_string(),
+            subject,
+            outcome,
+            region: c.services.node.region.clone(),
+            edge: c.services.node.edge.clone(),
+        };
+        match c.services.audit.append(event).await {
+            Ok(_) => result,
+            Err(e) => {
+                tracing::error!(operation, error = %e, "audit trail append failed");
+                Err(WitError::Unavailable(format!(
+                    "the audit trail could not be written: {e}"
+                )))
+            }
+        }
+    }
+}
+
+/// The WIT case name of an error.
+fn error_case(e: &WitError) -> &'static str {
+    match e {
+        WitError::NotFound => "not-found",
+        WitError::Denied(_) => "denied",
+        WitError::Invalid(_) => "invalid",
+        WitError::Unavailable(_) => "unavailable",
+        WitError::Conflict(_) => "conflict",
+        WitError::Residency(_) => "residency",
+        WitError::Limit(_) => "limit",
+        WitError::Internal(_) => "internal",
+    }
+}
+
 /// A global event type: dot-separated tokens of `[A-Za-z0-9_-]` (it becomes
 /// the NATS subject `keel.global.events.<type>`), at most 128 bytes.
 pub(crate) fn is_event_type(t: &str) -> bool {

@@ -108,7 +108,8 @@ impl rc::Host for HostState {
         to_region: String,
     ) -> R<String> {
         let c = self.component();
-        Ok(c.services
+        let result = c
+            .services
             .migrations
             .begin(&user, &from_region, &to_region)
             .await
@@ -117,7 +118,9 @@ impl rc::Host for HostState {
                 MigrationError::Residency(m) => WitError::Residency(m),
                 MigrationError::Conflict(m) => WitError::Conflict(m),
                 MigrationError::Unavailable(m) => WitError::Unavailable(m),
-            }))
+            });
+        let subject = format!("user={user} {from_region}->{to_region}");
+        Ok(super::audited(&self.component(), "migrate-user-region", subject, result).await)
     }
 
     async fn get_migration_status(&mut self, id: String) -> R<rc::MigrationStatus> {
