@@ -22,9 +22,9 @@ pub const IMPLEMENTED_INTERFACES: &[&str] = &[
 ];
 
 /// The functions of `global-coordination` this build implements. A
-/// component importing any other function of it does not load (its events
-/// queries and user search work; the ledger and compliance functions come
-/// with the global tier).
+/// component importing any other function of it does not load (its events,
+/// queries and user search work; billing reconciliation, data deletion and
+/// export come with the rest of the global tier).
 pub const GLOBAL_FUNCTIONS_IMPLEMENTED: &[&str] = &[
     "publish-global-event",
     "subscribe-global-events",

@@ -3,8 +3,9 @@
 //! `on-global-event`), global queries and reports (every region's API,
 //! with a deadline), and the directory.
 //!
-//! The ledger and compliance functions of this interface are not in
-//! this build: a component that imports any of them does not load
+//! Queries, reports and user search are audited. The compliance functions
+//! of this interface (reconciliation, deletion, export) are not in this
+//! build: a component that imports any of them does not load
 //! ([`crate::linking::GLOBAL_FUNCTIONS_IMPLEMENTED`]), so their host stubs
 //! below are unreachable from a loaded guest.
 
