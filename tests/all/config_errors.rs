@@ -36,7 +36,7 @@ fn a_global_function_not_in_this_build_is_refused_by_name() {
     ));
     let err = refused(&node);
     assert!(
-        err.contains("components.erasure.grants: component \"erasure\" imports keel:platform/global-coordination@0.1.0 function \"process-data-deletion\", which is not available in this build; available there: publish-global-event, subscribe-global-events, unsubscribe-global-events, query-global-state, generate-global-report, search-global-users"),
+        err.contains("components.erasure.grants: component \"erasure\" imports keel:platform/global-coordination@0.1.0 function \"process-data-deletion\", which is not available in this build; available there: publish-global-event, subscribe-global-events, unsubscribe-global-events, query-global-state, generate-global-report, search-global-users, reconcile-billing"),
         "{err}"
     );
     // One diagnostic: the implemented functions and the types it imports

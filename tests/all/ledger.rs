@@ -480,3 +480,157 @@ fn ledger_is_linearizable_per_account_across_nodes_timeouts_and_sigkill() {
     }
     sfo.stop();
 }
+
+fn billing_probe() -> String {
+    component(
+        "billing",
+        "billing-probe",
+        "/billing/...",
+        r#"grants = ["edge-operations", "ledger", "global-coordination"]"#,
+    )
+}
+
+#[test]
+fn reconcile_billing_finds_an_injected_discrepancy_in_any_region_and_is_deterministic() {
+    use keel_bus::Bus;
+    let _heavy = heavy_test();
+    let world = world(&[
+        RegionSpec {
+            name: "eu-central",
+            residency: "gdpr",
+            edges: &["fra"],
+            servers: 1,
+        },
+        RegionSpec {
+            name: "us-east",
+            residency: "us",
+            edges: &["nyc"],
+            servers: 1,
+        },
+    ]);
+    let (fra_node, nyc_node) = (
+        world.node("fra", None, &billing_probe()),
+        world.node("nyc", None, &billing_probe()),
+    );
+    let (fra, nyc) = (fra_node.start(), nyc_node.start());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let (start, end) = (now - 1000, now + 600_000);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let ok = |r: Reply| assert_eq!(r.status, 200, "{}", r.body);
+        // Clean data: usage and charges agree in both regions.
+        for (node, account, usages, charge, key) in [
+            (&fra, "acme", &[100, 50][..], 150, "fra-1"),
+            (&nyc, "acme", &[70][..], 70, "nyc-1"),
+        ] {
+            // A credit first, so the debit is covered.
+            node.poll(
+                "POST",
+                &format!("/billing/append?account={account}&amount=1000&key={key}-credit"),
+                "",
+                "the ledger stream",
+                |s, _| s == 200,
+            )
+            .await;
+            for u in usages {
+                ok(node
+                    .post(&format!("/billing/usage?account={account}&amount={u}"), "")
+                    .await);
+            }
+            ok(node
+                .post(
+                    &format!("/billing/append?account={account}&amount=-{charge}&key={key}"),
+                    "",
+                )
+                .await);
+        }
+        ok(nyc
+            .post("/billing/usage?account=acme&amount=lots", "")
+            .await);
+        let reconcile = format!("/billing/reconcile?start={start}&end={end}");
+        let clean = fra
+            .poll(
+                "POST",
+                &reconcile,
+                "",
+                "every usage event in the views",
+                |s, v| s == 200 && v["usage_events"] == 3 && v["malformed_usage_events"] == 1,
+            )
+            .await;
+        assert_eq!(
+            clean,
+            serde_json::json!({
+                "regions": ["eu-central", "us-east"],
+                "missing_regions": [],
+                "accounts_checked": 2,
+                "usage_events": 3,
+                "entries_checked": 4,
+                "total_usage": 220,
+                "total_credits": 2000,
+                "total_debits": -220,
+                "malformed_usage_events": 1,
+                "mismatches": [],
+            })
+        );
+        // Rerun, from the other region: the same result.
+        let again = nyc.post(&reconcile, "").await;
+        assert_eq!((again.status, again.json()), (200, clean.clone()));
+        // Injected: usage in us-east that was never charged, and a charge
+        // in eu-central without usage.
+        ok(nyc.post("/billing/usage?account=zed&amount=30", "").await);
+        ok(fra
+            .post("/billing/append?account=acme&amount=-5&key=stray", "")
+            .await);
+        let found = fra
+            .poll(
+                "POST",
+                &reconcile,
+                "",
+                "the injected usage in the views",
+                |s, v| s == 200 && v["usage_events"] == 4,
+            )
+            .await;
+        assert_eq!(
+            found["mismatches"],
+            serde_json::json!([
+                {"account": "acme", "region": "eu-central", "usage": 150, "charged": 155,
+                 "detail": "usage 150 in 2 events, charged 155 in 2 entries"},
+                {"account": "zed", "region": "us-east", "usage": 30, "charged": 0,
+                 "detail": "usage 30 in 1 events, charged 0 in 0 entries"},
+            ]),
+            "{found}"
+        );
+        let again = nyc.post(&reconcile, "").await;
+        assert_eq!((again.status, again.json()), (200, found.clone()));
+        // A period with nothing in it.
+        let empty = fra
+            .post("/billing/reconcile?start=0&end=1", "")
+            .await
+            .json();
+        assert_eq!(empty["accounts_checked"], 0, "{empty}");
+        let bad = fra.post("/billing/reconcile?start=5&end=1", "").await;
+        assert_eq!(bad.status, 400, "{}", bad.body);
+        // Stored, latest per component and period.
+        let bus = world.client("fra", true).await;
+        let stored = bus
+            .kv_get("KEEL_RECONCILIATIONS", &format!("billing.{start}-{end}"))
+            .await
+            .unwrap()
+            .unwrap();
+        let stored: Value = serde_json::from_slice(&stored.value.unwrap()).unwrap();
+        assert_eq!(
+            stored["mismatches"].as_array().unwrap().len(),
+            2,
+            "{stored}"
+        );
+        assert_eq!(stored["total_usage"], found["total_usage"]);
+    });
+    // Every reconciliation is in the audit chain.
+    let (code, out, err) = fra_node.audit_verify();
+    assert_eq!(code, 0, "{out}{err}");
+    fra.stop();
+    nyc.stop();
+}

@@ -112,7 +112,7 @@ pub(crate) fn world(specs: &[RegionSpec]) -> World {
 impl World {
     /// A client of `edge`'s account (`global`: the GLOBAL account) on the
     /// first server of the edge's region.
-    async fn client(&self, edge: &str, global: bool) -> NatsBus {
+    pub(crate) async fn client(&self, edge: &str, global: bool) -> NatsBus {
         let c = keel_topology::edge_credentials(&self.regions, SECRET.as_bytes(), edge).unwrap();
         let credentials = if global {
             (c.global_user, c.global_password)

@@ -27,6 +27,6 @@ pub use forwarder::{
     start_forwarder,
 };
 pub use views::{
-    DISPLAY_NAME_ATTRIBUTE, LastActivity, METRIC_TYPE, MetricPoint, MetricsView, UserHit,
-    UserSearch, UserState, UserStateView, metric_event_data,
+    DISPLAY_NAME_ATTRIBUTE, LastActivity, METRIC_TYPE, MetricPoint, MetricsView, USAGE_EVENT_TYPE,
+    UsageTotal, UsageView, UserHit, UserSearch, UserState, UserStateView, metric_event_data,
 };

@@ -852,3 +852,91 @@ mod tests {
         );
     }
 }
+
+/// Event type of billing usage (`reconcile-billing`): key the ledger
+/// account, payload the amount in minor units as decimal text.
+pub const USAGE_EVENT_TYPE: &str = "billing.usage";
+
+/// One usage event: (at ms, amount).
+type UsageSample = (u64, i64);
+
+/// Usage of one account over a period.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UsageTotal {
+    pub amount: i64,
+    pub events: u64,
+}
+
+/// The region's billing usage: every `billing.usage` event's (time, amount)
+/// per component and account, as recorded where it was written. Not
+/// idempotent (the feed's dedup applies each event once).
+#[derive(Debug, Default)]
+pub struct UsageView {
+    /// (component, account) → (at ms, amount), in arrival order.
+    usage: Mutex<BTreeMap<(String, String), Vec<UsageSample>>>,
+    /// component → usage events whose key or payload was unusable.
+    malformed: Mutex<BTreeMap<String, Vec<u64>>>,
+}
+
+impl UsageView {
+    /// Folds one event in; `true` if it was a usable usage event.
+    pub fn record(&self, event: &CloudEvent) -> bool {
+        if event.event_type != USAGE_EVENT_TYPE || event.keelsequence.is_none() {
+            return false;
+        }
+        let Some(at) = event.hlc() else {
+            return false;
+        };
+        let amount = String::from_utf8(event.data())
+            .ok()
+            .and_then(|s| s.trim().parse::<i64>().ok())
+            .filter(|a| *a > 0);
+        match (event.subject.as_deref().filter(|k| !k.is_empty()), amount) {
+            (Some(account), Some(amount)) => {
+                lock(&self.usage)
+                    .entry((event.component().to_owned(), account.to_owned()))
+                    .or_default()
+                    .push((at.physical_ms, amount));
+                true
+            }
+            _ => {
+                lock(&self.malformed)
+                    .entry(event.component().to_owned())
+                    .or_default()
+                    .push(at.physical_ms);
+                false
+            }
+        }
+    }
+
+    /// Usage per account of `component` in `[start_ms, end_ms)`, and the
+    /// number of malformed usage events there.
+    pub fn totals(
+        &self,
+        component: &str,
+        start_ms: u64,
+        end_ms: u64,
+    ) -> (BTreeMap<String, UsageTotal>, u64) {
+        let in_range = |at: u64| at >= start_ms && at < end_ms;
+        let mut out = BTreeMap::new();
+        for ((c, account), samples) in lock(&self.usage).iter() {
+            if c != component {
+                continue;
+            }
+            let mut t = UsageTotal::default();
+            for (at, amount) in samples {
+                if in_range(*at) {
+                    t.amount = t.amount.saturating_add(*amount);
+                    t.events += 1;
+                }
+            }
+            if t.events > 0 {
+                out.insert(account.clone(), t);
+            }
+        }
+        let malformed = lock(&self.malformed).get(component).map_or(0, |ats| {
+            ats.iter().filter(|at| in_range(**at)).count() as u64
+        });
+        (out, malformed)
+    }
+}

@@ -105,6 +105,38 @@ impl RecordLog for JetStreamLog {
             .map(Self::record))
     }
 
+    async fn scan(
+        &self,
+        component: &str,
+        after: u64,
+        max: usize,
+    ) -> Result<Vec<(String, RawRecord)>, LogError> {
+        self.ensure().await?;
+        let filter = format!("{}.{component}.*", self.prefix);
+        let msgs = self
+            .bus
+            .stream_read(&self.stream.name, &filter, after + 1, max)
+            .await
+            .map_err(|e| self.error(e))?;
+        msgs.into_iter()
+            .map(|m| {
+                let account = m
+                    .subject
+                    .rsplit('.')
+                    .next()
+                    .and_then(|h| hex::decode(h).ok())
+                    .and_then(|b| String::from_utf8(b).ok())
+                    .ok_or_else(|| {
+                        LogError::Internal(format!(
+                            "ledger subject {:?} names no account",
+                            m.subject
+                        ))
+                    })?;
+                Ok((account, Self::record(m)))
+            })
+            .collect()
+    }
+
     async fn append(
         &self,
         account: &AccountKey,

@@ -184,6 +184,26 @@ pub trait RecordLog: Send + Sync + 'static {
         bytes: Vec<u8>,
         id: &str,
     ) -> Result<u64, LogError>;
+
+    /// Up to `max` records of every key of `component` with position >
+    /// `after` (positions ordered across keys), with their key's name.
+    async fn scan(
+        &self,
+        component: &str,
+        after: u64,
+        max: usize,
+    ) -> Result<Vec<(String, RawRecord)>, LogError>;
+}
+
+/// One account's entries over a period (`reconcile-billing`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PeriodTotals {
+    /// Sum of positive amounts.
+    pub credits: i64,
+    /// Sum of negative amounts (≤ 0).
+    pub debits: i64,
+    pub debit_entries: u64,
+    pub entries: u64,
 }
 
 /// An entry as the `ledger` interface returns it.
@@ -619,6 +639,47 @@ impl Ledger {
         };
         let last = Record::decode(last).map_err(log_error)?;
         Ok(last.batch.entries.last().map_or(0, |e| e.balance))
+    }
+
+    /// Every account of `component` with entries whose `at_ms` is in
+    /// `[start_ms, end_ms)`, with their totals there. Reads the whole log of
+    /// the component as of the call.
+    pub async fn period_totals(
+        &self,
+        component: &str,
+        start_ms: u64,
+        end_ms: u64,
+    ) -> Result<std::collections::BTreeMap<String, PeriodTotals>, LedgerError> {
+        let mut out: std::collections::BTreeMap<String, PeriodTotals> = Default::default();
+        let mut after = 0;
+        loop {
+            let page = self
+                .log
+                .scan(component, after, READ_BATCH)
+                .await
+                .map_err(log_error)?;
+            let n = page.len();
+            for (account, raw) in page {
+                after = raw.position;
+                let record = Record::decode(raw).map_err(log_error)?;
+                for e in record.batch.entries {
+                    if e.at_ms < start_ms || e.at_ms >= end_ms {
+                        continue;
+                    }
+                    let t = out.entry(account.clone()).or_default();
+                    t.entries += 1;
+                    if e.amount > 0 {
+                        t.credits = t.credits.saturating_add(e.amount);
+                    } else {
+                        t.debits = t.debits.saturating_add(e.amount);
+                        t.debit_entries += 1;
+                    }
+                }
+            }
+            if n < READ_BATCH {
+                return Ok(out);
+            }
+        }
     }
 
     /// Entries with sequence > `cursor`, at most `limit` (capped).

@@ -135,6 +135,40 @@ impl RecordLog for SqliteLog {
         .await
     }
 
+    async fn scan(
+        &self,
+        component: &str,
+        after: u64,
+        max: usize,
+    ) -> Result<Vec<(String, RawRecord)>, LogError> {
+        let component = component.to_owned();
+        self.with(move |c| {
+            let mut stmt = c
+                .prepare_cached(
+                    "SELECT account, position, record FROM ledger_records
+                     WHERE component = ?1 AND position > ?2
+                     ORDER BY position LIMIT ?3",
+                )
+                .map_err(internal)?;
+            let rows = stmt
+                .query_map(params![component, after as i64, max as i64], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, Vec<u8>>(2)?,
+                    ))
+                })
+                .map_err(internal)?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (account, p, bytes) = row.map_err(internal)?;
+                out.push((account, record(p, bytes)));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     async fn append(
         &self,
         account: &AccountKey,

@@ -159,6 +159,26 @@ async fn functions(l: &Ledger) {
     assert_eq!(p3.entries.len(), 1);
     assert_eq!(p3.next_cursor, None);
     assert!(l.history(&a, Some(99), 5).await.unwrap().entries.is_empty());
+    // Totals of every account of the component over a period.
+    let all = l.period_totals("c", 0, u64::MAX).await.unwrap();
+    assert_eq!(
+        all["alice"],
+        PeriodTotals {
+            credits: 105,
+            debits: -100,
+            debit_entries: 1,
+            entries: 7
+        }
+    );
+    assert_eq!(all["credit"].debits, -500);
+    assert_eq!(all.len(), 4, "{all:?}");
+    assert!(l.period_totals("c", 0, 1).await.unwrap().is_empty());
+    assert!(
+        l.period_totals("other", 0, u64::MAX)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -318,6 +338,14 @@ impl RecordLog for LosingAcks {
     }
     async fn last(&self, account: &AccountKey) -> Result<Option<RawRecord>, LogError> {
         self.inner.last(account).await
+    }
+    async fn scan(
+        &self,
+        component: &str,
+        after: u64,
+        max: usize,
+    ) -> Result<Vec<(String, RawRecord)>, LogError> {
+        self.inner.scan(component, after, max).await
     }
     async fn append(
         &self,

@@ -63,6 +63,32 @@ pub enum RegionQuery {
         active_since_ms: Option<u64>,
         limit: u32,
     },
+    /// Usage and ledger totals per account of the component in a range
+    /// (`reconcile-billing`).
+    Billing {
+        component: String,
+        start_ms: u64,
+        end_ms: u64,
+    },
+}
+
+/// One account's side of a reconciliation, as one region sees it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountBilling {
+    pub usage: i64,
+    pub usage_events: u64,
+    /// Ledger debits as a positive number.
+    pub charged: i64,
+    pub charges: u64,
+    pub credits: i64,
+    pub entries: u64,
+}
+
+/// A region's answer to [`RegionQuery::Billing`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegionBilling {
+    pub accounts: BTreeMap<String, AccountBilling>,
+    pub malformed_usage_events: u64,
 }
 
 /// One user search hit, as it travels.
@@ -115,6 +141,7 @@ pub enum RegionAnswer {
     /// Name → (count, sum, min, max) over the range.
     Totals(BTreeMap<String, Point>),
     Users(Vec<UserHit>),
+    Billing(RegionBilling),
     Error(String),
 }
 
@@ -217,6 +244,8 @@ pub struct Answerer {
     pub sync: keel_sync::Sync,
     pub directory: Arc<keel_coord::directory::Directory>,
     pub residency: keel_coord::migration::ResidencyRules,
+    pub usage: Arc<keel_coord::UsageView>,
+    pub ledger: Arc<keel_ledger::Ledger>,
 }
 
 impl Answerer {
@@ -319,6 +348,38 @@ impl Answerer {
                     });
                 }
                 RegionAnswer::Users(out)
+            }
+            RegionQuery::Billing {
+                component,
+                start_ms,
+                end_ms,
+            } => {
+                let ledger = match self
+                    .ledger
+                    .period_totals(&component, start_ms, end_ms)
+                    .await
+                {
+                    Ok(t) => t,
+                    Err(e) => return RegionAnswer::Error(format!("ledger: {e}")),
+                };
+                let (usage, malformed) = self.usage.totals(&component, start_ms, end_ms);
+                let mut accounts: BTreeMap<String, AccountBilling> = BTreeMap::new();
+                for (account, u) in usage {
+                    let a = accounts.entry(account).or_default();
+                    a.usage = u.amount;
+                    a.usage_events = u.events;
+                }
+                for (account, t) in ledger {
+                    let a = accounts.entry(account).or_default();
+                    a.charged = t.debits.saturating_neg();
+                    a.charges = t.debit_entries;
+                    a.credits = t.credits;
+                    a.entries = t.entries;
+                }
+                RegionAnswer::Billing(RegionBilling {
+                    accounts,
+                    malformed_usage_events: malformed,
+                })
             }
         }
     }

@@ -32,6 +32,7 @@ pub const GLOBAL_FUNCTIONS_IMPLEMENTED: &[&str] = &[
     "query-global-state",
     "generate-global-report",
     "search-global-users",
+    "reconcile-billing",
 ];
 
 /// Functions of partly implemented interfaces that `component` imports but

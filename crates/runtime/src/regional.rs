@@ -264,6 +264,8 @@ pub struct RegionalTier {
     pub metrics: Arc<MetricsView>,
     /// Application events per component and type, as samples of 1.
     pub events: Arc<MetricsView>,
+    /// Billing usage events (`reconcile-billing`).
+    pub usage: Arc<keel_coord::UsageView>,
     pub views_feed: Arc<FeedHandle>,
     /// Running subscriptions by (kind, component, id). A tokio mutex:
     /// subscribe and unsubscribe hold it across the record's fsync, so ids
@@ -276,6 +278,7 @@ struct Views {
     users: Arc<UserStateView>,
     metrics: Arc<MetricsView>,
     events: Arc<MetricsView>,
+    usage: Arc<keel_coord::UsageView>,
 }
 
 #[async_trait]
@@ -283,6 +286,7 @@ impl FeedHandler for Views {
     async fn apply(&self, _seq: u64, event: &CloudEvent) -> Result<(), String> {
         self.users.record(event);
         self.metrics.record(event);
+        self.usage.record(event);
         if event.keelsequence.is_some()
             && let Some(at) = event.hlc()
         {
@@ -307,6 +311,7 @@ impl RegionalTier {
         let users = Arc::new(UserStateView::default());
         let metrics = Arc::new(MetricsView::default());
         let events = Arc::new(MetricsView::default());
+        let usage = Arc::new(keel_coord::UsageView::default());
         let filter = format!("keel.{region}.edge.*.events");
         let views_feed = Arc::new(start_feed(
             bus.clone(),
@@ -315,6 +320,7 @@ impl RegionalTier {
                 users: users.clone(),
                 metrics: metrics.clone(),
                 events: events.clone(),
+                usage: usage.clone(),
             }),
             rt,
         ));
@@ -344,6 +350,7 @@ impl RegionalTier {
             users,
             metrics,
             events,
+            usage,
             views_feed,
             active: tokio::sync::Mutex::new(BTreeMap::new()),
         }

@@ -247,6 +247,8 @@ impl Services {
                 sync: sync.clone(),
                 directory: directory.clone(),
                 residency: residency.clone(),
+                usage: regional.usage.clone(),
+                ledger: ledger.clone(),
             },
             background.handle(),
         );

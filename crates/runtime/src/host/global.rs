@@ -3,9 +3,8 @@
 //! `on-global-event`), global queries and reports (every region's API,
 //! with a deadline), and the directory.
 //!
-//! Queries, reports and user search are audited. The compliance functions
-//! of this interface (reconciliation, deletion, export) are not in this
-//! build: a component that imports any of them does not load
+//! Queries, reports, user search and billing reconciliation are audited.
+//! Data deletion and export are not in this build: a component that imports any of them does not load
 //! ([`crate::linking::GLOBAL_FUNCTIONS_IMPLEMENTED`]), so their host stubs
 //! below are unreachable from a loaded guest.
 
@@ -253,6 +252,124 @@ impl HostState {
     }
 }
 
+impl HostState {
+    /// Every region's usage and ledger totals of this component over the
+    /// period, compared per (region, account); stored in
+    /// [`RECONCILIATIONS_BUCKET`] (latest per component and period).
+    async fn reconcile_unaudited(
+        &mut self,
+        period: gc::BillingPeriod,
+    ) -> Result<gc::Reconciliation, WitError> {
+        if period.start_ms > period.end_ms {
+            return Err(WitError::Invalid("the period starts after it ends".into()));
+        }
+        let c = self.component();
+        let component = c.ns.as_str().to_string();
+        let ask = RegionQuery::Billing {
+            component: component.clone(),
+            start_ms: period.start_ms,
+            end_ms: period.end_ms,
+        };
+        let (answers, missing) = c.services.api.scatter(&self.all_regions(), &ask).await;
+        let mut r = gc::Reconciliation {
+            period,
+            regions: answers.keys().cloned().collect(),
+            missing_regions: missing,
+            accounts_checked: 0,
+            usage_events: 0,
+            entries_checked: 0,
+            total_usage: 0,
+            total_credits: 0,
+            total_debits: 0,
+            malformed_usage_events: 0,
+            mismatches: Vec::new(),
+        };
+        for (region, answer) in answers {
+            let RegionAnswer::Billing(b) = answer else {
+                continue;
+            };
+            r.malformed_usage_events += b.malformed_usage_events;
+            for (account, a) in b.accounts {
+                r.accounts_checked += 1;
+                r.usage_events += a.usage_events;
+                r.entries_checked += a.entries;
+                r.total_usage = r.total_usage.saturating_add(a.usage);
+                r.total_credits = r.total_credits.saturating_add(a.credits);
+                r.total_debits = r.total_debits.saturating_sub(a.charged);
+                if a.usage != a.charged {
+                    r.mismatches.push(gc::BillingMismatch {
+                        detail: format!(
+                            "usage {} in {} events, charged {} in {} entries",
+                            a.usage, a.usage_events, a.charged, a.charges
+                        ),
+                        account,
+                        region: region.clone(),
+                        usage: a.usage,
+                        charged: a.charged,
+                    });
+                }
+            }
+        }
+        store_reconciliation(&c.services, &component, &r)
+            .await
+            .map_err(|e| {
+                WitError::Unavailable(format!("the reconciliation could not be stored: {e}"))
+            })?;
+        Ok(r)
+    }
+}
+
+/// Global KV bucket of the latest reconciliation per component and period
+/// (key `<component>.<start-ms>-<end-ms>`, JSON).
+pub const RECONCILIATIONS_BUCKET: &str = "KEEL_RECONCILIATIONS";
+
+async fn store_reconciliation(
+    services: &crate::Services,
+    component: &str,
+    r: &gc::Reconciliation,
+) -> Result<(), keel_bus::BusError> {
+    let bus = &services.global_bus;
+    bus.ensure_kv(&keel_bus::KvSpec {
+        bucket: RECONCILIATIONS_BUCKET.into(),
+        history: 1,
+        max_age: None,
+        replicas: services
+            .regions
+            .as_deref()
+            .map_or(1, |g| keel_topology::replicas(g, &services.node.region)),
+        placement: None,
+    })
+    .await?;
+    let mismatches: Vec<serde_json::Value> = r
+        .mismatches
+        .iter()
+        .map(|m| {
+            serde_json::json!({
+                "account": m.account, "region": m.region, "usage": m.usage,
+                "charged": m.charged, "detail": m.detail,
+            })
+        })
+        .collect();
+    let doc = serde_json::json!({
+        "component": component,
+        "period": {"start_ms": r.period.start_ms, "end_ms": r.period.end_ms},
+        "regions": r.regions,
+        "missing_regions": r.missing_regions,
+        "accounts_checked": r.accounts_checked,
+        "usage_events": r.usage_events,
+        "entries_checked": r.entries_checked,
+        "total_usage": r.total_usage,
+        "total_credits": r.total_credits,
+        "total_debits": r.total_debits,
+        "malformed_usage_events": r.malformed_usage_events,
+        "mismatches": mismatches,
+    });
+    let key = format!("{component}.{}-{}", r.period.start_ms, r.period.end_ms);
+    bus.kv_put(RECONCILIATIONS_BUCKET, &key, doc.to_string().into())
+        .await
+        .map(|_| ())
+}
+
 /// Most users one `search-global-users` returns.
 const MAX_SEARCH_RESULTS: u32 = 1000;
 
@@ -350,8 +467,11 @@ impl gc::Host for HostState {
         Ok(super::audited(&self.component(), "search-global-users", subject, result).await)
     }
 
-    async fn reconcile_billing(&mut self, _period: gc::BillingPeriod) -> R<gc::Reconciliation> {
-        Err(not_in_this_build("reconcile-billing"))
+    async fn reconcile_billing(&mut self, period: gc::BillingPeriod) -> R<gc::Reconciliation> {
+        let subject = format!("period={}..{}", period.start_ms, period.end_ms);
+        let result = self.reconcile_unaudited(period).await;
+        let c = self.component();
+        Ok(super::audited(&c, "reconcile-billing", subject, result).await)
     }
 
     async fn process_data_deletion(&mut self, _user: String, _regions: Vec<String>) -> R<String> {
