@@ -44,29 +44,47 @@ pub(crate) async fn audited<T>(
     subject: String,
     result: Result<T, WitError>,
 ) -> Result<T, WitError> {
-    {
-        let outcome = match &result {
-            Ok(_) => "ok".to_string(),
-            Err(e) => format!("error: {}", error_case(e)),
-        };
-        let event = keel_ledger::audit::AuditEvent {
-            actor: format!("{}@{}", c.ns, c.services.node.edge),
-            operation: operation.to_string(),
-            subject,
-            outcome,
-            region: c.services.node.region.clone(),
-            edge: c.services.node.edge.clone(),
-        };
-        match c.services.audit.append(event).await {
-            Ok(_) => result,
-            Err(e) => {
-                tracing::error!(operation, error = %e, "audit trail append failed");
-                Err(WitError::Unavailable(format!(
-                    "the audit trail could not be written: {e}"
-                )))
-            }
-        }
-    }
+    let outcome = match &result {
+        Ok(_) => "ok".to_string(),
+        Err(e) => format!("error: {}", error_case(e)),
+    };
+    audit(c, operation, subject, outcome).await?;
+    result
+}
+
+/// Records that `operation` is about to run (outcome `requested`): for
+/// operations that change things, so none starts without its record.
+pub(crate) async fn audit_request(
+    c: &crate::state::ComponentContext,
+    operation: &str,
+    subject: String,
+) -> Result<(), WitError> {
+    audit(c, operation, subject, "requested".into()).await
+}
+
+async fn audit(
+    c: &crate::state::ComponentContext,
+    operation: &str,
+    subject: String,
+    outcome: String,
+) -> Result<(), WitError> {
+    let event = keel_ledger::audit::AuditEvent {
+        actor: format!("{}@{}", c.ns, c.services.node.edge),
+        operation: operation.to_string(),
+        subject,
+        outcome,
+        region: c.services.node.region.clone(),
+        edge: c.services.node.edge.clone(),
+    };
+    c.services
+        .audit
+        .append(event)
+        .await
+        .map(|_| ())
+        .map_err(|e| {
+            tracing::error!(operation, error = %e, "audit trail append failed");
+            WitError::Unavailable(format!("the audit trail could not be written: {e}"))
+        })
 }
 
 /// The WIT case name of an error.

@@ -108,8 +108,11 @@ impl rc::Host for HostState {
         to_region: String,
     ) -> R<String> {
         let c = self.component();
-        let result = c
-            .services
+        let subject = format!("user={user} {from_region}->{to_region}");
+        if let Err(e) = super::audit_request(&c, "migrate-user-region", subject).await {
+            return Ok(Err(e));
+        }
+        Ok(c.services
             .migrations
             .begin(&user, &from_region, &to_region)
             .await
@@ -118,9 +121,7 @@ impl rc::Host for HostState {
                 MigrationError::Residency(m) => WitError::Residency(m),
                 MigrationError::Conflict(m) => WitError::Conflict(m),
                 MigrationError::Unavailable(m) => WitError::Unavailable(m),
-            });
-        let subject = format!("user={user} {from_region}->{to_region}");
-        Ok(super::audited(&self.component(), "migrate-user-region", subject, result).await)
+            }))
     }
 
     async fn get_migration_status(&mut self, id: String) -> R<rc::MigrationStatus> {
