@@ -44,6 +44,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 pub const MAX_ACCOUNT_BYTES: usize = 128;
 /// Longest idempotency key, in bytes.
 pub const MAX_KEY_BYTES: usize = 256;
+/// Accounts whose history a node keeps in memory before it forgets idle
+/// ones.
+const MAX_CACHED_ACCOUNTS: usize = 4096;
 /// Records read per round trip while catching up.
 const READ_BATCH: usize = 512;
 /// Appends batched into one record at most (keeps records far below
@@ -385,6 +388,12 @@ impl Ledger {
 
     fn account(&self, key: &AccountKey) -> Arc<Account> {
         let mut accounts = self.accounts.lock().expect("ledger accounts lock");
+        if accounts.len() >= MAX_CACHED_ACCOUNTS && !accounts.contains_key(key) {
+            // Forget accounts no call is using; a forgotten one is read from
+            // the log again on its next use. (Two copies of one account on a
+            // node would still be safe: the compare-and-set orders them.)
+            accounts.retain(|_, a| Arc::strong_count(a) > 1);
+        }
         accounts
             .entry(key.clone())
             .or_insert_with(|| {

@@ -499,3 +499,17 @@ async fn the_audit_chain_is_one_chain_across_writers_and_any_edit_breaks_it() {
     };
     assert_eq!((broken.position, broken.seq), (4, 3), "{broken}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_accounts_are_forgotten_and_read_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = ledger(sqlite(&dir), "n1");
+    for i in 0..MAX_CACHED_ACCOUNTS + 10 {
+        l.append(&acct(&format!("a{i}")), 2, "k").await.unwrap();
+    }
+    assert!(l.accounts.lock().unwrap().len() <= MAX_CACHED_ACCOUNTS);
+    // A forgotten account still knows its keys and balance.
+    let again = l.append(&acct("a0"), 2, "k").await.unwrap();
+    assert!(again.replayed);
+    assert_eq!(l.append(&acct("a0"), -2, "k2").await.unwrap().balance, 0);
+}
