@@ -278,6 +278,16 @@ pub trait Bus: Send + Sync + 'static {
     /// the stream's leader, so it reflects every acknowledged append.
     async fn stream_last(&self, stream: &str, subject: &str) -> BusResult<Option<StreamMessage>>;
 
+    /// The first message on `subject` (no wildcards) in `stream` with
+    /// sequence ≥ `from_sequence`, read from the stream's leader. One
+    /// request and no consumer: for reading a few messages of one subject.
+    async fn stream_next(
+        &self,
+        stream: &str,
+        subject: &str,
+        from_sequence: u64,
+    ) -> BusResult<Option<StreamMessage>>;
+
     /// Appends several messages, pipelined where the backend can, and
     /// returns the acknowledgements of a prefix of `msgs` in order: it stops
     /// at the first failure, whose error is the last element. Messages after

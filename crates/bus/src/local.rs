@@ -678,6 +678,33 @@ impl Bus for LocalBus {
         self.append_to_stream(subject, headers, payload, msg_id, Some(expected_last))
     }
 
+    async fn stream_next(
+        &self,
+        stream: &str,
+        subject: &str,
+        from_sequence: u64,
+    ) -> BusResult<Option<StreamMessage>> {
+        check_name("stream", stream)?;
+        check_publish_subject(subject)?;
+        let mut state = self.lock();
+        let s = state
+            .streams
+            .get_mut(stream)
+            .ok_or_else(|| BusError::NotFound(format!("stream {stream:?}")))?;
+        s.prune();
+        let start = s.msgs.partition_point(|m| m.seq < from_sequence);
+        Ok(s.msgs
+            .range(start..)
+            .find(|m| m.subject == subject)
+            .map(|m| StreamMessage {
+                sequence: m.seq,
+                subject: m.subject.clone(),
+                headers: m.headers.clone(),
+                payload: m.payload.clone(),
+                time_ms: m.time_ms,
+            }))
+    }
+
     async fn stream_last(&self, stream: &str, subject: &str) -> BusResult<Option<StreamMessage>> {
         check_name("stream", stream)?;
         check_publish_subject(subject)?;

@@ -447,6 +447,55 @@ impl NatsBus {
         })
     }
 
+    /// A message get answered by the stream's leader (not the direct get:
+    /// with `allow_direct` any replica may answer that, a lagging follower
+    /// included): the last message on `subject`, or with `from` the first
+    /// at or after that sequence.
+    async fn leader_get(
+        &self,
+        stream: &str,
+        subject: &str,
+        from: Option<u64>,
+    ) -> BusResult<Option<StreamMessage>> {
+        check_name("stream", stream)?;
+        check_publish_subject(subject)?;
+        self.ensure_connected()?;
+        let handle = self.stream_handle(stream).await?;
+        let request = match from {
+            Some(seq) => handle
+                .raw_message_builder()
+                .sequence(seq)
+                .next_by_subject(subject),
+            None => handle.raw_message_builder().last_by_subject(subject),
+        };
+        let got = tokio::time::timeout(self.inner.request_timeout, request.send())
+            .await
+            .map_err(|_| BusError::Timeout(self.inner.request_timeout))?;
+        match got {
+            Ok(m) => Ok(Some(StreamMessage {
+                sequence: m.sequence,
+                subject: m.subject.to_string(),
+                headers: from_header_map(Some(&m.headers)),
+                payload: m.payload,
+                time_ms: u64::try_from(m.time.unix_timestamp_nanos() / 1_000_000).unwrap_or(0),
+            })),
+            Err(e) => {
+                let err = match e.kind() {
+                    stream::LastRawMessageErrorKind::NoMessageFound => return Ok(None),
+                    stream::LastRawMessageErrorKind::JetStream(api) => from_api(&api),
+                    stream::LastRawMessageErrorKind::InvalidSubject => {
+                        BusError::Invalid(e.to_string())
+                    }
+                    stream::LastRawMessageErrorKind::Other => self.classify(&e),
+                };
+                if matches!(err, BusError::NotFound(_)) {
+                    lock(&self.inner.streams).remove(stream);
+                }
+                Err(err)
+            }
+        }
+    }
+
     fn classify(&self, err: &(dyn StdError + 'static)) -> BusError {
         classify(err, self.inner.request_timeout)
     }
@@ -1089,41 +1138,17 @@ impl Bus for NatsBus {
     }
 
     async fn stream_last(&self, stream: &str, subject: &str) -> BusResult<Option<StreamMessage>> {
-        check_name("stream", stream)?;
-        check_publish_subject(subject)?;
-        self.ensure_connected()?;
-        let handle = self.stream_handle(stream).await?;
-        // Not the direct get: with `allow_direct` any replica may answer
-        // that, a lagging follower included. This request goes to the leader.
-        let got = tokio::time::timeout(
-            self.inner.request_timeout,
-            handle.get_last_raw_message_by_subject(subject),
-        )
-        .await
-        .map_err(|_| BusError::Timeout(self.inner.request_timeout))?;
-        match got {
-            Ok(m) => Ok(Some(StreamMessage {
-                sequence: m.sequence,
-                subject: m.subject.to_string(),
-                headers: from_header_map(Some(&m.headers)),
-                payload: m.payload,
-                time_ms: u64::try_from(m.time.unix_timestamp_nanos() / 1_000_000).unwrap_or(0),
-            })),
-            Err(e) => {
-                let err = match e.kind() {
-                    stream::LastRawMessageErrorKind::NoMessageFound => return Ok(None),
-                    stream::LastRawMessageErrorKind::JetStream(api) => from_api(&api),
-                    stream::LastRawMessageErrorKind::InvalidSubject => {
-                        BusError::Invalid(e.to_string())
-                    }
-                    stream::LastRawMessageErrorKind::Other => self.classify(&e),
-                };
-                if matches!(err, BusError::NotFound(_)) {
-                    lock(&self.inner.streams).remove(stream);
-                }
-                Err(err)
-            }
-        }
+        self.leader_get(stream, subject, None).await
+    }
+
+    async fn stream_next(
+        &self,
+        stream: &str,
+        subject: &str,
+        from_sequence: u64,
+    ) -> BusResult<Option<StreamMessage>> {
+        self.leader_get(stream, subject, Some(from_sequence.max(1)))
+            .await
     }
 
     /// Writes every publish before awaiting any acknowledgement, so a batch

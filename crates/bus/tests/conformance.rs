@@ -444,6 +444,20 @@ async fn stream_append_if_is_a_compare_and_set_per_subject(bus: Arc<dyn Bus>) {
         (3, "acct.a", b("a2"))
     );
     assert_eq!(last.headers, h(&[("K", "v")]));
+    // The next message on a subject from a sequence on.
+    let next = |from| {
+        let bus = bus.clone();
+        async move {
+            bus.stream_next("ACCOUNTS", "acct.a", from)
+                .await
+                .unwrap()
+                .map(|m| (m.sequence, m.payload))
+        }
+    };
+    assert_eq!(next(0).await, Some((1, b("a1"))));
+    assert_eq!(next(2).await, Some((3, b("a2"))));
+    assert_eq!(next(3).await, Some((3, b("a2"))));
+    assert_eq!(next(4).await, None);
     let msgs = bus.stream_read("ACCOUNTS", ">", 1, 10).await.unwrap();
     assert_eq!(
         msgs.iter().map(|m| m.payload.clone()).collect::<Vec<_>>(),

@@ -11,6 +11,9 @@ use keel_bus::{Bus, BusError, StreamMessage, StreamSpec};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+/// Records a catch-up reads one by one before it uses a consumer.
+const FEW_RECORDS: usize = 8;
+
 pub struct JetStreamLog {
     bus: Arc<dyn Bus>,
     stream: StreamSpec,
@@ -87,12 +90,36 @@ impl RecordLog for JetStreamLog {
         max: usize,
     ) -> Result<Vec<RawRecord>, LogError> {
         self.ensure().await?;
-        let msgs = self
-            .bus
-            .stream_read(&self.stream.name, &self.subject(account), after + 1, max)
-            .await
-            .map_err(|e| self.error(e))?;
-        Ok(msgs.into_iter().map(Self::record).collect())
+        let subject = self.subject(account);
+        let mut out = Vec::new();
+        let mut from = after + 1;
+        // A catch-up after a lost compare-and-set usually misses a record or
+        // two: read those one request each, without creating a consumer
+        // (servers cap consumers, and creating one costs more than reading
+        // a record). A longer read (a cold account) pages through one.
+        while out.len() < max.min(FEW_RECORDS) {
+            match self
+                .bus
+                .stream_next(&self.stream.name, &subject, from)
+                .await
+                .map_err(|e| self.error(e))?
+            {
+                Some(m) => {
+                    from = m.sequence + 1;
+                    out.push(Self::record(m));
+                }
+                None => return Ok(out),
+            }
+        }
+        if out.len() < max {
+            let msgs = self
+                .bus
+                .stream_read(&self.stream.name, &subject, from, max - out.len())
+                .await
+                .map_err(|e| self.error(e))?;
+            out.extend(msgs.into_iter().map(Self::record));
+        }
+        Ok(out)
     }
 
     async fn last(&self, account: &AccountKey) -> Result<Option<RawRecord>, LogError> {
