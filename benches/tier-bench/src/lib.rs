@@ -1,7 +1,8 @@
-//! The harness of the tier benchmarks (`regional-op`, `cache-bench`): a
-//! loopback super-cluster rendered from a regions.toml as `keel topology`
-//! does (optionally with a fault proxy on every gateway link, to inject
-//! latency between regions), release `keel up` nodes, keep-alive HTTP
+//! The harness of the tier benchmarks (`regional-op`, `cache-bench`,
+//! `ledger-bench`): a loopback super-cluster rendered from a regions.toml
+//! as `keel topology` does (one or more nats-servers per region; optionally
+//! with a fault proxy on every gateway link, to inject latency between
+//! regions), release `keel up` nodes, keep-alive HTTP
 //! clients, latency samples, and clean-up on exit, error, panic or signal
 //! (keel nodes die with this process: `PR_SET_PDEATHSIG`). Every wait has a
 //! deadline; a timeout fails with the nodes' logs. Nothing is asserted:
@@ -69,14 +70,28 @@ pub fn guest_wasm(env: &str, name: &str) -> anyhow::Result<PathBuf> {
 }
 
 /// Runs a tier benchmark: a multi-thread runtime with signal handling, the
-/// topology of `regions` (with gateway proxies if asked), a release node
-/// with `components` on each of `edges`, then `body`. Afterwards the nodes'
-/// warnings go to stderr, and on failure the servers' log tails too. Drops
-/// the nodes (keel killed), then the topology (nats-servers killed, then
-/// its temp dir removed).
+/// topology of `regions` (one nats-server each; with gateway proxies if
+/// asked), a release node with `components` on each of `edges`, then
+/// `body`. Afterwards the nodes' warnings go to stderr, and on failure the
+/// servers' log tails too. Drops the nodes (keel killed), then the topology
+/// (nats-servers killed, then its temp dir removed).
 pub fn run_bench(
     name: &str,
     regions: &[(&str, &[&str])],
+    gateway_proxies: bool,
+    edges: &[&'static str],
+    components: &str,
+    body: impl AsyncFnOnce(&Topology, &[Node]) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    run_bench_servers(name, regions, 1, gateway_proxies, edges, components, body)
+}
+
+/// [`run_bench`] with `servers` nats-servers per region (a cluster; 3 gives
+/// the region's streams three replicas, as in production).
+pub fn run_bench_servers(
+    name: &str,
+    regions: &[(&str, &[&str])],
+    servers: usize,
     gateway_proxies: bool,
     edges: &[&'static str],
     components: &str,
@@ -93,8 +108,9 @@ pub fn run_bench(
         .map(|(r, e)| format!("{r}: {}", e.join(", ")))
         .collect();
     eprintln!(
-        "== nats: {} regions x 1 server ({}){}",
+        "== nats: {} regions x {servers} server{} ({}){}",
         regions.len(),
+        if servers == 1 { "" } else { "s" },
         names.join("; "),
         if gateway_proxies {
             ", gateways through fault proxies"
@@ -102,7 +118,7 @@ pub fn run_bench(
             ""
         }
     );
-    let topology = Topology::start(name, regions, gateway_proxies)?;
+    let topology = Topology::start_servers(name, regions, servers, gateway_proxies)?;
     check_interrupted()?;
     let mut nodes = Vec::new();
     for edge in edges {
@@ -181,19 +197,27 @@ pub struct Topology {
 }
 
 /// `regions`: (name, edges) in order; the first edge is the coordinator.
-/// Every region has one nats-server on free loopback ports; zone `us` for
-/// all (one account).
-fn regions_text(regions: &[(&str, &[&str])], store_dir: &Path) -> String {
+/// Every region has `servers` nats-servers on free loopback ports; zone
+/// `us` for all (one account).
+fn regions_text(regions: &[(&str, &[&str])], servers: usize, store_dir: &Path) -> String {
     let mut text = String::new();
     for (name, edges) in regions {
+        let list: Vec<String> = (0..servers)
+            .map(|_| {
+                format!(
+                    "{{ host = \"127.0.0.1\", client = {}, cluster = {}, gateway = {}, monitor = {} }}",
+                    keel_test_support::free_port(),
+                    keel_test_support::free_port(),
+                    keel_test_support::free_port(),
+                    keel_test_support::free_port()
+                )
+            })
+            .collect();
         text.push_str(&format!(
             "[regions.{name}]\nedges = {edges:?}\ncoordinator = {:?}\ndata_residency = \"us\"\n\
-             servers = [{{ host = \"127.0.0.1\", client = {}, cluster = {}, gateway = {}, monitor = {} }}]\n\n",
+             servers = [{}]\n\n",
             edges[0],
-            keel_test_support::free_port(),
-            keel_test_support::free_port(),
-            keel_test_support::free_port(),
-            keel_test_support::free_port()
+            list.join(", ")
         ));
     }
     text.push_str(&format!(
@@ -215,6 +239,18 @@ impl Topology {
         regions: &[(&str, &[&str])],
         gateway_proxies: bool,
     ) -> anyhow::Result<Topology> {
+        Topology::start_servers(name, regions, 1, gateway_proxies)
+    }
+
+    /// [`Topology::start`] with `servers` nats-servers per region (a
+    /// cluster of that many; at least 1).
+    pub fn start_servers(
+        name: &str,
+        regions: &[(&str, &[&str])],
+        servers: usize,
+        gateway_proxies: bool,
+    ) -> anyhow::Result<Topology> {
+        anyhow::ensure!(servers > 0, "a region needs at least one nats-server");
         let dir = tempfile::Builder::new()
             .prefix(&format!("keel-{name}-"))
             .tempdir()?;
@@ -224,7 +260,7 @@ impl Topology {
         let last: Arc<Mutex<Rendered>> = Arc::default();
         let keep = last.clone();
         let nats = NatsSupercluster::start_retrying(|| {
-            let text = regions_text(regions, &store);
+            let text = regions_text(regions, servers, &store);
             std::fs::write(&path, &text).expect("write regions.toml");
             let config = RegionsConfig::parse(&path, &text)
                 .unwrap_or_else(|e| panic!("invalid regions.toml: {e:?}\n{text}"));
