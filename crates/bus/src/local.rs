@@ -94,6 +94,18 @@ struct Stored {
     at: Instant,
 }
 
+impl Stored {
+    fn message(&self) -> StreamMessage {
+        StreamMessage {
+            sequence: self.seq,
+            subject: self.subject.clone(),
+            headers: self.headers.clone(),
+            payload: self.payload.clone(),
+            time_ms: self.time_ms,
+        }
+    }
+}
+
 struct LocalKv {
     spec: KvSpec,
     revision: u64,
@@ -466,6 +478,17 @@ impl LocalBus {
         Ok(ack)
     }
 
+    /// `f` on stream `stream`, its expired messages pruned first.
+    fn with_stream<T>(&self, stream: &str, f: impl FnOnce(&mut LocalStream) -> T) -> BusResult<T> {
+        let mut state = self.lock();
+        let s = state
+            .streams
+            .get_mut(stream)
+            .ok_or_else(|| BusError::NotFound(format!("stream {stream:?}")))?;
+        s.prune();
+        Ok(f(s))
+    }
+
     fn with_bucket<T>(
         &self,
         bucket: &str,
@@ -686,45 +709,25 @@ impl Bus for LocalBus {
     ) -> BusResult<Option<StreamMessage>> {
         check_name("stream", stream)?;
         check_publish_subject(subject)?;
-        let mut state = self.lock();
-        let s = state
-            .streams
-            .get_mut(stream)
-            .ok_or_else(|| BusError::NotFound(format!("stream {stream:?}")))?;
-        s.prune();
-        let start = s.msgs.partition_point(|m| m.seq < from_sequence);
-        Ok(s.msgs
-            .range(start..)
-            .find(|m| m.subject == subject)
-            .map(|m| StreamMessage {
-                sequence: m.seq,
-                subject: m.subject.clone(),
-                headers: m.headers.clone(),
-                payload: m.payload.clone(),
-                time_ms: m.time_ms,
-            }))
+        self.with_stream(stream, |s| {
+            let start = s.msgs.partition_point(|m| m.seq < from_sequence);
+            s.msgs
+                .range(start..)
+                .find(|m| m.subject == subject)
+                .map(Stored::message)
+        })
     }
 
     async fn stream_last(&self, stream: &str, subject: &str) -> BusResult<Option<StreamMessage>> {
         check_name("stream", stream)?;
         check_publish_subject(subject)?;
-        let mut state = self.lock();
-        let s = state
-            .streams
-            .get_mut(stream)
-            .ok_or_else(|| BusError::NotFound(format!("stream {stream:?}")))?;
-        s.prune();
-        Ok(s.msgs
-            .iter()
-            .rev()
-            .find(|m| m.subject == subject)
-            .map(|m| StreamMessage {
-                sequence: m.seq,
-                subject: m.subject.clone(),
-                headers: m.headers.clone(),
-                payload: m.payload.clone(),
-                time_ms: m.time_ms,
-            }))
+        self.with_stream(stream, |s| {
+            s.msgs
+                .iter()
+                .rev()
+                .find(|m| m.subject == subject)
+                .map(Stored::message)
+        })
     }
 
     async fn stream_read(
@@ -736,25 +739,15 @@ impl Bus for LocalBus {
     ) -> BusResult<Vec<StreamMessage>> {
         check_name("stream", stream)?;
         check_filter_subject(filter)?;
-        let mut state = self.lock();
-        let s = state
-            .streams
-            .get_mut(stream)
-            .ok_or_else(|| BusError::NotFound(format!("stream {stream:?}")))?;
-        s.prune();
-        let start = s.msgs.partition_point(|m| m.seq < from_sequence);
-        Ok(s.msgs
-            .range(start..)
-            .filter(|m| subject_matches(filter, &m.subject))
-            .take(max)
-            .map(|m| StreamMessage {
-                sequence: m.seq,
-                subject: m.subject.clone(),
-                headers: m.headers.clone(),
-                payload: m.payload.clone(),
-                time_ms: m.time_ms,
-            })
-            .collect())
+        self.with_stream(stream, |s| {
+            let start = s.msgs.partition_point(|m| m.seq < from_sequence);
+            s.msgs
+                .range(start..)
+                .filter(|m| subject_matches(filter, &m.subject))
+                .take(max)
+                .map(Stored::message)
+                .collect()
+        })
     }
 
     async fn ensure_kv(&self, spec: &KvSpec) -> BusResult<()> {
