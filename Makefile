@@ -3,7 +3,7 @@
 # Every host build is `--workspace --all-targets`: cargo resolves dependency
 # features per selected package set, so `-p xtask` or `--bin keel` would
 # rebuild wasmtime with other features. One resolution, one build.
-.PHONY: run test guests build host bootstrap bench bench-edge bench-sync bench-region bench-regional-op bench-cache bench-ledger check fmt clippy
+.PHONY: run test guests build host bootstrap bench bench-edge bench-sync bench-region bench-regional-op bench-cache bench-ledger bench-erase check fmt clippy
 
 CARGO ?= cargo
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
@@ -30,7 +30,7 @@ run: build
 	env -u RUST_BACKTRACE $(KEEL) up --config keel.toml
 
 # Tests and benchmarks start their own nats-server (bootstrap installs it).
-test bench bench-sync bench-region bench-regional-op bench-cache bench-ledger: export KEEL_NATS_SERVER ?= $(CURDIR)/.tools/venv/bin/nats-server
+test bench bench-sync bench-region bench-regional-op bench-cache bench-ledger bench-erase: export KEEL_NATS_SERVER ?= $(CURDIR)/.tools/venv/bin/nats-server
 
 test: guests
 	env -u RUST_BACKTRACE $(CARGO) test --workspace --all-targets --no-fail-fast
@@ -46,6 +46,7 @@ bench: guests
 	./benches/regional-op.sh
 	./benches/cache.sh
 	./benches/ledger.sh
+	./benches/erase.sh
 
 bench-edge: guests
 	./benches/edge.sh
@@ -66,6 +67,11 @@ bench-cache: guests
 # Needs the ledger-probe guest.
 bench-ledger: guests
 	./benches/ledger.sh
+	./benches/erase.sh
+
+# Needs the edge-, state-, cache- and privacy-probe guests.
+bench-erase: guests
+	./benches/erase.sh
 
 fmt:
 	$(CARGO) fmt --all

@@ -27,28 +27,6 @@ fn ungranted_import_is_refused_with_the_line_to_add() {
 }
 
 #[test]
-fn a_global_function_not_in_this_build_is_refused_by_name() {
-    let node = Node::raw(&component(
-        "erasure",
-        "uses-erasure",
-        "/...",
-        "grants = [\"global-coordination\"]",
-    ));
-    let err = refused(&node);
-    assert!(
-        err.contains("components.erasure.grants: component \"erasure\" imports keel:platform/global-coordination@0.1.0 function \"process-data-deletion\", which is not available in this build; available there: publish-global-event, subscribe-global-events, unsubscribe-global-events, query-global-state, generate-global-report, search-global-users, reconcile-billing"),
-        "{err}"
-    );
-    // One diagnostic: the implemented functions and the types it imports
-    // are fine.
-    assert_eq!(
-        err.matches("not available in this build").count(),
-        1,
-        "{err}"
-    );
-}
-
-#[test]
 fn unknown_grant_lists_the_accepted_ones() {
     let node = Node::raw(&component("hello", "hello", "/...", "grants = [\"kvv\"]"));
     let err = refused(&node);

@@ -12,6 +12,7 @@ mod edge_tier;
 mod http_limits;
 mod isolation;
 mod ledger;
+mod privacy;
 mod regional;
 mod regions;
 mod serving;

@@ -129,6 +129,11 @@ impl World {
         bus
     }
 
+    /// Where the NATS servers keep their JetStream stores.
+    pub(crate) fn nats_store(&self) -> PathBuf {
+        self._dir.path().join("nats")
+    }
+
     fn server_url(&self, region: &str) -> String {
         self.regions.region(region).unwrap().servers[0].client_url()
     }
@@ -194,7 +199,7 @@ async fn poll_json(
 
 /// The tests' own runtime: they are plain `#[test]`s because starting NATS
 /// servers and keel processes blocks.
-fn runtime() -> tokio::runtime::Runtime {
+pub(crate) fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -326,16 +331,32 @@ fn events_reach_their_region_and_personal_data_stays_in_its_zone() {
             let want: BTreeSet<String> = writers.iter().flat_map(|w| ids[w].clone()).collect();
             let events = wait_stream_has(&bus, &stream, &want).await;
             assert_eq!(events.len(), want.len(), "exactly once: {region}");
+            // Personal payloads are sealed with the user's key, which the
+            // region's own account can read.
+            let keys = keel_coord::shred::UserKeys::new(
+                Arc::new(bus),
+                keel_coord::shred::user_keys_spec(region, 1, None),
+            );
             for e in &events {
                 assert_eq!(e.event_type, "order.placed");
                 assert!(writers.contains(&e.edge()), "{e:?}");
                 assert_eq!(e.source, format!("keel://{region}/{}/probe", e.edge()));
                 let user = e.keeluser.clone().unwrap();
                 let n = user.rsplit('-').next().unwrap();
-                assert_eq!(
-                    String::from_utf8(e.data()).unwrap(),
-                    format!("secret-{}-{n}", e.edge())
+                let plaintext = format!("secret-{}-{n}", e.edge());
+                assert!(e.is_sealed(), "{e:?}");
+                assert!(
+                    !String::from_utf8_lossy(&e.data()).contains("secret-"),
+                    "{e:?}"
                 );
+                let key = keys
+                    .for_reading(&user, e.keelkey.as_deref().unwrap())
+                    .await
+                    .unwrap()
+                    .expect("the user's key exists");
+                let mut opened = e.clone();
+                assert!(opened.open(&key), "{e:?}");
+                assert_eq!(String::from_utf8(opened.data()).unwrap(), plaintext);
                 assert!(e.traceparent.as_deref().unwrap().starts_with("00-"));
             }
         }

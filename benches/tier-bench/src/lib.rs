@@ -10,11 +10,12 @@
 
 use anyhow::{Context, bail};
 use bytes::Bytes;
+use futures::StreamExt as _;
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
 use keel_config::RegionsConfig;
 use keel_test_support::{FaultProxy, NatsSupercluster, ServerSpec};
-use serde_json::Value;
+use serde_json::{Value, json};
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
@@ -605,5 +606,93 @@ pub async fn gets(node: &Node, http: &mut Http, path: &str, n: usize) -> anyhow:
             out.push(d);
         }
     }
+    Ok(out)
+}
+
+/// Deadline of one raw round trip (and of the echo's first answer).
+const ROUND_TRIP_DEADLINE: Duration = Duration::from_secs(30);
+
+/// A raw async-nats core request/reply round trip from `requester`'s
+/// zone-account connection to an echo on `responder`'s (each on the first
+/// server of its edge's region), `WARMUP` + `n` times: the baseline of the
+/// tier benchmarks.
+pub async fn raw_round_trip(
+    topology: &Topology,
+    requester: &'static str,
+    responder: &'static str,
+    subject: &'static str,
+    n: usize,
+) -> anyhow::Result<Samples> {
+    let connect = |edge: &'static str| async move {
+        let c = topology.credentials(edge)?;
+        let url = c
+            .servers
+            .first()
+            .context("the region has a server")?
+            .clone();
+        let client = async_nats::ConnectOptions::with_user_and_password(c.user, c.password)
+            .connect(url.as_str())
+            .await
+            .with_context(|| format!("connect as {edge} to {url}"))?;
+        anyhow::Ok(client)
+    };
+    let requester = connect(requester).await?;
+    let responder = connect(responder).await?;
+    let mut sub = responder.subscribe(subject).await?;
+    responder.flush().await?;
+    let echoed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let count = echoed.clone();
+    let echo_state = responder.clone();
+    let echo = tokio::spawn(async move {
+        while let Some(m) = sub.next().await {
+            if let Some(reply) = m.reply {
+                if responder.publish(reply, m.payload).await.is_err() {
+                    break;
+                }
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    });
+    let payload = Bytes::from(json!({"kind": "k0", "attributes": {}}).to_string());
+    // `flush` only writes the SUB out; the server may not have processed it
+    // when the first request arrives on the other connection ("no
+    // responders"). Wait until the echo answers.
+    let deadline = Instant::now() + ROUND_TRIP_DEADLINE;
+    loop {
+        check_interrupted()?;
+        match requester.request(subject, payload.clone()).await {
+            Ok(_) => break,
+            Err(e)
+                if e.kind() == async_nats::RequestErrorKind::NoResponders
+                    && Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(e) => bail!("the echo does not answer: {e}"),
+        }
+    }
+    let mut out = Samples::default();
+    for i in 0..WARMUP + n {
+        check_interrupted()?;
+        let start = Instant::now();
+        let outcome = tokio::time::timeout(
+            ROUND_TRIP_DEADLINE,
+            requester.request(subject, payload.clone()),
+        )
+        .await;
+        if !matches!(outcome, Ok(Ok(_))) {
+            bail!(
+                "raw NATS request {i}: {outcome:?}; {} echoed so far; echo task finished: {}; requester {:?}, responder {:?}",
+                echoed.load(Ordering::Relaxed),
+                echo.is_finished(),
+                requester.connection_state(),
+                echo_state.connection_state()
+            );
+        }
+        if i >= WARMUP {
+            out.push(start.elapsed());
+        }
+    }
+    echo.abort();
     Ok(out)
 }

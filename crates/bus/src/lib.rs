@@ -318,6 +318,13 @@ pub trait Bus: Send + Sync + 'static {
         max: usize,
     ) -> BusResult<Vec<StreamMessage>>;
 
+    /// Erases every message on `subject` (no wildcards) from `stream` and
+    /// returns how many. On NATS each is a secure delete: the server
+    /// overwrites the message in its block file, so the bytes are gone from
+    /// disk, not only from the index (GDPR erasure). Slow (a few requests
+    /// per message): for erasing, not for trimming.
+    async fn stream_erase(&self, stream: &str, subject: &str) -> BusResult<u64>;
+
     /// Creates the KV bucket, or checks that an existing one is compatible.
     async fn ensure_kv(&self, spec: &KvSpec) -> BusResult<()>;
 
@@ -346,6 +353,11 @@ pub trait Bus: Send + Sync + 'static {
 
     /// Deletes `key` (a delete marker; watchers see `value: None`).
     async fn kv_delete(&self, bucket: &str, key: &str) -> BusResult<()>;
+
+    /// Erases `key` with every revision the bucket keeps of it, securely
+    /// (see [`Bus::stream_erase`]) and without leaving a delete marker:
+    /// watchers are not told. Returns the revisions erased (0: absent).
+    async fn kv_erase(&self, bucket: &str, key: &str) -> BusResult<u64>;
 
     /// Watches keys matching `key_pattern` (NATS wildcards; `>` for all).
     async fn kv_watch(&self, bucket: &str, key_pattern: &str) -> BusResult<KvWatch>;

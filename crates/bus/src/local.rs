@@ -730,6 +730,16 @@ impl Bus for LocalBus {
         })
     }
 
+    async fn stream_erase(&self, stream: &str, subject: &str) -> BusResult<u64> {
+        check_name("stream", stream)?;
+        check_publish_subject(subject)?;
+        self.with_stream(stream, |s| {
+            let before = s.msgs.len();
+            s.msgs.retain(|m| m.subject != subject);
+            (before - s.msgs.len()) as u64
+        })
+    }
+
     async fn stream_read(
         &self,
         stream: &str,
@@ -825,6 +835,13 @@ impl Bus for LocalBus {
     async fn kv_delete(&self, bucket: &str, key: &str) -> BusResult<()> {
         self.with_bucket(bucket, key, |kv| {
             kv.write(key, None, Expect::Any).map(|_| ())
+        })
+    }
+
+    async fn kv_erase(&self, bucket: &str, key: &str) -> BusResult<u64> {
+        self.with_bucket(bucket, key, |kv| {
+            let records = kv.keys.remove(key).unwrap_or_default();
+            Ok(records.iter().filter(|r| r.value.is_some()).count() as u64)
         })
     }
 

@@ -1151,6 +1151,30 @@ impl Bus for NatsBus {
             .await
     }
 
+    async fn stream_erase(&self, stream: &str, subject: &str) -> BusResult<u64> {
+        let handle = self.stream_handle(stream).await?;
+        let mut erased = 0;
+        let mut from = 1;
+        while let Some(m) = self.leader_get(stream, subject, Some(from)).await? {
+            // `STREAM.MSG.DELETE` without `no_erase`: the server overwrites
+            // the message with random bytes before removing it.
+            let deleted = tokio::time::timeout(
+                self.inner.request_timeout,
+                handle.delete_message(m.sequence),
+            )
+            .await
+            .map_err(|_| BusError::Timeout(self.inner.request_timeout))?;
+            match deleted {
+                Ok(_) => erased += 1,
+                // Gone meanwhile (another eraser, a limit): nothing to do.
+                Err(e) if matches!(self.classify(&e), BusError::NotFound(_)) => {}
+                Err(e) => return Err(self.classify(&e)),
+            }
+            from = m.sequence + 1;
+        }
+        Ok(erased)
+    }
+
     /// Writes every publish before awaiting any acknowledgement, so a batch
     /// costs about one round trip instead of one per message.
     async fn stream_append_many(&self, msgs: Vec<StreamAppend>) -> Vec<BusResult<StreamAck>> {
@@ -1226,11 +1250,19 @@ impl Bus for NatsBus {
             Err(BusError::NotFound(_)) => {}
             Err(e) => return Err(e),
         }
-        let config = kv::Config {
-            bucket: spec.bucket.clone(),
-            history: i64::from(spec.history),
+        // The bucket's stream as async-nats's `create_key_value` makes it,
+        // except that message deletes are allowed: `kv_erase` overwrites
+        // values in place (GDPR), and a stream cannot allow them later.
+        let config = stream::Config {
+            name: format!("KV_{}", spec.bucket),
+            subjects: vec![format!("$KV.{}.>", spec.bucket)],
+            max_messages_per_subject: i64::from(spec.history),
             max_age: spec.max_age.unwrap_or_default(),
             storage: stream::StorageType::File,
+            allow_rollup: true,
+            deny_delete: false,
+            allow_direct: true,
+            discard: stream::DiscardPolicy::New,
             num_replicas: spec.replicas.max(1),
             placement: spec.placement.as_ref().map(|p| stream::Placement {
                 cluster: p.cluster.clone(),
@@ -1238,11 +1270,8 @@ impl Bus for NatsBus {
             }),
             ..Default::default()
         };
-        match self.inner.js.create_key_value(config).await {
-            Ok(store) => {
-                lock(&self.inner.buckets).insert(spec.bucket.clone(), Arc::new(store));
-                Ok(())
-            }
+        match self.inner.js.create_stream(config).await {
+            Ok(_) => self.store(&spec.bucket).await.map(|_| ()),
             // Lost a creation race with another client: the bucket exists.
             Err(e) => match self.classify(&e) {
                 BusError::Conflict(_) => self.store(&spec.bucket).await.map(|_| ()),
@@ -1355,6 +1384,36 @@ impl Bus for NatsBus {
             || self.bucket_exists(bucket),
         )
         .await
+    }
+
+    async fn kv_erase(&self, bucket: &str, key: &str) -> BusResult<u64> {
+        check_name("bucket", bucket)?;
+        check_kv_key(key)?;
+        self.ensure_connected()?;
+        let stream = format!("KV_{bucket}");
+        let subject = format!("$KV.{bucket}.{key}");
+        let not_found = |e| match e {
+            BusError::NotFound(_) => BusError::NotFound(format!("KV bucket {bucket:?}")),
+            e => e,
+        };
+        match self.stream_erase(&stream, &subject).await {
+            Ok(n) => Ok(n),
+            // A bucket created before Keel allowed deletes on it: purge the
+            // subject (the values leave the index at once and the block
+            // files when NATS compacts them).
+            Err(BusError::Unavailable(m)) if m.contains("10057") => {
+                let handle = self.stream_handle(&stream).await.map_err(not_found)?;
+                let purged = tokio::time::timeout(
+                    self.inner.request_timeout,
+                    handle.purge().filter(subject),
+                )
+                .await
+                .map_err(|_| BusError::Timeout(self.inner.request_timeout))?
+                .map_err(|e| self.classify(&e))?;
+                Ok(purged.purged)
+            }
+            Err(e) => Err(not_found(e)),
+        }
     }
 
     async fn kv_watch(&self, bucket: &str, key_pattern: &str) -> BusResult<KvWatch> {

@@ -84,6 +84,8 @@ conformance!(
     stream_and_bucket_errors,
     kv_get_put_create_update_delete,
     kv_watch_sees_later_changes_matching_the_pattern,
+    stream_erase_removes_one_subject,
+    kv_erase_removes_every_revision,
     invalid_input_is_rejected,
 );
 
@@ -643,6 +645,130 @@ async fn kv_get_put_create_update_delete(bus: Arc<dyn Bus>) {
         bus.kv_get("config", "b.c").await.unwrap(),
         Some(entry("b.c", Some("3"), 7))
     );
+}
+
+async fn stream_erase_removes_one_subject(bus: Arc<dyn Bus>) {
+    bus.ensure_stream(&stream_spec("USERS", &["users.>"]))
+        .await
+        .unwrap();
+    for (subject, body) in [
+        ("users.u1", "one"),
+        ("users.u2", "keep"),
+        ("users.u1", "two"),
+        ("users.u1.x", "deeper"),
+    ] {
+        bus.stream_append(subject, Headers::new(), b(body), None)
+            .await
+            .unwrap();
+    }
+    assert_eq!(bus.stream_erase("USERS", "users.u1").await.unwrap(), 2);
+    let left: Vec<(u64, String)> = bus
+        .stream_read("USERS", ">", 1, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| (m.sequence, m.subject))
+        .collect();
+    assert_eq!(left, [(2, "users.u2".into()), (4, "users.u1.x".into())]);
+    assert_eq!(bus.stream_last("USERS", "users.u1").await.unwrap(), None);
+    // Idempotent; sequences are never reused.
+    assert_eq!(bus.stream_erase("USERS", "users.u1").await.unwrap(), 0);
+    let ack = bus
+        .stream_append("users.u1", Headers::new(), b("three"), None)
+        .await
+        .unwrap();
+    assert_eq!(ack.sequence, 5);
+    let err = bus.stream_erase("NOPE", "users.u1").await.unwrap_err();
+    assert!(matches!(err, BusError::NotFound(_)), "{err:?}");
+    let err = bus.stream_erase("USERS", "users.*").await.unwrap_err();
+    assert!(matches!(err, BusError::Invalid(_)), "{err:?}");
+}
+
+async fn kv_erase_removes_every_revision(bus: Arc<dyn Bus>) {
+    bus.ensure_kv(&kv_spec("keys")).await.unwrap();
+    bus.kv_put("keys", "u1", b("first")).await.unwrap();
+    bus.kv_put("keys", "u1", b("second")).await.unwrap();
+    bus.kv_put("keys", "u2", b("other")).await.unwrap();
+    assert_eq!(bus.kv_erase("keys", "u1").await.unwrap(), 2);
+    assert_eq!(bus.kv_get("keys", "u1").await.unwrap(), None);
+    assert_eq!(bus.kv_keys("keys").await.unwrap(), ["u2"]);
+    assert_eq!(bus.kv_erase("keys", "u1").await.unwrap(), 0);
+    // The key can be created again (no delete marker is left behind).
+    bus.kv_create("keys", "u1", b("again")).await.unwrap();
+    assert_eq!(
+        bus.kv_get("keys", "u1").await.unwrap().unwrap().value,
+        Some(b("again"))
+    );
+    let err = bus.kv_erase("nope", "u1").await.unwrap_err();
+    assert!(matches!(err, BusError::NotFound(_)), "{err:?}");
+}
+
+/// The secure delete really removes the bytes from the server's store
+/// files, where a plain delete only drops the index entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_erase_overwrites_the_stored_bytes() {
+    let backend = nats_backend().await;
+    let bus = backend.bus.clone();
+    let store = backend._server.as_ref().unwrap().store_dir().to_path_buf();
+    bus.ensure_stream(&stream_spec("USERS", &["users.>"]))
+        .await
+        .unwrap();
+    bus.ensure_kv(&kv_spec("keys")).await.unwrap();
+    for i in 0..3 {
+        bus.stream_append(
+            "users.u1",
+            Headers::new(),
+            b(&format!("SECRET-MARKER-STREAM-{i}")),
+            None,
+        )
+        .await
+        .unwrap();
+    }
+    bus.stream_append("users.u2", Headers::new(), b("KEPT-MARKER-STREAM"), None)
+        .await
+        .unwrap();
+    // Enough other data that the erased messages are a small part of
+    // their block (NATS compacts blocks that are mostly deleted anyway).
+    for i in 0..50 {
+        bus.kv_put(
+            "keys",
+            &format!("other{i}"),
+            b(&format!("KEPT-MARKER-KV-{i:02}-{}", "x".repeat(200))),
+        )
+        .await
+        .unwrap();
+        bus.stream_append(
+            "users.u3",
+            Headers::new(),
+            b(&format!("KEPT-MARKER-STREAM-{i:02}-{}", "x".repeat(200))),
+            None,
+        )
+        .await
+        .unwrap();
+    }
+    bus.kv_put("keys", "u1", b("SECRET-MARKER-KV"))
+        .await
+        .unwrap();
+    let on_disk = |needle: &str| keel_test_support::files_containing(&store, needle.as_bytes());
+    // Written through to the block files (JetStream writes before acking).
+    assert!(!on_disk("SECRET-MARKER-STREAM-1").is_empty());
+    assert!(!on_disk("SECRET-MARKER-KV").is_empty());
+    assert_eq!(bus.stream_erase("USERS", "users.u1").await.unwrap(), 3);
+    assert_eq!(bus.kv_erase("keys", "u1").await.unwrap(), 1);
+    for i in 0..3 {
+        let marker = format!("SECRET-MARKER-STREAM-{i}");
+        assert_eq!(
+            on_disk(&marker),
+            Vec::<std::path::PathBuf>::new(),
+            "{marker}"
+        );
+    }
+    assert_eq!(
+        on_disk("SECRET-MARKER-KV"),
+        Vec::<std::path::PathBuf>::new()
+    );
+    assert!(!on_disk("KEPT-MARKER-STREAM").is_empty());
+    assert!(!on_disk("KEPT-MARKER-KV-49").is_empty());
 }
 
 async fn kv_watch_sees_later_changes_matching_the_pattern(bus: Arc<dyn Bus>) {

@@ -43,7 +43,7 @@ use keel_telemetry::{CacheLevelMetrics, CacheMetrics};
 use moka::Expiry;
 use moka::notification::RemovalCause;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -127,6 +127,10 @@ pub struct CacheOptions {
     pub region_bucket: Option<KvSpec>,
     /// The global bucket (L3) on the global bus.
     pub global_bucket: KvSpec,
+    /// Per component, its `personal-data.keys` templates: a write of such a
+    /// key to L2/L3 first erases the value it replaces, so no superseded
+    /// copy of a user's data stays in the buckets' files (GDPR).
+    pub personal_keys: BTreeMap<String, Vec<String>>,
 }
 
 /// The subject of region-scope invalidations in `region`.
@@ -285,8 +289,23 @@ impl Tier {
         })
     }
 
-    async fn put(&self, key: &str, value: &[u8], ttl: Duration) -> Result<(), CacheError> {
+    /// Writes `key`; `erase_first` overwrites the value it replaces in
+    /// place first (a bucket keeps one revision, and the one a put
+    /// supersedes leaves only the index, not the files).
+    async fn put(
+        &self,
+        key: &str,
+        value: &[u8],
+        ttl: Duration,
+        erase_first: bool,
+    ) -> Result<(), CacheError> {
         self.ensure().await?;
+        if erase_first {
+            self.bus
+                .kv_erase(&self.spec.bucket, key)
+                .await
+                .map_err(|e| self.unavailable(e))?;
+        }
         self.bus
             .kv_put(&self.spec.bucket, key, envelope(value, ttl, now_ms()))
             .await
@@ -310,9 +329,11 @@ impl Tier {
                     .collect()
             }
         };
+        // Erased, not only deleted: the value leaves the bucket's files
+        // too, so an invalidation is also a GDPR erasure of the entry.
         for k in keys {
             self.bus
-                .kv_delete(&self.spec.bucket, &k)
+                .kv_erase(&self.spec.bucket, &k)
                 .await
                 .map_err(|e| self.unavailable(e))?;
         }
@@ -675,7 +696,9 @@ impl TieredCache {
                 Ok(Some((value, remaining))) => {
                     tier.metrics.hits.inc();
                     if let Some(below) = fill
-                        && let Err(e) = below.put(&tk, &value, remaining).await
+                        && let Err(e) = below
+                            .put(&tk, &value, remaining, self.is_personal(ns, key))
+                            .await
                     {
                         below.metrics.errors.inc();
                         tracing::debug!("filling {}: {e}", below.name);
@@ -757,7 +780,8 @@ impl TieredCache {
         let tk = tier_key(ns, key);
         let lower = self.levels_below_l1(scope);
         for tier in lower {
-            if let Err(e) = tier.put(&tk, &value, ttl.unwrap_or(tier.default_ttl)).await {
+            let ttl = ttl.unwrap_or(tier.default_ttl);
+            if let Err(e) = tier.put(&tk, &value, ttl, self.is_personal(ns, key)).await {
                 tier.metrics.errors.inc();
                 return Err(e);
             }
@@ -807,6 +831,14 @@ impl TieredCache {
             edge: self.inner.opts.edge.clone(),
         })
         .await
+    }
+
+    fn is_personal(&self, ns: &Namespace, key: &str) -> bool {
+        self.inner
+            .opts
+            .personal_keys
+            .get(ns.as_str())
+            .is_some_and(|t| t.iter().any(|t| keel_store::is_personal_key(t, key)))
     }
 
     /// L1 entries currently held (after pending evictions ran).

@@ -24,6 +24,7 @@ fn opts(edge: &str) -> CacheOptions {
         max_value_bytes: 1024,
         region_bucket: Some(bucket("L2")),
         global_bucket: bucket("L3"),
+        personal_keys: Default::default(),
     }
 }
 

@@ -97,10 +97,45 @@ pub struct ComponentConfig {
     /// `wasi:http/outgoing-handler`; empty = none.
     pub allowed_outbound_hosts: Vec<String>,
     pub limits: Limits,
+    /// `[components.<name>.personal-data]`: where the component keeps one
+    /// user's data (GDPR erase and export).
+    pub personal_data: PersonalData,
     /// Where `[components.<name>]` is, for diagnostics.
     pub location: Location,
     /// Where the `wasm` key is, for diagnostics about the module itself.
     pub wasm_location: Location,
+}
+
+/// Where a component keeps one user's data, beyond what the host knows
+/// itself (events and activity naming the user, preferences, CRDT members
+/// and map keys equal to the user id). `process-data-deletion` erases it
+/// and `export-user-data` collects it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PersonalData {
+    /// Key prefixes with `{user}` in them, e.g. `"profile/{user}/"`: the KV
+    /// keys and cache keys under the prefix (user id substituted) are the
+    /// user's.
+    pub keys: Vec<String>,
+    /// SQL tables and the column holding the user id (`"notes.owner"`):
+    /// those rows are the user's.
+    pub sql: Vec<SqlUserColumn>,
+}
+
+/// `"<table>.<column>"` of `personal-data.sql`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SqlUserColumn {
+    pub table: String,
+    pub column: String,
+}
+
+impl PersonalData {
+    /// The key prefixes holding `user`'s data.
+    pub fn key_prefixes(&self, user: &str) -> Vec<String> {
+        self.keys
+            .iter()
+            .map(|t| t.replace("{user}", user))
+            .collect()
+    }
 }
 
 /// One entry of `grants = [...]`, with where it was written.
@@ -236,6 +271,17 @@ struct RawComponent {
     allowed_outbound_hosts: Vec<Spanned<String>>,
     #[serde(default)]
     limits: Option<RawLimits>,
+    #[serde(default)]
+    personal_data: Option<RawPersonalData>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawPersonalData {
+    #[serde(default)]
+    keys: Vec<Spanned<String>>,
+    #[serde(default)]
+    sql: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -607,6 +653,7 @@ fn build_component(
             &mut limits.max_core_instances,
         );
     }
+    let personal_data = build_personal_data(src, name, raw.personal_data, diags);
     if diags.len() > before {
         return None;
     }
@@ -617,9 +664,69 @@ fn build_component(
         grants,
         allowed_outbound_hosts: allowed,
         limits,
+        personal_data,
         location,
         wasm_location,
     })
+}
+
+fn build_personal_data(
+    src: &diagnostic::Source,
+    name: &str,
+    raw: Option<RawPersonalData>,
+    diags: &mut Vec<Diagnostic>,
+) -> PersonalData {
+    let mut out = PersonalData::default();
+    let Some(raw) = raw else {
+        return out;
+    };
+    let key = |k: &str| format!("components.{name}.personal-data.{k}");
+    for t in raw.keys {
+        let v = t.get_ref();
+        let why = if v.matches("{user}").count() != 1 {
+            Some("must contain {user} exactly once")
+        } else if v.ends_with("{user}") {
+            // "user/{user}" would also cover user "bob" when erasing "bo".
+            Some("must not end with {user}: end it with a separator, e.g. \"profile/{user}/\"")
+        } else if v.len() > 1024 {
+            Some("at most 1024 bytes")
+        } else {
+            None
+        };
+        match why {
+            Some(why) => diags.push(src.at(
+                Some(t.span()),
+                &key("keys"),
+                format!("{v:?} {why}; accepted: key prefixes such as \"profile/{{user}}/\""),
+            )),
+            None => out.keys.push(v.clone()),
+        }
+    }
+    let ident = |s: &str| {
+        s.chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    };
+    for c in raw.sql {
+        match c.get_ref().split_once('.') {
+            Some((table, column)) if ident(table) && ident(column) => {
+                out.sql.push(SqlUserColumn {
+                    table: table.to_string(),
+                    column: column.to_string(),
+                })
+            }
+            _ => diags.push(src.at(
+                Some(c.span()),
+                &key("sql"),
+                format!(
+                    "{:?} is not \"<table>.<column>\"; accepted: identifiers of letters, digits and '_', e.g. \"notes.owner\"",
+                    c.get_ref()
+                ),
+            )),
+        }
+    }
+    out
 }
 
 fn duration(

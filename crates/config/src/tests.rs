@@ -300,3 +300,56 @@ fn cache_errors_name_key_and_accepted_values() {
         assert!(e.contains("keel.toml:2:"), "{toml}: {e}");
     }
 }
+
+#[test]
+fn personal_data_is_parsed_and_checked() {
+    let c = parse(
+        "[components.hello]\nwasm = \"hello.wasm\"\nroute = \"/...\"\n\
+         [components.hello.personal-data]\nkeys = [\"profile/{user}/\"]\nsql = [\"notes.owner\", \"likes.user_id\"]\n",
+    )
+    .unwrap();
+    let p = &c.components[0].personal_data;
+    assert_eq!(p.key_prefixes("bo"), ["profile/bo/"]);
+    assert_eq!(
+        p.sql,
+        [
+            SqlUserColumn {
+                table: "notes".into(),
+                column: "owner".into()
+            },
+            SqlUserColumn {
+                table: "likes".into(),
+                column: "user_id".into()
+            }
+        ]
+    );
+    let e = parse(
+        "[components.hello]\nwasm = \"hello.wasm\"\nroute = \"/...\"\n\
+         [components.hello.personal-data]\nkeys = [\"profile/\", \"p/{user}\"]\nsql = [\"notes\", \"a.b;drop\"]\n",
+    )
+    .unwrap_err();
+    let text = e.to_string();
+    assert!(
+        text.contains("keel.toml:5") && text.contains("personal-data.keys"),
+        "{text}"
+    );
+    assert!(
+        text.contains("exactly once") && text.contains("must not end with {user}"),
+        "{text}"
+    );
+    assert!(
+        text.contains("keel.toml:6") && text.contains("\"notes\" is not"),
+        "{text}"
+    );
+    assert!(text.contains("\"a.b;drop\" is not"), "{text}");
+    let e = parse(
+        "[components.hello]\nwasm = \"hello.wasm\"\nroute = \"/...\"\n\
+         [components.hello.personal-data]\nfiles = []\n",
+    )
+    .unwrap_err();
+    let text = e.to_string();
+    assert!(
+        text.contains("keel.toml:5") && text.contains("unknown field `files`"),
+        "{text}"
+    );
+}

@@ -159,6 +159,15 @@ impl Directory {
         }
     }
 
+    /// Removes the user's entry (GDPR erasure), with every kept revision,
+    /// and forgets it here. Idempotent.
+    pub async fn erase(&self, user: &str) -> BusResult<()> {
+        self.ensure().await?;
+        self.bus.kv_erase(DIRECTORY_BUCKET, &key(user)).await?;
+        self.remember(user, None);
+        Ok(())
+    }
+
     /// Makes `region` the user's home unless the user has one; returns the
     /// home in effect.
     pub async fn claim(&self, user: &str, region: &str) -> BusResult<String> {

@@ -3,6 +3,7 @@
 //! consume them. Keel's own attributes are CloudEvents extensions
 //! (lowercase alphanumeric names, `keel…`).
 
+use crate::shred::DataKey;
 use base64::Engine as _;
 use keel_core::Hlc;
 use keel_store::{OutboxEntry, StoredEvent};
@@ -47,6 +48,10 @@ pub struct CloudEvent {
     /// The user the data concerns (personal data: stays in the user's zone).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keeluser: Option<String>,
+    /// Id of the user's data key that sealed `data_base64`
+    /// ([`crate::shred`]); absent for plaintext data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keelkey: Option<String>,
 }
 
 impl CloudEvent {
@@ -55,6 +60,36 @@ impl CloudEvent {
             .as_deref()
             .and_then(|d| base64::engine::general_purpose::STANDARD.decode(d).ok())
             .unwrap_or_default()
+    }
+
+    /// Seals the data with `key`, the data key of the event's user (no-op
+    /// for an event about no user).
+    pub fn seal(&mut self, key: &DataKey) {
+        let Some(user) = &self.keeluser else {
+            return;
+        };
+        let sealed = key.seal(user, &self.data());
+        self.data_base64 = Some(base64::engine::general_purpose::STANDARD.encode(sealed));
+        self.keelkey = Some(key.id());
+    }
+
+    /// Opens data sealed with `key`; `false` (and the data dropped) if it
+    /// does not open.
+    pub fn open(&mut self, key: &DataKey) -> bool {
+        let opened = self
+            .keeluser
+            .as_deref()
+            .and_then(|user| key.open(user, &self.data()));
+        self.data_base64 = opened
+            .as_deref()
+            .map(|d| base64::engine::general_purpose::STANDARD.encode(d));
+        self.keelkey = None;
+        opened.is_some()
+    }
+
+    /// Whether the data is sealed with a user's data key.
+    pub fn is_sealed(&self) -> bool {
+        self.keelkey.is_some()
     }
 
     pub fn hlc(&self) -> Option<Hlc> {
@@ -138,6 +173,7 @@ pub fn outbox_event(region: &str, origin: &str, seq: u64, entry: &OutboxEntry) -
                 keelsequence: Some(*sequence),
                 keelhlc: format_hlc(at),
                 keeluser: data.user.clone(),
+                keelkey: None,
             }
         }
         OutboxEntry::Activity {
@@ -165,6 +201,7 @@ pub fn outbox_event(region: &str, origin: &str, seq: u64, entry: &OutboxEntry) -
                 keelsequence: None,
                 keelhlc: format_hlc(&record.at),
                 keeluser: Some(user.clone()),
+                keelkey: None,
             }
         }
         OutboxEntry::Global {
@@ -187,6 +224,7 @@ pub fn outbox_event(region: &str, origin: &str, seq: u64, entry: &OutboxEntry) -
             keelsequence: None,
             keelhlc: format_hlc(at),
             keeluser: event.user.clone(),
+            keelkey: None,
         },
         OutboxEntry::Metric {
             component,
@@ -209,6 +247,7 @@ pub fn outbox_event(region: &str, origin: &str, seq: u64, entry: &OutboxEntry) -
             keelsequence: None,
             keelhlc: format_hlc(at),
             keeluser: None,
+            keelkey: None,
         },
     }
 }

@@ -39,6 +39,7 @@
 
 use crate::Dedup;
 use crate::envelope::CloudEvent;
+use crate::shred::UserKeys;
 use async_trait::async_trait;
 use keel_bus::{Bus, BusError, ConnectionState, StreamMessage, Subscription};
 use std::sync::Arc;
@@ -112,6 +113,7 @@ struct Counters {
     duplicates: AtomicU64,
     undecodable: AtomicU64,
     replayed: AtomicU64,
+    erased: AtomicU64,
     handler_errors: AtomicU64,
     read_errors: AtomicU64,
     caught_up: AtomicBool,
@@ -157,6 +159,12 @@ impl FeedHandle {
         self.counters.replayed.load(Ordering::Relaxed)
     }
 
+    /// Events stepped over because their user was erased (the data key
+    /// that sealed them is gone).
+    pub fn erased(&self) -> u64 {
+        self.counters.erased.load(Ordering::Relaxed)
+    }
+
     /// Failed `apply` calls (each one was retried).
     pub fn handler_errors(&self) -> u64 {
         self.counters.handler_errors.load(Ordering::Relaxed)
@@ -197,10 +205,14 @@ impl Drop for FeedHandle {
     }
 }
 
-/// Starts a feed on `rt`; it runs until the handle is dropped.
+/// Starts a feed on `rt`; it runs until the handle is dropped. With
+/// `keys`, sealed payloads are opened before the handler sees them, and an
+/// event whose user's key was destroyed (an erased user) is stepped over
+/// ([`FeedHandle::erased`]); without, they reach the handler sealed.
 pub fn start_feed(
     bus: Arc<dyn Bus>,
     opts: FeedOptions,
+    keys: Option<Arc<UserKeys>>,
     handler: Arc<dyn FeedHandler>,
     rt: &tokio::runtime::Handle,
 ) -> FeedHandle {
@@ -208,6 +220,7 @@ pub fn start_feed(
     let (cursor_tx, cursor_rx) = watch::channel(opts.start_after);
     let feed = Feed {
         bus,
+        keys,
         handler,
         counters: counters.clone(),
         cursor: cursor_tx,
@@ -224,6 +237,7 @@ pub fn start_feed(
 
 struct Feed {
     bus: Arc<dyn Bus>,
+    keys: Option<Arc<UserKeys>>,
     opts: FeedOptions,
     handler: Arc<dyn FeedHandler>,
     counters: Arc<Counters>,
@@ -399,7 +413,7 @@ impl Feed {
             Err(_) => {
                 bump(&self.counters.replayed);
             }
-            Ok(event) => {
+            Ok(mut event) => {
                 let first = self
                     .dedup
                     .first_time(&event.keelorigin, event.keeloutboxseq);
@@ -413,6 +427,8 @@ impl Feed {
                         outbox_sequence = event.keeloutboxseq,
                         "feed: duplicate skipped"
                     );
+                } else if event.is_sealed() && !self.open(&mut event).await {
+                    bump(&self.counters.erased);
                 } else {
                     self.apply(m.sequence, &event).await;
                     bump(&self.counters.applied);
@@ -422,6 +438,30 @@ impl Feed {
         self.position = m.sequence;
         if live {
             self.cursor.send_replace(m.sequence);
+        }
+    }
+
+    /// Opens a sealed event with its user's key, retrying while the key
+    /// store cannot answer; `false` if the key is gone (or there are no
+    /// keys to open it with).
+    async fn open(&self, event: &mut CloudEvent) -> bool {
+        let (Some(keys), Some(user), Some(id)) =
+            (&self.keys, event.keeluser.clone(), event.keelkey.clone())
+        else {
+            return false;
+        };
+        let mut backoff = APPLY_RETRY_MIN;
+        loop {
+            match keys.for_reading(&user, &id).await {
+                Ok(Some(key)) => return event.open(&key),
+                Ok(None) => return false,
+                Err(e) => {
+                    bump(&self.counters.handler_errors);
+                    tracing::debug!(error = %e, "feed: cannot read a data key; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(APPLY_RETRY_MAX);
+                }
+            }
         }
     }
 

@@ -11,10 +11,12 @@
 //!   retries with backoff, and the guest-facing writes never wait for it.
 
 use crate::envelope::{self, CONTENT_TYPE};
+use crate::shred::{DataKey, UserKeys};
 use bytes::Bytes;
 use keel_bus::{Bus, BusError, ConnectionState, StreamAppend, StreamSpec};
 use keel_store::{Outbox, OutboxEntry};
 use keel_telemetry::OutboxMetrics;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,6 +40,10 @@ pub struct ForwarderOptions {
     /// Where global events go; `None`: the region's bus, stream
     /// [`global_stream`] with one replica.
     pub global: Option<GlobalRoute>,
+    /// The region's user data keys: events and activity about a user are
+    /// sealed with the user's key before they leave ([`crate::shred`]).
+    /// `None` forwards them in plaintext (benchmarks of the bare path).
+    pub keys: Option<Arc<UserKeys>>,
 }
 
 /// The global events' bus (the `GLOBAL` account) and stream.
@@ -187,9 +193,19 @@ async fn run(
                 }
             }
         }
-        let msgs = msgs
-            .take()
-            .unwrap_or_else(|| build(&batch, &opts.region, &origin, &subject));
+        let msgs = match msgs.take() {
+            Some(m) => m,
+            None => match data_keys(&batch, opts.keys.as_deref()).await {
+                Ok(keys) => build(&batch, &opts.region, &origin, &subject, &keys),
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot get user data keys; forwarding paused");
+                    metrics.errors.inc();
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(RETRY_MAX);
+                    continue;
+                }
+            },
+        };
         // Prepare the next batch while this one's acknowledgements are on
         // their way (it goes out only after all of them, so order and
         // "removed only after acknowledged" hold).
@@ -201,7 +217,8 @@ async fn run(
                 return None;
             }
             take_run(&mut next);
-            let msgs = build(&next, &opts.region, &origin, &subject);
+            let keys = data_keys(&next, opts.keys.as_deref()).await.ok()?;
+            let msgs = build(&next, &opts.region, &origin, &subject, &keys);
             Some(Prepared { batch: next, msgs })
         };
         let (acks, next) = tokio::join!(send, prepare);
@@ -257,18 +274,54 @@ fn take_run(batch: &mut Vec<(u64, OutboxEntry)>) -> bool {
     global
 }
 
+/// The user whose data key seals an entry: events and activity about a
+/// user. (Global events are pseudonymous by contract; metrics are about no
+/// one.)
+fn sealed_for(entry: &OutboxEntry) -> Option<&str> {
+    match entry {
+        OutboxEntry::Event { event, .. } => event.data.user.as_deref(),
+        OutboxEntry::Activity { user, .. } => Some(user),
+        OutboxEntry::Global { .. } | OutboxEntry::Metric { .. } => None,
+    }
+}
+
+/// The data keys of the users a batch's entries are about (none without
+/// `keys`).
+async fn data_keys(
+    batch: &[(u64, OutboxEntry)],
+    keys: Option<&UserKeys>,
+) -> keel_bus::BusResult<HashMap<String, Arc<DataKey>>> {
+    let mut out = HashMap::new();
+    let Some(keys) = keys else {
+        return Ok(out);
+    };
+    for (_, entry) in batch {
+        if let Some(user) = sealed_for(entry)
+            && !out.contains_key(user)
+        {
+            out.insert(user.to_owned(), keys.for_writing(user).await?);
+        }
+    }
+    Ok(out)
+}
+
 /// The stream messages of a batch: CloudEvents JSON, `Nats-Msg-Id`
-/// `<origin>:<seq>` (global events: `global:<component>:<id>`).
+/// `<origin>:<seq>` (global events: `global:<component>:<id>`), payloads
+/// about a user sealed with the user's key from `keys`.
 fn build(
     batch: &[(u64, OutboxEntry)],
     region: &str,
     origin: &str,
     subject: &str,
+    keys: &HashMap<String, Arc<DataKey>>,
 ) -> Vec<StreamAppend> {
     batch
         .iter()
         .map(|(seq, entry)| {
-            let event = envelope::outbox_event(region, origin, *seq, entry);
+            let mut event = envelope::outbox_event(region, origin, *seq, entry);
+            if let Some(key) = sealed_for(entry).and_then(|u| keys.get(u)) {
+                event.seal(key);
+            }
             let (subject, msg_id) = match entry {
                 OutboxEntry::Global {
                     component,

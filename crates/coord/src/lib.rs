@@ -10,7 +10,9 @@
 //! - [`views`]: regional views built by feeds ([`UserStateView`],
 //!   [`MetricsView`]);
 //! - [`directory`]: the global user directory (user → home region, CAS);
-//! - [`migration`]: resumable user migrations between regions.
+//! - [`migration`]: resumable user migrations between regions;
+//! - [`shred`]: per-user data keys sealing personal payloads on streams,
+//!   destroyed by an erasure (crypto-shredding).
 
 mod dedup;
 pub mod directory;
@@ -18,6 +20,7 @@ pub mod envelope;
 mod feed;
 mod forwarder;
 pub mod migration;
+pub mod shred;
 pub mod views;
 
 pub use dedup::Dedup;

@@ -22,6 +22,7 @@
 
 use crate::directory::{Directory, DirectoryError, Switch};
 use crate::envelope::{self, CONTENT_TYPE, CloudEvent};
+use crate::shred::UserKeys;
 use crate::views::{TOMBSTONE_TYPE, UserStateView};
 use bytes::Bytes;
 use keel_bus::{Bus, BusError, Headers};
@@ -127,6 +128,8 @@ pub struct MigrationOptions {
 pub struct Migrations {
     opts: MigrationOptions,
     bus: Arc<dyn Bus>,
+    /// The target region's user keys (copies are sealed like activity).
+    keys: Arc<UserKeys>,
     directory: Arc<Directory>,
     users: Arc<UserStateView>,
     /// The feed that builds `users`: a copy waits until it caught up, so a
@@ -176,6 +179,7 @@ impl Migrations {
     pub fn new(
         opts: MigrationOptions,
         bus: Arc<dyn Bus>,
+        keys: Arc<UserKeys>,
         directory: Arc<Directory>,
         users: Arc<UserStateView>,
         users_feed: Arc<crate::FeedHandle>,
@@ -185,6 +189,7 @@ impl Migrations {
         Arc::new(Migrations {
             opts,
             bus,
+            keys,
             directory,
             users,
             users_feed,
@@ -438,6 +443,7 @@ impl Migrations {
             keelsequence: None,
             keelhlc: envelope::format_hlc(&at),
             keeluser: Some(m.user.clone()),
+            keelkey: None,
         };
         self.append(&m.from, &event).await
     }
@@ -507,7 +513,15 @@ impl Migrations {
                     at,
                 },
             };
-            let event = envelope::outbox_event(&self.opts.region, &origin, i as u64 + 1, &entry);
+            let mut event =
+                envelope::outbox_event(&self.opts.region, &origin, i as u64 + 1, &entry);
+            // Personal like any activity: sealed with the user's key here.
+            let key = self
+                .keys
+                .for_writing(&req.user)
+                .await
+                .map_err(|e| e.to_string())?;
+            event.seal(&key);
             self.append(&self.opts.region, &event).await?;
         }
         Ok(())

@@ -263,6 +263,15 @@ impl UserStateView {
         true
     }
 
+    /// Drops the user from the view in every component (an erasure; the
+    /// events that built it no longer open, so a rebuilt view agrees).
+    pub fn forget(&self, user: &str) -> usize {
+        let mut users = lock(&self.users);
+        let before = users.len();
+        users.retain(|k, _| k.split_once('\0').is_none_or(|(_, u)| u != user));
+        before - users.len()
+    }
+
     /// The user's state in every component that has one, by component
     /// name (what a migration copies).
     pub fn snapshot(&self, user: &str) -> Vec<(String, UserState)> {

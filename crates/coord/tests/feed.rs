@@ -251,6 +251,7 @@ fn feed(bus: &Arc<dyn Bus>, opts: FeedOptions, handler: Arc<dyn FeedHandler>) ->
     start_feed(
         bus.clone(),
         opts,
+        None,
         handler,
         &tokio::runtime::Handle::current(),
     )

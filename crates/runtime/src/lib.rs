@@ -17,6 +17,7 @@ mod engine;
 mod global;
 mod host;
 mod linking;
+mod privacy;
 mod regional;
 mod services;
 mod state;
@@ -214,7 +215,6 @@ fn load_component(
 
     let mut diags = linking::check_grants(c);
     diags.extend(linking::check_imports(c, &imports));
-    diags.extend(linking::check_functions(c, engine, &component));
     if !diags.is_empty() {
         return Err(diags);
     }

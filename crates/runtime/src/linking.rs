@@ -21,54 +21,6 @@ pub const IMPLEMENTED_INTERFACES: &[&str] = &[
     "state",
 ];
 
-/// The functions of `global-coordination` this build implements. A
-/// component importing any other function of it does not load (its events,
-/// queries and user search work; billing reconciliation, data deletion and
-/// export come with the rest of the global tier).
-pub const GLOBAL_FUNCTIONS_IMPLEMENTED: &[&str] = &[
-    "publish-global-event",
-    "subscribe-global-events",
-    "unsubscribe-global-events",
-    "query-global-state",
-    "generate-global-report",
-    "search-global-users",
-    "reconcile-billing",
-];
-
-/// Functions of partly implemented interfaces that `component` imports but
-/// this build lacks: one diagnostic per function.
-pub fn check_functions(
-    c: &ComponentConfig,
-    engine: &Engine,
-    component: &wasmtime::component::Component,
-) -> Vec<Diagnostic> {
-    use wasmtime::component::types::ComponentItem;
-    let mut out = Vec::new();
-    for (name, item) in component.component_type().imports(engine) {
-        if keel_world::interface_short_name(name) != Some("global-coordination") {
-            continue;
-        }
-        let ComponentItem::ComponentInstance(instance) = item.ty else {
-            continue;
-        };
-        for (func, ty) in instance.exports(engine) {
-            let is_func = matches!(ty.ty, ComponentItem::ComponentFunc(_));
-            if is_func && !GLOBAL_FUNCTIONS_IMPLEMENTED.contains(&func) {
-                out.push(Diagnostic::new(
-                    c.location.clone(),
-                    format!("components.{}.grants", c.name),
-                    format!(
-                        "component {:?} imports {name} function {func:?}, which is not available in this build; available there: {}",
-                        c.name,
-                        GLOBAL_FUNCTIONS_IMPLEMENTED.join(", ")
-                    ),
-                ));
-            }
-        }
-    }
-    out
-}
-
 /// WASI 0.2 packages every component may import. They are linked with an
 /// empty capability context: no preopens, no env, no args, no sockets,
 /// stdout/stderr discarded, outgoing HTTP refused unless the component has
@@ -257,6 +209,7 @@ mod tests {
                 .collect(),
             allowed_outbound_hosts: vec![],
             limits: Limits::default(),
+            personal_data: Default::default(),
             location: at.clone(),
             wasm_location: at,
         }

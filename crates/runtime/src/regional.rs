@@ -20,6 +20,7 @@ use crate::LoadedComponent;
 use async_trait::async_trait;
 use keel_bus::{Bus, StreamSpec};
 use keel_coord::envelope::CloudEvent;
+use keel_coord::shred::UserKeys;
 use keel_coord::{FeedHandle, FeedHandler, FeedOptions, MetricsView, UserStateView, start_feed};
 use keel_store::{GLOBAL_EVENT_RETENTION, HostRecords, HostWrite};
 use keel_world::bindings::keel::platform::types;
@@ -207,6 +208,9 @@ struct Source {
     ids_table: &'static str,
     /// Cursors survive a restart only where the stream does.
     durable_cursors: bool,
+    /// Opens sealed payloads (the region's stream; global events are
+    /// never sealed).
+    keys: Option<Arc<UserKeys>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -304,6 +308,7 @@ impl RegionalTier {
         region: &str,
         bus: Arc<dyn Bus>,
         stream: &StreamSpec,
+        keys: Arc<UserKeys>,
         global: (Arc<dyn Bus>, &StreamSpec),
         records: Arc<dyn HostRecords>,
         rt: &tokio::runtime::Handle,
@@ -316,6 +321,7 @@ impl RegionalTier {
         let views_feed = Arc::new(start_feed(
             bus.clone(),
             FeedOptions::new(&stream.name, &filter),
+            Some(keys.clone()),
             Arc::new(Views {
                 users: users.clone(),
                 metrics: metrics.clone(),
@@ -335,6 +341,7 @@ impl RegionalTier {
                     subject_filter: filter,
                     table: "regional-subscriptions",
                     ids_table: "regional-subscription-ids",
+                    keys: Some(keys),
                 },
                 Source {
                     durable_cursors: global_bus.kind() != "local",
@@ -343,6 +350,7 @@ impl RegionalTier {
                     subject_filter: format!("{}.>", keel_coord::GLOBAL_EVENTS_PREFIX),
                     table: "global-subscriptions",
                     ids_table: "global-subscription-ids",
+                    keys: None,
                 },
             ],
             records,
@@ -506,7 +514,13 @@ impl RegionalTier {
         Active {
             filter: record.filter,
             alive,
-            _feed: start_feed(source.bus.clone(), opts, Arc::new(delivery), &self.rt),
+            _feed: start_feed(
+                source.bus.clone(),
+                opts,
+                source.keys.clone(),
+                Arc::new(delivery),
+                &self.rt,
+            ),
         }
     }
 }

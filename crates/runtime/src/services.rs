@@ -47,6 +47,8 @@ pub struct Services {
     pub ledger: Arc<keel_ledger::Ledger>,
     /// The hash-chained audit trail of global and compliance operations.
     pub audit: Arc<keel_ledger::audit::AuditTrail>,
+    /// GDPR erasure and export jobs.
+    pub privacy: Arc<crate::privacy::Privacy>,
     /// Runs the bus connection and the sync tasks, apart from the serving
     /// threads (which run one current-thread runtime per core).
     background: Option<tokio::runtime::Runtime>,
@@ -157,6 +159,12 @@ impl Services {
         if let Some(window) = test_global_duplicate_window() {
             global_stream.duplicate_window = window;
         }
+        // Personal payloads leave the edge sealed with the user's key
+        // (crypto-shredding, `keel_coord::shred`).
+        let user_keys = Arc::new(keel_coord::shred::UserKeys::new(
+            bus.clone(),
+            keel_coord::shred::user_keys_spec(region, stream.replicas, stream.placement.clone()),
+        ));
         keel_coord::start_forwarder(
             rocks.clone(),
             bus.clone(),
@@ -168,6 +176,7 @@ impl Services {
                     bus: buses.global.clone(),
                     stream: global_stream.clone(),
                 }),
+                keys: Some(user_keys.clone()),
             },
             metrics.outbox.clone(),
             background.handle(),
@@ -176,6 +185,7 @@ impl Services {
             region,
             bus.clone(),
             &stream,
+            user_keys.clone(),
             (buses.global.clone(), &global_stream),
             rocks.clone(),
             background.handle(),
@@ -196,6 +206,7 @@ impl Services {
                 crash_after: crash_hook(),
             },
             bus.clone(),
+            user_keys.clone(),
             directory.clone(),
             regional.users.clone(),
             regional.views_feed.clone(),
@@ -237,6 +248,45 @@ impl Services {
             metrics,
             background.handle(),
         )?;
+        let sql: Arc<dyn SqlStore> = Arc::new(sql);
+        let privacy = Arc::new(crate::privacy::Privacy {
+            region: region.clone(),
+            edge: config.node.edge.clone(),
+            all_regions: match &config.regions {
+                Some(r) => r.regions.iter().map(|g| g.name.clone()).collect(),
+                None => vec![region.clone()],
+            },
+            region_edges: config
+                .regions
+                .as_deref()
+                .and_then(|r| r.region(region))
+                .map_or_else(|| vec![config.node.edge.clone()], |r| r.edges.clone()),
+            bus: bus.clone(),
+            store: rocks.clone(),
+            sql: sql.clone(),
+            cache: cache.clone(),
+            sync: sync.clone(),
+            users: regional.users.clone(),
+            keys: user_keys.clone(),
+            directory: directory.clone(),
+            residency: residency.clone(),
+            records: rocks.clone(),
+            audit: audit.clone(),
+            components: config
+                .components
+                .iter()
+                .filter_map(|c| {
+                    Some(crate::privacy::ComponentData {
+                        ns: keel_store::Namespace::new(&c.name)?,
+                        declared: c.personal_data.clone(),
+                    })
+                })
+                .collect(),
+            exports_dir: data.join("exports"),
+            rt: background.handle().clone(),
+            running: Default::default(),
+        });
+        privacy.start();
         let api = crate::global::GlobalApi::new(region, bus.clone());
         api.serve(
             crate::global::Answerer {
@@ -259,7 +309,7 @@ impl Services {
             events: rocks.clone(),
             outbox: rocks.clone(),
             edge: rocks,
-            sql: Arc::new(sql),
+            sql,
             auth: Arc::new(auth),
             cache,
             bus,
@@ -273,6 +323,7 @@ impl Services {
             residency,
             ledger,
             audit,
+            privacy,
             background: Some(background),
         }))
     }
@@ -416,6 +467,12 @@ fn cache_options(config: &KeelConfig) -> keel_cache::CacheOptions {
             replicas,
             placement: None,
         },
+        personal_keys: config
+            .components
+            .iter()
+            .filter(|c| !c.personal_data.keys.is_empty())
+            .map(|c| (c.name.clone(), c.personal_data.keys.clone()))
+            .collect(),
     }
 }
 

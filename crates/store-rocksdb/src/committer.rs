@@ -22,6 +22,13 @@ const QUEUE: usize = 8192;
 type Completion = Box<dyn FnOnce(StoreResult<()>) + Send>;
 type Job = Box<dyn FnOnce(&mut Txn) -> Completion + Send>;
 
+/// A queued job; an `alone` job runs in a group of its own (see
+/// [`Committer::write_alone`]).
+struct Queued {
+    job: Job,
+    alone: bool,
+}
+
 pub(crate) fn handle(db: &DB, cf: Cf) -> StoreResult<&ColumnFamily> {
     db.cf_handle(cf.name())
         .ok_or_else(|| StoreError::Internal(format!("column family {} missing", cf.name())))
@@ -29,7 +36,7 @@ pub(crate) fn handle(db: &DB, cf: Cf) -> StoreResult<&ColumnFamily> {
 
 pub(crate) struct Committer {
     /// `None` only while dropping.
-    queue: Option<mpsc::Sender<Job>>,
+    queue: Option<mpsc::Sender<Queued>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -68,6 +75,26 @@ impl Committer {
         R: Send + 'static,
         F: FnOnce(&mut Txn) -> StoreResult<R> + Send + 'static,
     {
+        self.enqueue(f, false)
+    }
+
+    /// Like [`Committer::write`], but `f` runs in a group of its own: every
+    /// job queued before it is committed first, so what `f` reads straight
+    /// from the database (iterators, [`Txn::db`]) is the current state, not
+    /// only the state before the group. For jobs that scan.
+    pub fn write_alone<R, F>(&self, f: F) -> WriteFuture<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut Txn) -> StoreResult<R> + Send + 'static,
+    {
+        self.enqueue(f, true)
+    }
+
+    fn enqueue<R, F>(&self, f: F, alone: bool) -> WriteFuture<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut Txn) -> StoreResult<R> + Send + 'static,
+    {
         let (done, result) = oneshot::channel();
         let job: Job = Box::new(move |tx: &mut Txn| {
             let r = tx.stage(f);
@@ -79,7 +106,7 @@ impl Committer {
         Box::pin(async move {
             queue
                 .ok_or_else(|| StoreError::Unavailable("store is shut down".into()))?
-                .send(job)
+                .send(Queued { job, alone })
                 .await
                 .map_err(|_| StoreError::Unavailable("store is shut down".into()))?;
             result
@@ -89,15 +116,23 @@ impl Committer {
     }
 }
 
-fn run(db: Arc<DB>, mut rx: mpsc::Receiver<Job>) {
+fn run(db: Arc<DB>, mut rx: mpsc::Receiver<Queued>) {
     let mut sync = WriteOptions::default();
     sync.set_sync(true);
     let mut jobs = Vec::with_capacity(MAX_GROUP);
-    while let Some(first) = rx.blocking_recv() {
-        jobs.push(first);
-        while jobs.len() < MAX_GROUP {
+    // A job that must run alone, taken off the queue while a group formed:
+    // it starts the next group.
+    let mut held: Option<Queued> = None;
+    while let Some(first) = held.take().or_else(|| rx.blocking_recv()) {
+        let alone = first.alone;
+        jobs.push(first.job);
+        while !alone && jobs.len() < MAX_GROUP {
             match rx.try_recv() {
-                Ok(j) => jobs.push(j),
+                Ok(q) if q.alone => {
+                    held = Some(q);
+                    break;
+                }
+                Ok(q) => jobs.push(q.job),
                 Err(_) => break,
             }
         }
@@ -191,6 +226,13 @@ impl<'a> Txn<'a> {
             return Ok(v.clone());
         }
         self.db.get_cf(handle(self.db, cf)?, key).map_err(map_err)
+    }
+
+    /// The database as committed before this group. Inside a
+    /// [`Committer::write_alone`] job that is the current state, apart from
+    /// the job's own writes.
+    pub fn db(&self) -> &'a DB {
+        self.db
     }
 
     pub fn get_u64(&self, cf: Cf, key: &[u8]) -> StoreResult<u64> {

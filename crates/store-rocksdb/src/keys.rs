@@ -53,24 +53,49 @@ pub fn decode_u64(b: &[u8]) -> StoreResult<u64> {
     Ok(u64::from_be_bytes(arr))
 }
 
-fn with_user(mut k: Vec<u8>, user: &str) -> Vec<u8> {
-    k.extend_from_slice(&(user.len() as u32).to_be_bytes());
+/// Tag of preference keys in the `users` column family.
+pub const PREF_TAG: &[u8] = b"p\0";
+/// Tag of last-activity keys in the `users` column family.
+pub const ACTIVITY_TAG: &[u8] = b"a\0";
+
+/// `<tag><ns>\0<len><user>` with `ns_prefix` = `<ns>\0` (see [`ns_prefix`]).
+/// The user id is length-prefixed, so one user's keys never fall inside
+/// another's range ("bo" vs "bob").
+pub fn user_record_prefix(tag: &[u8], ns_prefix: &[u8], user: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(tag.len() + ns_prefix.len() + 4 + user.len());
+    k.extend_from_slice(tag);
+    k.extend_from_slice(ns_prefix);
+    // Callers check user ids against `max_key_bytes`; saturate regardless.
+    k.extend_from_slice(&u32::try_from(user.len()).unwrap_or(u32::MAX).to_be_bytes());
     k.extend_from_slice(user.as_bytes());
     k
 }
 
 /// `p\0<ns>\0<len><user>` + name: one user's preferences in one component.
 pub fn pref_prefix(ns: &Namespace, user: &str) -> Vec<u8> {
-    let mut k = b"p\0".to_vec();
-    k.extend_from_slice(&ns_prefix(ns));
-    with_user(k, user)
+    user_record_prefix(PREF_TAG, &ns_prefix(ns), user)
 }
 
 /// `a\0<ns>\0<len><user>`: last activity.
 pub fn activity_key(ns: &Namespace, user: &str) -> Vec<u8> {
-    let mut k = b"a\0".to_vec();
-    k.extend_from_slice(&ns_prefix(ns));
-    with_user(k, user)
+    user_record_prefix(ACTIVITY_TAG, &ns_prefix(ns), user)
+}
+
+/// The `<ns>\0` part of a key that starts with `<tag><ns>\0`, if any.
+pub fn tagged_ns_prefix<'k>(tag: &[u8], k: &'k [u8]) -> Option<&'k [u8]> {
+    let rest = k.strip_prefix(tag)?;
+    let zero = rest.iter().position(|&b| b == 0)?;
+    rest.get(..=zero)
+}
+
+/// The first key after every key starting with `<prefix>` = `...<ns>\0`:
+/// `...<ns>\x01` (namespace bytes are all above 1).
+pub fn after_ns(prefix: &[u8]) -> Vec<u8> {
+    let mut k = prefix.to_vec();
+    if let Some(last) = k.last_mut() {
+        *last = 1;
+    }
+    k
 }
 
 /// `d\0<user>`: home region (node-wide: the directory is not per component).

@@ -1,6 +1,7 @@
 //! RocksDB backend of the edge tier: [`KvStore`], [`EventLog`] and
 //! [`EdgeStore`] in one database, plus the outbox that later forwards
-//! writes to the region.
+//! writes to the region, and [`keel_store::UserDataStore`] (erasing and
+//! exporting one user's data, `erase.rs`).
 //!
 //! Durability: every write goes through one committer thread that drains
 //! all writes queued while the previous fsync ran, applies them as one
@@ -11,6 +12,7 @@
 //! group.
 
 mod committer;
+mod erase;
 mod keys;
 
 use committer::{Committer, Txn};
@@ -102,6 +104,9 @@ pub(crate) struct Inner {
     forwarding: bool,
     incarnation: u64,
     outbox_signal: Arc<tokio::sync::Notify>,
+    /// One file purge ([`keel_store::UserDataStore::erase_user`]) at a
+    /// time: a second one would only wait for the first's compactions.
+    purge: Mutex<()>,
 }
 
 /// Version byte in front of every encoded value, so the format can evolve.
@@ -183,6 +188,7 @@ impl RocksStore {
                 forwarding: options.forwarding,
                 incarnation,
                 outbox_signal: Arc::new(tokio::sync::Notify::new()),
+                purge: Mutex::new(()),
             }),
         })
     }
@@ -256,6 +262,17 @@ fn signal_outbox<T: Send + 'static>(inner: &Inner, write: WriteFuture<T>) -> Wri
     })
 }
 
+/// The highest `p >= from` (and `<= last`) such that no outbox entry
+/// `from < s <= p` exists: moves an acknowledged position over the gap that
+/// erased entries left after it. Costs one lookup when there is no gap.
+fn skip_outbox_gap(tx: &Txn, from: u64, last: u64) -> StoreResult<u64> {
+    let mut p = from;
+    while p < last && tx.get(Cf::Outbox, &keys::u64_key(p + 1))?.is_none() {
+        p += 1;
+    }
+    Ok(p)
+}
+
 impl Outbox for RocksStore {
     fn outbox_peek(&self, after: u64, limit: usize) -> StoreResult<Vec<(u64, OutboxEntry)>> {
         let db = &self.inner.db;
@@ -282,10 +299,13 @@ impl Outbox for RocksStore {
             if through <= acked {
                 return Ok(());
             }
-            // Gapless sequence: exactly the keys acked+1..=through exist.
+            // The keys acked+1..=through exist, apart from erased ones.
             for seq in acked + 1..=through {
                 tx.delete(Cf::Outbox, keys::u64_key(seq));
             }
+            // Never stop right before erased entries: they will not be
+            // acknowledged, and the depth must not count them forever.
+            let through = skip_outbox_gap(tx, through, last)?;
             tx.put(Cf::Meta, acked_key, through.to_be_bytes().to_vec());
             Ok(())
         })

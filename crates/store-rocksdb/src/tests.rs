@@ -1,4 +1,5 @@
 use super::*;
+use keel_store::{ERASED_EVENT_KIND, ErasedUser, UserDataStore, UserRecords};
 use std::collections::BTreeSet;
 
 fn options(forwarding: bool) -> RocksOptions {
@@ -609,4 +610,475 @@ async fn expiring_host_records_vanish_and_are_pruned() {
         s.expiring_host_record("seen", "again").unwrap(),
         Some(b"5".to_vec())
     );
+}
+
+/// Every file under `dir` (recursively), raw bytes.
+fn all_files(dir: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(all_files(&path));
+        } else {
+            let bytes = std::fs::read(&path).unwrap();
+            out.push((path, bytes));
+        }
+    }
+    out
+}
+
+/// The files under `dir` whose bytes contain `marker`.
+fn files_with(dir: &Path, marker: &str) -> Vec<std::path::PathBuf> {
+    all_files(dir)
+        .into_iter()
+        .filter(|(_, b)| b.windows(marker.len()).any(|w| w == marker.as_bytes()))
+        .map(|(p, _)| p)
+        .collect()
+}
+
+/// SST blocks are compressed (LZ4): a marker after a similar string is
+/// stored as a back-reference, invisible to a byte scan. Without
+/// compression, bytes present in a file are found (and absent ones are
+/// truly absent); what is kept where does not depend on it.
+fn uncompressed(s: &RocksStore) {
+    let db = &s.inner.db;
+    for cf in Cf::ALL {
+        db.set_options_cf(
+            committer::handle(db, cf).unwrap(),
+            &[("compression", "kNoCompression")],
+        )
+        .unwrap();
+    }
+}
+
+fn about_alice(e: &OutboxEntry) -> bool {
+    match e {
+        OutboxEntry::Event { event, .. } => event.data.user.as_deref() == Some("alice"),
+        OutboxEntry::Activity { user, .. } => user == "alice",
+        OutboxEntry::Global { event, .. } => event.user.as_deref() == Some("alice"),
+        OutboxEntry::Metric { .. } => false,
+    }
+}
+
+fn user_event(kind: &str, key: &str, payload: &str, user: Option<&str>) -> EventData {
+    EventData {
+        kind: kind.into(),
+        key: key.into(),
+        payload: payload.as_bytes().to_vec(),
+        content_type: Some("text/plain".into()),
+        user: user.map(Into::into),
+    }
+}
+
+fn activity(marker: &str) -> Activity {
+    Activity {
+        kind: "login".into(),
+        attributes: vec![("ip".into(), marker.into())],
+    }
+}
+
+// Markers of the erased user all start with `MARKER-ALICE-`; the others'
+// with `MARKER-KEEP-` (no marker is a substring of another).
+const ALICE_MARKERS: [&str; 13] = [
+    "MARKER-ALICE-PREF-7f3a",
+    "MARKER-ALICE-PREFNAME-31c9",
+    "MARKER-ALICE-PREF-OLD-5b0e",
+    "MARKER-ALICE-ACT-a1b2",
+    "MARKER-ALICE-ACT-B-c3d4",
+    "MARKER-ALICE-EV-1-11aa",
+    "MARKER-ALICE-EVKEY-33cc",
+    "MARKER-ALICE-EV-B-66ff",
+    "MARKER-ALICE-GLOBAL-77aa",
+    "MARKER-ALICE-KV-1-99cc",
+    "MARKER-ALICE-KVKEY-aa11",
+    "MARKER-ALICE-KV-B-dd44",
+    "MARKER-ALICE-REGION-e0f1",
+];
+
+/// Her markers that are part of keys (a preference name, a KV key).
+const IN_KEYS: [&str; 2] = ["MARKER-ALICE-PREFNAME-31c9", "MARKER-ALICE-KVKEY-aa11"];
+
+fn is_manifest(p: &Path) -> bool {
+    p.file_name()
+        .is_some_and(|n| n.to_string_lossy().starts_with("MANIFEST-"))
+}
+
+const KEEP_MARKERS: [&str; 12] = [
+    "MARKER-KEEP-PREF-ALICE2-5d21",
+    "MARKER-KEEP-PREF-ALIC-0b7e",
+    "MARKER-KEEP-PREF-BOB-9a4f",
+    "MARKER-KEEP-ACT-ALICE2-e5f6",
+    "MARKER-KEEP-ACT-BOB-0a1b",
+    "MARKER-KEEP-EV-BOB-22bb",
+    "MARKER-KEEP-EV-ANON-44dd",
+    "MARKER-KEEP-EV-ALICE2-55ee",
+    "MARKER-KEEP-GLOBAL-BOB-88bb",
+    "MARKER-KEEP-KV-ALICE2-bb22",
+    "MARKER-KEEP-KV-BOB-cc33",
+    "MARKER-KEEP-KV-B-ALICE2-ee55",
+];
+
+#[tokio::test]
+async fn erase_user_leaves_no_byte_of_the_user_in_any_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = RocksStore::open(dir.path(), options(true)).unwrap();
+    uncompressed(&s);
+    let (a, b) = (ns("a"), ns("b"));
+    let pref = |n: &Namespace, user: &str, name: &str, value: &str| {
+        s.set_preference(n, user.into(), name.into(), Some(value.into()))
+    };
+
+    // First generation, pushed down to the bottommost level (as old data
+    // would be): an old preference value, later overwritten.
+    pref(&a, "alice", "lang", "MARKER-ALICE-PREF-OLD-5b0e")
+        .await
+        .unwrap();
+    let bob_event = s
+        .append(
+            &a,
+            user_event("note", "n1", "MARKER-KEEP-EV-BOB-22bb", Some("bob")),
+            true,
+        )
+        .await
+        .unwrap();
+    let e1 = s
+        .append(
+            &a,
+            user_event("note", "n2", "MARKER-ALICE-EV-1-11aa", Some("alice")),
+            true,
+        )
+        .await
+        .unwrap();
+    s.set(
+        &a,
+        "user/alice/profile".into(),
+        b"MARKER-ALICE-KV-1-99cc".to_vec(),
+    )
+    .await
+    .unwrap();
+    s.register_user("alice".into(), "MARKER-ALICE-REGION-e0f1".into())
+        .await
+        .unwrap();
+    erase::purge(&s.inner.db).unwrap();
+    // The region acknowledged bob's event (the first entry).
+    s.outbox_ack(1).await.unwrap();
+
+    // Second generation: in the memtables and the WAL.
+    pref(&a, "alice", "lang", "MARKER-ALICE-PREF-7f3a")
+        .await
+        .unwrap();
+    pref(&b, "alice", "MARKER-ALICE-PREFNAME-31c9", "1")
+        .await
+        .unwrap();
+    // Ids that share a prefix with hers ("alice2", "alic") are not hers.
+    pref(&a, "alice2", "lang", "MARKER-KEEP-PREF-ALICE2-5d21")
+        .await
+        .unwrap();
+    pref(&a, "alic", "lang", "MARKER-KEEP-PREF-ALIC-0b7e")
+        .await
+        .unwrap();
+    pref(&b, "bob", "lang", "MARKER-KEEP-PREF-BOB-9a4f")
+        .await
+        .unwrap();
+    s.record_activity(&a, "alice".into(), activity("MARKER-ALICE-ACT-a1b2"))
+        .await
+        .unwrap();
+    s.record_activity(&b, "alice".into(), activity("MARKER-ALICE-ACT-B-c3d4"))
+        .await
+        .unwrap();
+    s.record_activity(&a, "alice2".into(), activity("MARKER-KEEP-ACT-ALICE2-e5f6"))
+        .await
+        .unwrap();
+    s.record_activity(&a, "bob".into(), activity("MARKER-KEEP-ACT-BOB-0a1b"))
+        .await
+        .unwrap();
+    let batch = s
+        .append_batch(
+            &a,
+            vec![
+                user_event("note", "MARKER-ALICE-EVKEY-33cc", "x", Some("alice")),
+                user_event("ping", "p", "MARKER-KEEP-EV-ANON-44dd", None),
+                user_event("note", "n3", "MARKER-KEEP-EV-ALICE2-55ee", Some("alice2")),
+            ],
+            true,
+        )
+        .await
+        .unwrap();
+    let e_b = s
+        .append(
+            &b,
+            user_event("note", "n", "MARKER-ALICE-EV-B-66ff", Some("alice")),
+            false,
+        )
+        .await
+        .unwrap();
+    s.set(
+        &a,
+        "user/alice/MARKER-ALICE-KVKEY-aa11".into(),
+        b"v".to_vec(),
+    )
+    .await
+    .unwrap();
+    s.set(
+        &a,
+        "user/alice2/profile".into(),
+        b"MARKER-KEEP-KV-ALICE2-bb22".to_vec(),
+    )
+    .await
+    .unwrap();
+    s.set(&a, "user/bob".into(), b"MARKER-KEEP-KV-BOB-cc33".to_vec())
+        .await
+        .unwrap();
+    s.set(
+        &b,
+        "sessions/alice:1".into(),
+        b"MARKER-ALICE-KV-B-dd44".to_vec(),
+    )
+    .await
+    .unwrap();
+    s.set(
+        &b,
+        "sessions/alice2:1".into(),
+        b"MARKER-KEEP-KV-B-ALICE2-ee55".to_vec(),
+    )
+    .await
+    .unwrap();
+    s.register_user("bob".into(), "us".into()).await.unwrap();
+    s.record_metric(&a, "latency".into(), 1.5).await.unwrap();
+    let global = |id: &str, user: &str, data: &str| GlobalEvent {
+        id: id.into(),
+        event_type: "user.seen".into(),
+        subject: None,
+        content_type: None,
+        data: data.as_bytes().to_vec(),
+        user: Some(user.into()),
+    };
+    s.queue_global_event(&a, global("g1", "bob", "MARKER-KEEP-GLOBAL-BOB-88bb"))
+        .await
+        .unwrap();
+    // Hers is the last entry: erasing it leaves a gap at the end.
+    s.queue_global_event(&a, global("g2", "alice", "MARKER-ALICE-GLOBAL-77aa"))
+        .await
+        .unwrap();
+    // Before: every marker is somewhere in the files (SST or WAL).
+    for m in ALICE_MARKERS.iter().chain(&KEEP_MARKERS) {
+        assert!(!files_with(dir.path(), m).is_empty(), "{m} not written");
+    }
+
+    let prefixes = vec![
+        (a.clone(), vec!["user/alice/".to_string()]),
+        (b.clone(), vec!["sessions/alice:".to_string()]),
+        (ns("c"), vec!["user/alice/".to_string()]),
+    ];
+
+    // Export: exactly what was written, in order.
+    let act_a = s.last_activity(&a, "alice").unwrap().unwrap();
+    let act_b = s.last_activity(&b, "alice").unwrap().unwrap();
+    let exported = s.export_user("alice", &prefixes).unwrap();
+    assert_eq!(
+        exported,
+        UserRecords {
+            preferences: vec![
+                (
+                    "a".into(),
+                    vec![("lang".into(), "MARKER-ALICE-PREF-7f3a".into())]
+                ),
+                (
+                    "b".into(),
+                    vec![("MARKER-ALICE-PREFNAME-31c9".into(), "1".into())]
+                ),
+            ],
+            activities: vec![("a".into(), act_a), ("b".into(), act_b)],
+            events: vec![
+                ("a".into(), e1.clone()),
+                ("a".into(), batch.events[0].clone()),
+                ("b".into(), e_b.clone()),
+            ],
+            kv: vec![
+                (
+                    "a".into(),
+                    "user/alice/MARKER-ALICE-KVKEY-aa11".into(),
+                    b"v".to_vec()
+                ),
+                (
+                    "a".into(),
+                    "user/alice/profile".into(),
+                    b"MARKER-ALICE-KV-1-99cc".to_vec()
+                ),
+                (
+                    "b".into(),
+                    "sessions/alice:1".into(),
+                    b"MARKER-ALICE-KV-B-dd44".to_vec()
+                ),
+            ],
+            home_region: Some("MARKER-ALICE-REGION-e0f1".into()),
+        }
+    );
+
+    // Refused before anything changes.
+    for (user, prefixes) in [
+        ("alice", vec![(a.clone(), vec![String::new()])]),
+        ("", vec![]),
+    ] {
+        let err = s.erase_user(user.into(), prefixes).await.unwrap_err();
+        assert!(matches!(err, StoreError::Invalid(_)), "{err:?}");
+    }
+    assert!(matches!(
+        s.export_user("alice", &[(a.clone(), vec![String::new()])]),
+        Err(StoreError::Invalid(_))
+    ));
+    assert_eq!(s.export_user("alice", &prefixes).unwrap(), exported);
+
+    let (last_before, acked_before) = s.outbox_positions().unwrap();
+    assert_eq!((last_before, acked_before), (12, 1));
+    let erased = s
+        .erase_user("alice".into(), prefixes.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        erased,
+        ErasedUser {
+            preferences: 2,
+            activities: 2,
+            events: 3,
+            // e1, the batch's first, two activities, g2 (e_b was not forwarded).
+            outbox_entries: 5,
+            kv_keys: 3,
+            directory: true,
+        }
+    );
+
+    // Reads: hers are gone, the others' intact.
+    assert!(s.preferences(&a, "alice").unwrap().is_empty());
+    assert!(s.preferences(&b, "alice").unwrap().is_empty());
+    assert_eq!(s.preferences(&a, "alice2").unwrap().len(), 1);
+    assert_eq!(s.preferences(&a, "alic").unwrap().len(), 1);
+    assert_eq!(s.preferences(&b, "bob").unwrap().len(), 1);
+    assert_eq!(s.last_activity(&a, "alice").unwrap(), None);
+    assert_eq!(s.last_activity(&b, "alice").unwrap(), None);
+    assert!(s.last_activity(&a, "alice2").unwrap().is_some());
+    assert!(s.last_activity(&a, "bob").unwrap().is_some());
+    assert_eq!(s.user_region("alice").unwrap(), None);
+    assert_eq!(s.user_region("bob").unwrap().as_deref(), Some("us"));
+    assert_eq!(s.get(&a, "user/alice/profile").unwrap(), None);
+    assert_eq!(
+        s.list_keys(&a, "user/", None, 10).unwrap(),
+        ["user/alice2/profile", "user/bob"]
+    );
+    assert_eq!(
+        s.list_keys(&b, "", None, 10).unwrap(),
+        ["sessions/alice2:1"]
+    );
+
+    // The logs stay gapless; her events keep their place and identity.
+    let log = s.read(&a, 1, 100).unwrap();
+    assert_eq!(
+        log.iter().map(|e| e.sequence).collect::<Vec<_>>(),
+        [1, 2, 3, 4, 5]
+    );
+    assert_eq!(log[0], bob_event);
+    assert_eq!(log[3], batch.events[1]);
+    assert_eq!(log[4], batch.events[2]);
+    for (stored, original) in [(&log[1], &e1), (&log[2], &batch.events[0])] {
+        assert_eq!(
+            (
+                &stored.id,
+                stored.sequence,
+                &stored.origin,
+                &stored.region,
+                &stored.at
+            ),
+            (
+                &original.id,
+                original.sequence,
+                &original.origin,
+                &original.region,
+                &original.at
+            )
+        );
+        assert_eq!(
+            stored.data,
+            EventData {
+                kind: ERASED_EVENT_KIND.into(),
+                key: String::new(),
+                payload: Vec::new(),
+                content_type: None,
+                user: None,
+            }
+        );
+    }
+    let log_b = s.read(&b, 1, 100).unwrap();
+    assert_eq!(log_b.len(), 1);
+    assert_eq!(log_b[0].data.kind, ERASED_EVENT_KIND);
+    assert_eq!(s.last_sequence(&a).unwrap(), Some(5));
+
+    // No WAL or SST file holds a byte of hers; the others' data is still
+    // found (so the scan does see what the files hold). The MANIFEST may
+    // still name her keys (as some file's smallest or largest key, never a
+    // value) until it is rewritten: see `erase::purge`.
+    for m in ALICE_MARKERS {
+        let left: Vec<_> = files_with(dir.path(), m)
+            .into_iter()
+            .filter(|p| !(IN_KEYS.contains(&m) && is_manifest(p)))
+            .collect();
+        assert_eq!(left, Vec::<std::path::PathBuf>::new(), "{m}");
+    }
+    for m in KEEP_MARKERS {
+        assert!(!files_with(dir.path(), m).is_empty(), "{m} vanished");
+    }
+
+    // The outbox holds only the others' entries (2, 3, 4, 7 and 12 were
+    // hers). The acknowledged position moved over the gap right after it;
+    // the depth counts the interior gap (7) and the one at the end (12)
+    // until acknowledgements pass them.
+    let out = s.outbox_peek(0, 100).unwrap();
+    let seqs: Vec<u64> = out.iter().map(|e| e.0).collect();
+    assert_eq!(seqs, [5, 6, 8, 9, 10, 11]);
+    assert!(out.iter().all(|(_, e)| !about_alice(e)));
+    assert_eq!(s.outbox_positions().unwrap(), (12, 4));
+    assert_eq!(s.outbox_depth().unwrap(), 8);
+    s.outbox_ack(6).await.unwrap();
+    assert_eq!(s.outbox_positions().unwrap(), (12, 7));
+    assert_eq!(s.outbox_peek(0, 100).unwrap().len(), 4);
+    s.outbox_ack(11).await.unwrap();
+    assert_eq!(s.outbox_positions().unwrap(), (12, 12));
+    assert_eq!(s.outbox_depth().unwrap(), 0);
+
+    // Idempotent, and nothing of hers to export any more.
+    assert_eq!(
+        s.erase_user("alice".into(), prefixes.clone())
+            .await
+            .unwrap(),
+        ErasedUser::default()
+    );
+    assert_eq!(
+        s.export_user("alice", &prefixes).unwrap(),
+        UserRecords::default()
+    );
+    // Durable: still gone after a restart, which also writes a new MANIFEST
+    // from the live files (and deletes the old one): then no file at all
+    // holds a byte of hers.
+    drop(s);
+    let s = RocksStore::open(dir.path(), options(true)).unwrap();
+    assert_eq!(
+        s.export_user("alice", &prefixes).unwrap(),
+        UserRecords::default()
+    );
+    assert_eq!(s.read(&a, 1, 100).unwrap().len(), 5);
+    for m in ALICE_MARKERS {
+        assert_eq!(
+            files_with(dir.path(), m),
+            Vec::<std::path::PathBuf>::new(),
+            "{m}"
+        );
+    }
+    // (The others' outbox entries were acknowledged since, and the second
+    // erasure's purge dropped them; their records remain.)
+    for m in [
+        "MARKER-KEEP-PREF-BOB-9a4f",
+        "MARKER-KEEP-EV-BOB-22bb",
+        "MARKER-KEEP-KV-BOB-cc33",
+    ] {
+        assert!(!files_with(dir.path(), m).is_empty(), "{m} vanished");
+    }
 }

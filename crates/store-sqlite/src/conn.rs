@@ -205,6 +205,11 @@ impl Conn {
     }
 }
 
+/// The busy timeout of every connection.
+pub(crate) fn busy_timeout(limits: &StoreLimits) -> Duration {
+    limits.statement_timeout.min(MAX_BUSY_TIMEOUT)
+}
+
 /// Opens the database at `path` (creating it for the writer) with every
 /// guard on. Settings that need a PRAGMA are applied before the authorizer
 /// (which refuses every PRAGMA) is installed.
@@ -219,7 +224,7 @@ pub(crate) fn open(path: &Path, role: Role, limits: &StoreLimits) -> rusqlite::R
 
     // SQLITE_BUSY is rare here (one writer per file, WAL readers never wait
     // for it); wait no longer than a statement may run.
-    conn.busy_timeout(limits.statement_timeout.min(MAX_BUSY_TIMEOUT))?;
+    conn.busy_timeout(busy_timeout(limits))?;
     conn.set_db_config(DbConfig::SQLITE_DBCONFIG_DEFENSIVE, true)?;
     conn.set_db_config(DbConfig::SQLITE_DBCONFIG_TRUSTED_SCHEMA, false)?;
     conn.set_db_config(DbConfig::SQLITE_DBCONFIG_WRITABLE_SCHEMA, false)?;
@@ -242,6 +247,19 @@ pub(crate) fn open(path: &Path, role: Role, limits: &StoreLimits) -> rusqlite::R
             return Err(rusqlite::Error::SqliteFailure(
                 rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN),
                 Some(format!("cannot switch to WAL (journal mode is {mode})")),
+            ));
+        }
+        // Every DELETE (and UPDATE, which frees the old cell) overwrites the
+        // freed content with zeros, so an erased user's rows do not linger
+        // in free space of the file (`erase_user_rows`). The cost: freed
+        // bytes and freelist pages are written (pages that would otherwise
+        // only be marked free), so deletes write more; reads are unaffected.
+        // Guests cannot turn it off: the authorizer refuses PRAGMA.
+        let on: i64 = conn.query_row("PRAGMA secure_delete = ON", [], |r| r.get(0))?;
+        if on != 1 {
+            return Err(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN),
+                Some(format!("cannot turn secure_delete on (it is {on})")),
             ));
         }
     }

@@ -18,6 +18,7 @@
 //!   single values are capped in bytes.
 
 mod conn;
+mod erase;
 mod error;
 mod sql;
 #[cfg(test)]
@@ -26,7 +27,7 @@ mod tests;
 use conn::{Conn, Role};
 use keel_store::{
     ExecuteResult, Namespace, QueryResult, SqlStatement, SqlStore, SqlValue, StoreError,
-    StoreLimits, StoreResult, WriteFuture,
+    StoreLimits, StoreResult, UserTable, WriteFuture,
 };
 use sql::{Lead, Param};
 use std::collections::HashMap;
@@ -92,8 +93,7 @@ impl Inner {
         if let Some(db) = dbs.get(ns) {
             return Ok(db.clone());
         }
-        // `Namespace` is `[a-z0-9_-]{1,64}`: no separator, no dot, no escape.
-        let path = self.dir.join(format!("{}.db", ns.as_str()));
+        let path = self.path(ns);
         let writer = conn::open(&path, Role::Writer, &self.limits).map_err(|e| {
             tracing::error!(namespace = %ns, path = %path.display(), error = %e,
                 "sql store: cannot open database");
@@ -107,6 +107,22 @@ impl Inner {
         });
         dbs.insert(ns.clone(), db.clone());
         Ok(db)
+    }
+}
+
+impl Inner {
+    fn path(&self, ns: &Namespace) -> PathBuf {
+        // `Namespace` is `[a-z0-9_-]{1,64}`: no separator, no dot, no escape.
+        self.dir.join(format!("{}.db", ns.as_str()))
+    }
+
+    /// The namespace's database if it has one (open, or a file from an
+    /// earlier run); `None` without creating it.
+    fn existing_database(&self, ns: &Namespace) -> StoreResult<Option<Arc<Database>>> {
+        if self.dbs.read().map_err(poisoned)?.contains_key(ns) || self.path(ns).exists() {
+            return self.database(ns).map(Some);
+        }
+        Ok(None)
     }
 }
 
@@ -427,5 +443,54 @@ impl SqlStore for SqliteStore {
             let writer = db.writer.lock().map_err(poisoned)?;
             run_batch(&writer, &statements, &inner.limits)
         })
+    }
+
+    fn erase_user_rows(
+        &self,
+        ns: &Namespace,
+        tables: Vec<UserTable>,
+        user: String,
+    ) -> WriteFuture<u64> {
+        let tables = match erase::prepare(&tables, &user, &self.inner.limits) {
+            Ok(t) => t,
+            Err(e) => return Box::pin(std::future::ready(Err(e))),
+        };
+        let inner = self.inner.clone();
+        let ns2 = ns.clone();
+        blocking(ns.clone(), "erase_user_rows", move || {
+            // A component that never used SQL has nothing to erase; do not
+            // create its database.
+            let Some(db) = inner.existing_database(&ns2)? else {
+                return Ok(0);
+            };
+            let writer = db.writer.lock().map_err(poisoned)?;
+            let deleted = erase::erase_rows(&writer, &tables, &user, &inner.limits)?;
+            // Also after deleting nothing: finishes an earlier erasure whose
+            // checkpoint failed.
+            erase::checkpoint_truncate(&writer, &db.path, &inner.limits)?;
+            Ok(deleted)
+        })
+    }
+
+    fn export_user_rows(
+        &self,
+        ns: &Namespace,
+        tables: &[UserTable],
+        user: &str,
+    ) -> StoreResult<Vec<(String, QueryResult)>> {
+        let limits = &self.inner.limits;
+        let result = erase::prepare(tables, user, limits).and_then(|tables| {
+            let Some(db) = self.inner.existing_database(ns)? else {
+                return Ok(Vec::new());
+            };
+            let reader = db.take_reader(limits)?;
+            let result = erase::export_rows(&reader, &tables, user, limits);
+            db.return_reader(reader);
+            result
+        });
+        if let Err(e) = &result {
+            log_failure(ns, "export_user_rows", e);
+        }
+        result
     }
 }

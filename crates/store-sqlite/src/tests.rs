@@ -992,3 +992,309 @@ async fn ordinary_schema_work_is_allowed() {
     assert!(r.rows.contains(&vec![text("events")]), "{r:?}");
     exec(&store, &a, "DROP TABLE t").await;
 }
+
+/// `(file name, bytes)` of every file of the store's directory.
+fn sql_files(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+    std::fs::read_dir(dir.join("sql"))
+        .unwrap()
+        .map(|e| {
+            let path = e.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            (name, std::fs::read(&path).unwrap())
+        })
+        .collect()
+}
+
+fn files_with(dir: &std::path::Path, marker: &str) -> Vec<String> {
+    sql_files(dir)
+        .into_iter()
+        .filter(|(_, b)| b.windows(marker.len()).any(|w| w == marker.as_bytes()))
+        .map(|(n, _)| n)
+        .collect()
+}
+
+fn user_table(table: &str, column: &str) -> UserTable {
+    UserTable {
+        table: table.into(),
+        column: column.into(),
+    }
+}
+
+const ALICE_ROWS: [&str; 5] = [
+    "MARKER-ALICE-NOTE-1-4e2a",
+    "MARKER-ALICE-NOTE-2-8b3c",
+    "MARKER-ALICE-OLD-9d0e",
+    "MARKER-ALICE-NEW-1f2a",
+    "MARKER-ALICE-ODD-3b4c",
+];
+const KEEP_ROWS: [&str; 3] = [
+    "MARKER-KEEP-NOTE-BOB-7c1d",
+    "MARKER-KEEP-NOTE-ALICE2-5e6f",
+    "MARKER-KEEP-ODD-BOB-7a8b",
+];
+
+#[tokio::test]
+async fn erase_user_rows_leaves_no_byte_of_the_user_in_any_file() {
+    let (dir, store) = store();
+    let a = ns("a");
+    exec(
+        &store,
+        &a,
+        "CREATE TABLE notes(id INTEGER PRIMARY KEY, owner TEXT, body TEXT)",
+    )
+    .await;
+    exec(&store, &a, "CREATE INDEX notes_owner ON notes(owner)").await;
+    exec(
+        &store,
+        &a,
+        r#"CREATE TABLE "odd""name"(who TEXT, what TEXT)"#,
+    )
+    .await;
+    let insert = |sql: &str, who: &str, what: &str| {
+        store.execute(&a, sql.into(), vec![text(who), text(what)])
+    };
+    let note = "INSERT INTO notes(owner, body) VALUES (?, ?)";
+    let odd = r#"INSERT INTO "odd""name" VALUES (?, ?)"#;
+    insert(note, "alice", "MARKER-ALICE-NOTE-1-4e2a")
+        .await
+        .unwrap();
+    insert(note, "bob", "MARKER-KEEP-NOTE-BOB-7c1d")
+        .await
+        .unwrap();
+    insert(note, "alice2", "MARKER-KEEP-NOTE-ALICE2-5e6f")
+        .await
+        .unwrap();
+    insert(note, "alice", "MARKER-ALICE-OLD-9d0e")
+        .await
+        .unwrap();
+    // Part of it checkpointed into the database file, the rest only in
+    // the WAL; an update leaves the old value in freed space.
+    {
+        let db = store.inner.database(&a).unwrap();
+        let writer = db.writer.lock().unwrap();
+        writer
+            .conn
+            .wal_checkpoint_v2(
+                Some(rusqlite::MAIN_DB),
+                rusqlite::wal::CheckpointMode::PASSIVE,
+            )
+            .unwrap();
+    }
+    store
+        .execute(
+            &a,
+            "UPDATE notes SET body = ? WHERE body = ?".into(),
+            vec![text("MARKER-ALICE-NEW-1f2a"), text("MARKER-ALICE-OLD-9d0e")],
+        )
+        .await
+        .unwrap();
+    insert(note, "alice", "MARKER-ALICE-NOTE-2-8b3c")
+        .await
+        .unwrap();
+    insert(odd, "alice", "MARKER-ALICE-ODD-3b4c").await.unwrap();
+    insert(odd, "bob", "MARKER-KEEP-ODD-BOB-7a8b")
+        .await
+        .unwrap();
+    for m in ALICE_ROWS.iter().chain(&KEEP_ROWS) {
+        assert!(!files_with(dir.path(), m).is_empty(), "{m} not written");
+    }
+
+    let tables = vec![
+        user_table("notes", "owner"),
+        user_table("no_such_table", "owner"),
+        user_table("odd\"name", "who"),
+    ];
+    let exported = store.export_user_rows(&a, &tables, "alice").unwrap();
+    let bodies: Vec<(&str, Vec<&SqlValue>)> = exported
+        .iter()
+        .map(|(t, r)| {
+            (
+                t.as_str(),
+                r.rows
+                    .iter()
+                    .map(|row| &row[2.min(row.len() - 1)])
+                    .collect(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        bodies,
+        [
+            (
+                "notes",
+                vec![
+                    &text("MARKER-ALICE-NOTE-1-4e2a"),
+                    &text("MARKER-ALICE-NEW-1f2a"),
+                    &text("MARKER-ALICE-NOTE-2-8b3c"),
+                ]
+            ),
+            ("odd\"name", vec![&text("MARKER-ALICE-ODD-3b4c")]),
+        ]
+    );
+    assert_eq!(exported[0].1.columns, ["id", "owner", "body"]);
+    assert_eq!(exported[1].1.columns, ["who", "what"]);
+
+    let deleted = store
+        .erase_user_rows(&a, tables.clone(), "alice".into())
+        .await
+        .unwrap();
+    assert_eq!(deleted, 4);
+    assert_eq!(count(&store, &a, "notes"), 2);
+    assert_eq!(count(&store, &a, r#""odd""name""#), 1);
+    for m in ALICE_ROWS {
+        assert_eq!(files_with(dir.path(), m), Vec::<String>::new(), "{m}");
+    }
+    for m in KEEP_ROWS {
+        assert!(!files_with(dir.path(), m).is_empty(), "{m} vanished");
+    }
+    let names: Vec<String> = sql_files(dir.path()).into_iter().map(|(n, _)| n).collect();
+    assert!(names.contains(&"a.db".to_string()), "{names:?}");
+    assert_eq!(
+        std::fs::metadata(dir.path().join("sql/a.db-wal")).map_or(0, |m| m.len()),
+        0,
+        "the WAL is truncated"
+    );
+
+    // Idempotent; nothing of hers to export.
+    assert_eq!(
+        store
+            .erase_user_rows(&a, tables.clone(), "alice".into())
+            .await
+            .unwrap(),
+        0
+    );
+    let exported = store.export_user_rows(&a, &tables, "alice").unwrap();
+    assert!(exported.iter().all(|(_, r)| r.rows.is_empty()));
+    // A component without a database: nothing, and no file is created.
+    assert_eq!(
+        store
+            .erase_user_rows(&ns("never"), tables.clone(), "alice".into())
+            .await
+            .unwrap(),
+        0
+    );
+    assert!(
+        store
+            .export_user_rows(&ns("never"), &tables, "alice")
+            .unwrap()
+            .is_empty()
+    );
+    assert!(!dir.path().join("sql/never.db").exists());
+}
+
+#[tokio::test]
+async fn erase_user_rows_checks_identifiers_and_changes_nothing_on_error() {
+    let (_dir, store) = store();
+    let a = ns("a");
+    exec(&store, &a, "CREATE TABLE t(owner TEXT, v TEXT)").await;
+    exec(&store, &a, "INSERT INTO t VALUES ('alice', 'x')").await;
+    for tables in [
+        vec![user_table("", "owner")],
+        vec![user_table("t", "")],
+        vec![user_table("t\0x", "owner")],
+        vec![user_table("t", "own\0er")],
+        // Only the first exists; the second's column does not: all or none.
+        vec![user_table("t", "owner"), user_table("t", "nope")],
+        // Not the string 'alice' (SQLite's double-quoted literals), which
+        // would equal the user id in every row.
+        vec![user_table("t", "alice")],
+    ] {
+        let r = store
+            .erase_user_rows(&a, tables.clone(), "alice".into())
+            .await;
+        assert!(is_invalid(&r), "{tables:?}: {r:?}");
+        assert!(is_invalid(
+            &store.export_user_rows(&a, &tables, "alice").map(|_| ())
+        ));
+    }
+    assert!(is_invalid(
+        &store
+            .erase_user_rows(&a, vec![user_table("t", "owner")], String::new())
+            .await
+    ));
+    assert_eq!(count(&store, &a, "t"), 1);
+    // The user id is bound, never spliced into the SQL.
+    let sneaky = "alice' OR '1'='1";
+    assert_eq!(
+        store
+            .erase_user_rows(&a, vec![user_table("t", "owner")], sneaky.into())
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(count(&store, &a, "t"), 1);
+}
+
+#[tokio::test]
+async fn a_reader_holding_the_wal_makes_erasure_unavailable_until_it_lets_go() {
+    let (dir, store) = store();
+    let a = ns("a");
+    exec(&store, &a, "CREATE TABLE t(owner TEXT, v TEXT)").await;
+    exec(
+        &store,
+        &a,
+        "INSERT INTO t VALUES ('alice', 'MARKER-ALICE-HELD-2c3d')",
+    )
+    .await;
+    // A read transaction pins the WAL (as a long query would).
+    let held = rusqlite::Connection::open(dir.path().join("sql/a.db")).unwrap();
+    held.execute_batch("BEGIN").unwrap();
+    let n: i64 = held
+        .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 1);
+    let tables = vec![user_table("t", "owner")];
+    let started = std::time::Instant::now();
+    let err = store
+        .erase_user_rows(&a, tables.clone(), "alice".into())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(30), "bounded wait");
+    // The rows are deleted all the same; erasing again finishes the job.
+    assert_eq!(count(&store, &a, "t"), 0);
+    drop(held);
+    assert_eq!(
+        store
+            .erase_user_rows(&a, tables, "alice".into())
+            .await
+            .unwrap(),
+        0
+    );
+    assert!(files_with(dir.path(), "MARKER-ALICE-HELD-2c3d").is_empty());
+}
+
+#[tokio::test]
+async fn guests_still_cannot_turn_secure_delete_off() {
+    let (_dir, store) = store();
+    let a = ns("a");
+    exec(&store, &a, "CREATE TABLE t(x)").await;
+    for sql in [
+        "PRAGMA secure_delete=OFF",
+        "PRAGMA secure_delete",
+        "PRAGMA wal_checkpoint(TRUNCATE)",
+    ] {
+        let e = store.execute(&a, sql.into(), vec![]).await;
+        assert!(is_invalid(&e), "execute {sql}: {e:?}");
+        assert!(is_invalid(&store.query(&a, sql, vec![])), "query {sql}");
+    }
+    let e = store
+        .execute(&a, "PRAGMA secure_delete=OFF".into(), vec![])
+        .await
+        .unwrap_err();
+    assert_eq!(
+        message(&e),
+        "not authorized: PRAGMA secure_delete is not allowed"
+    );
+    let db = store.inner.database(&a).unwrap();
+    let mut writer = db.writer.lock().unwrap();
+    writer
+        .conn
+        .authorizer(None::<fn(AuthContext<'_>) -> Authorization>)
+        .unwrap();
+    let on: i64 = writer
+        .conn
+        .query_row("PRAGMA secure_delete", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(on, 1);
+}

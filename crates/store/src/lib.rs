@@ -165,18 +165,28 @@ pub enum OutboxEntry {
 
 /// The durable queue of writes bound for the region (DESIGN §5 "Edge
 /// tier"). Entries are appended in the same atomic write as the local write
-/// they belong to, numbered by a gapless outbox sequence (1, 2, 3, ...), and
+/// they belong to, numbered by an outbox sequence (1, 2, 3, ...), and
 /// removed only after the region acknowledged them.
+///
+/// The sequence is handed out gaplessly, but [`UserDataStore::erase_user`]
+/// deletes waiting entries about the user, leaving gaps. Readers must not
+/// assume `s + 1` follows `s`: peek returns the entries that exist, and an
+/// ack "through" `s` covers any gap below `s`. The acknowledged position
+/// never stops right before a gap (it moves over erased sequences), so
+/// [`Outbox::outbox_depth`] overcounts only by erased entries lying between
+/// waiting ones, and only until the region acknowledged past them.
 pub trait Outbox: Send + Sync + 'static {
     /// Up to `limit` entries with sequence > `after`, oldest first.
     fn outbox_peek(&self, after: u64, limit: usize) -> StoreResult<Vec<(u64, OutboxEntry)>>;
     /// Removes entries up to and including `through` (acknowledged by the
     /// region). Durable when the future resolves.
     fn outbox_ack(&self, through: u64) -> WriteFuture<()>;
-    /// Entries waiting (appended and not yet acknowledged).
+    /// Entries waiting (appended and not yet acknowledged); see the gaps
+    /// note above.
     fn outbox_depth(&self) -> StoreResult<u64>;
     /// `(last appended, last acknowledged)` outbox sequences: an entry
-    /// `s` with `acked < s <= last` is waiting, `s <= acked` reached the region.
+    /// `s` with `acked < s <= last` is waiting, `s <= acked` reached the
+    /// region or was erased.
     fn outbox_positions(&self) -> StoreResult<(u64, u64)>;
     /// Notified after every committed write that added outbox entries.
     fn outbox_signal(&self) -> std::sync::Arc<tokio::sync::Notify>;
@@ -251,6 +261,55 @@ pub enum HostWrite {
 pub const GLOBAL_EVENT_RETENTION: std::time::Duration =
     std::time::Duration::from_secs(7 * 24 * 3600);
 
+/// The `kind` of an event whose content was erased
+/// ([`UserDataStore::erase_user`]): the log keeps the event's id, sequence,
+/// origin, region and time (so it stays gapless) and nothing else.
+pub const ERASED_EVENT_KIND: &str = "keel.erased";
+
+/// Whether `key` falls under a `personal-data.keys` template such as
+/// `"profile/{user}/"` for some (non-empty) user id.
+pub fn is_personal_key(template: &str, key: &str) -> bool {
+    let Some((before, after)) = template.split_once("{user}") else {
+        return false;
+    };
+    key.strip_prefix(before)
+        .and_then(|rest| rest.get(1..))
+        .is_some_and(|rest| rest.contains(after))
+}
+
+/// One user's data in a node's store, for `process-data-deletion` and
+/// `export-user-data`. `key_prefixes` names, per component, the prefixes of
+/// its KV keys that belong to the user (from the component's
+/// `personal-data` declaration, the user id already substituted).
+///
+/// What is covered: the user's preferences and last activity in every
+/// component, this node's directory entry, every event whose `data.user` is
+/// the user in every component's log, outbox entries about the user not yet
+/// forwarded, and KV keys under `key_prefixes`. Not covered (the caller's or
+/// another layer's job): versioned `state` keys, CRDT replicas, SQL rows
+/// ([`SqlStore::erase_user_rows`]), and what already reached the region.
+pub trait UserDataStore: Send + Sync + 'static {
+    /// Deletes the user's data (events are rewritten to
+    /// [`ERASED_EVENT_KIND`] placeholders), durably, then makes the bytes
+    /// physically gone from the store's files (flush, WAL release, full
+    /// compaction). Idempotent: a second call erases nothing and returns
+    /// zeros. `Invalid` (nothing changed) for an empty or oversized user id
+    /// or an empty prefix (it would mean every key). `Unavailable` if the
+    /// records were deleted but the files could not be purged: call again.
+    fn erase_user(
+        &self,
+        user: String,
+        key_prefixes: Vec<(Namespace, Vec<String>)>,
+    ) -> WriteFuture<ErasedUser>;
+    /// Everything [`UserDataStore::erase_user`] would erase, with the
+    /// events' payloads (erased placeholders are not the user's any more).
+    fn export_user(
+        &self,
+        user: &str,
+        key_prefixes: &[(Namespace, Vec<String>)],
+    ) -> StoreResult<UserRecords>;
+}
+
 /// One SQLite (or other) database per component (`sql`).
 pub trait SqlStore: Send + Sync + 'static {
     fn query(&self, ns: &Namespace, sql: &str, params: Vec<SqlValue>) -> StoreResult<QueryResult>;
@@ -267,4 +326,39 @@ pub trait SqlStore: Send + Sync + 'static {
         ns: &Namespace,
         statements: Vec<SqlStatement>,
     ) -> WriteFuture<Vec<ExecuteResult>>;
+    /// Deletes the rows of `user` from each table (rows whose `column` equals `user` as TEXT), in one transaction; a table that does not exist counts 0. Deleted content is overwritten (secure_delete) and the WAL checkpointed and truncated, so no file of the database still holds it. Returns rows deleted.
+    ///
+    /// Tables are cleared in the given order (children before parents when
+    /// foreign keys refer to them: a violation is `Conflict` and deletes
+    /// nothing). `Invalid` for an empty identifier or one containing NUL, or
+    /// a column the table lacks. `Unavailable` if the rows were deleted but
+    /// the WAL could not be truncated (a reader held it): call again.
+    fn erase_user_rows(
+        &self,
+        ns: &Namespace,
+        tables: Vec<UserTable>,
+        user: String,
+    ) -> WriteFuture<u64>;
+    /// The rows of `user` in each existing table (`SELECT * ... WHERE column = ?`), per table in the given order.
+    fn export_user_rows(
+        &self,
+        ns: &Namespace,
+        tables: &[UserTable],
+        user: &str,
+    ) -> StoreResult<Vec<(String, QueryResult)>>;
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn personal_keys_match_their_template_only() {
+        use super::is_personal_key as p;
+        assert!(p("profile/{user}/", "profile/bo/x"));
+        assert!(p("profile/{user}/", "profile/bo/"));
+        assert!(!p("profile/{user}/", "profile//x"));
+        assert!(!p("profile/{user}/", "profile/bo"));
+        assert!(!p("profile/{user}/", "other/bo/x"));
+        assert!(p("u:{user}:card", "u:bo:card"));
+        assert!(!p("no-placeholder", "no-placeholder"));
+    }
 }

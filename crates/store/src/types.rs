@@ -115,3 +115,45 @@ pub struct ExecuteResult {
     pub rows_affected: u64,
     pub last_insert_id: Option<i64>,
 }
+
+/// What [`crate::UserDataStore::erase_user`] erased (all zero when there
+/// was nothing left to erase: erasing twice is harmless).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ErasedUser {
+    /// Preference records deleted (one per name, over every component).
+    pub preferences: u64,
+    /// Last-activity records deleted (at most one per component).
+    pub activities: u64,
+    /// Events rewritten to [`crate::ERASED_EVENT_KIND`] placeholders.
+    pub events: u64,
+    /// Outbox entries about the user deleted before they reached the region.
+    pub outbox_entries: u64,
+    /// KV keys deleted under the user's prefixes.
+    pub kv_keys: u64,
+    /// Whether this node's directory entry (home region) was deleted.
+    pub directory: bool,
+}
+
+/// One user's data in a node's store ([`crate::UserDataStore::export_user`]),
+/// ordered by component, then by key or sequence.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct UserRecords {
+    /// Per component: the user's preferences, by name.
+    pub preferences: Vec<(String, Vec<(String, String)>)>,
+    /// Per component: the user's last activity.
+    pub activities: Vec<(String, ActivityRecord)>,
+    /// Every event of the user (`data.user`), per component in sequence order.
+    pub events: Vec<(String, StoredEvent)>,
+    /// `(component, key, value)` of every KV key under the user's prefixes.
+    pub kv: Vec<(String, String, Vec<u8>)>,
+    /// The user's home region in this node's directory copy.
+    pub home_region: Option<String>,
+}
+
+/// A SQL table holding personal data, and the column naming its user
+/// ([`crate::SqlStore::erase_user_rows`]). Identifiers as declared, unquoted.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct UserTable {
+    pub table: String,
+    pub column: String,
+}

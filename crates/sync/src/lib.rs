@@ -121,6 +121,28 @@ impl Value {
     }
 }
 
+/// One CRDT entry about a user ([`Sync::export_user`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserCrdtEntry {
+    pub component: String,
+    pub scope: Scope,
+    pub kind: Kind,
+    pub name: String,
+    pub entry: UserCrdtValue,
+}
+
+/// What a CRDT holds about a user.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UserCrdtValue {
+    /// The user is a member of the set.
+    Member,
+    /// The map's value under the user's id.
+    MapValue(Vec<u8>),
+    /// The user's leaderboard score.
+    Score(i64),
+}
+
 /// Settings of the sync service.
 #[derive(Debug, Clone)]
 pub struct SyncOptions {
@@ -474,6 +496,79 @@ impl Sync {
             Some(Value::Map(m)) => m.keys().cloned().collect(),
             _ => Vec::new(),
         })
+    }
+
+    /// What this node's CRDTs hold about `user` (GDPR export): every set
+    /// it is a member of, every map entry keyed by it and every leaderboard
+    /// score of it, as (component, scope, kind, name, entry). `entry` is
+    /// the map value for maps, the score for leaderboards, empty for sets.
+    pub fn export_user(&self, user: &str) -> StoreResult<Vec<UserCrdtEntry>> {
+        let map = self.lock()?;
+        let mut out: Vec<UserCrdtEntry> = map
+            .iter()
+            .filter_map(|((ns, id), slot)| {
+                let entry = match &slot.value {
+                    Value::Set(s) if s.contains(user) => UserCrdtValue::Member,
+                    Value::Map(m) => UserCrdtValue::MapValue(m.get(user)?.clone()),
+                    Value::Leaderboard(b) if b.score(user) != 0 => {
+                        UserCrdtValue::Score(b.score(user))
+                    }
+                    _ => return None,
+                };
+                Some(UserCrdtEntry {
+                    component: ns.as_str().to_string(),
+                    scope: id.scope,
+                    kind: id.kind,
+                    name: id.name.clone(),
+                    entry,
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| {
+            (&a.component, a.scope, a.kind, &a.name).cmp(&(&b.component, b.scope, b.kind, &b.name))
+        });
+        Ok(out)
+    }
+
+    /// Removes `user` from every CRDT on this node (GDPR erasure): set
+    /// members equal to the user id and map entries keyed by it, in every
+    /// component and scope; a leaderboard member named by it is set to 0
+    /// (leaderboards keep member names). Each removal is an ordinary
+    /// mutation, persisted and shipped as a delta, so the other replicas of
+    /// region and global CRDTs drop it too. Returns the CRDTs changed;
+    /// idempotent.
+    pub async fn erase_user(&self, user: &str) -> StoreResult<u64> {
+        let holding: Vec<(Namespace, Id)> = self
+            .lock()?
+            .iter()
+            .filter(|(_, slot)| match &slot.value {
+                Value::Set(s) => s.contains(user),
+                Value::Map(m) => m.contains_key(user),
+                Value::Leaderboard(b) => b.score(user) != 0,
+                Value::Counter(_) | Value::Register(_) => false,
+            })
+            .map(|(key, _)| key.clone())
+            .collect();
+        let mut changed = 0;
+        for (ns, id) in holding {
+            let member = user.to_string();
+            let r = self.inner.replica.clone();
+            self.mutate(&ns, id.scope, id.kind, &id.name, move |v, _| {
+                let delta = match v {
+                    Value::Set(s) => Value::Set(s.remove(&member)),
+                    Value::Map(m) => Value::Map(m.remove(&member)),
+                    Value::Leaderboard(b) => {
+                        let score = b.score(&member);
+                        Value::Leaderboard(b.apply(&r, &member, -score))
+                    }
+                    other => Value::empty(other.kind()),
+                };
+                Ok((delta, ()))
+            })
+            .await?;
+            changed += 1;
+        }
+        Ok(changed)
     }
 
     /// Adds each `(member, delta)` to the member's score in leaderboard

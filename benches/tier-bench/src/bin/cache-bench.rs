@@ -146,6 +146,7 @@ async fn l1_in_process() -> anyhow::Result<(f64, f64)> {
             max_value_bytes: 1 << 20,
             region_bucket: Some(kv("L2")),
             global_bucket: kv("L3"),
+            personal_keys: Default::default(),
         },
         bus.clone(),
         bus,

@@ -38,16 +38,12 @@
 //! (default `warn`), `KEEL_NATS_SERVER` (see keel-test-support).
 
 use anyhow::{Context, bail};
-use bytes::Bytes;
-use futures::StreamExt;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tier_bench::{
-    Http, Node, Samples, Topology, WARMUP, check_interrupted, gets, guest_wasm, logs, run_bench,
-    samples_arg, text, wait_connected,
+    Http, Node, Samples, Topology, WARMUP, check_interrupted, gets, guest_wasm, logs,
+    raw_round_trip, run_bench, samples_arg, text, wait_connected,
 };
 
 /// us-east, then us-west; the first edge of a region is its coordinator.
@@ -156,77 +152,6 @@ async fn regional_op(
 
 /// (2) Core request/reply between nyc's and bos's zone-account users on
 /// the us-east server (bos's connection echoes).
-async fn raw_round_trip(topology: &Topology, n: usize) -> anyhow::Result<Samples> {
-    let connect = |edge: &'static str| async move {
-        let c = topology.credentials(edge)?;
-        let url = c.servers.first().context("us-east has a server")?.clone();
-        let client = async_nats::ConnectOptions::with_user_and_password(c.user, c.password)
-            .connect(url.as_str())
-            .await
-            .with_context(|| format!("connect as {edge} to {url}"))?;
-        anyhow::Ok(client)
-    };
-    let requester = connect("nyc").await?;
-    let responder = connect("bos").await?;
-    let mut sub = responder.subscribe(ECHO_SUBJECT).await?;
-    responder.flush().await?;
-    let echoed = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let count = echoed.clone();
-    let echo_state = responder.clone();
-    let echo = tokio::spawn(async move {
-        while let Some(m) = sub.next().await {
-            if let Some(reply) = m.reply {
-                if responder.publish(reply, m.payload).await.is_err() {
-                    break;
-                }
-                count.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-    });
-    let payload = Bytes::from(json!({"kind": "k0", "attributes": {}}).to_string());
-    // `flush` only writes the SUB out; the server may not have processed it
-    // when the first request arrives on the other connection ("no
-    // responders"). Wait until the echo answers.
-    let deadline = Instant::now() + SAMPLE_DEADLINE;
-    loop {
-        check_interrupted()?;
-        match requester.request(ECHO_SUBJECT, payload.clone()).await {
-            Ok(_) => break,
-            Err(e)
-                if e.kind() == async_nats::RequestErrorKind::NoResponders
-                    && Instant::now() < deadline =>
-            {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            Err(e) => bail!("the echo on the us-east server does not answer: {e}"),
-        }
-    }
-    let mut out = Samples::default();
-    for i in 0..WARMUP + n {
-        check_interrupted()?;
-        let start = Instant::now();
-        let outcome = tokio::time::timeout(
-            SAMPLE_DEADLINE,
-            requester.request(ECHO_SUBJECT, payload.clone()),
-        )
-        .await;
-        if !matches!(outcome, Ok(Ok(_))) {
-            bail!(
-                "raw NATS request {i}: {outcome:?}; {} echoed so far; echo task finished: {}; requester {:?}, responder {:?}",
-                echoed.load(Ordering::Relaxed),
-                echo.is_finished(),
-                requester.connection_state(),
-                echo_state.connection_state()
-            );
-        }
-        if i >= WARMUP {
-            out.push(start.elapsed());
-        }
-    }
-    echo.abort();
-    Ok(out)
-}
-
 /// (3) A regional subscription at bos to kind `bench`; `POST /reg/event` at
 /// nyc until bos's deliveries list one more (the first `WARMUP.min(n)`
 /// events unmeasured).
@@ -378,7 +303,7 @@ async fn run(topology: &Topology, nodes: &[Node], n: usize) -> anyhow::Result<()
     let op = regional_op((nyc, bos), (&mut a, &mut b), "user", n).await?;
 
     eprintln!("== 2. raw NATS round trip: {WARMUP} warm-up + {n} samples");
-    let raw = raw_round_trip(topology, n).await?;
+    let raw = raw_round_trip(topology, "nyc", "bos", ECHO_SUBJECT, n).await?;
 
     let nd = n.min(MAX_DELIVERY_SAMPLES);
     eprintln!(

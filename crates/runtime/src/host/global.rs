@@ -3,13 +3,13 @@
 //! `on-global-event`), global queries and reports (every region's API,
 //! with a deadline), and the directory.
 //!
-//! Queries, reports, user search and billing reconciliation are audited.
-//! Data deletion and export are not in this build: a component that imports any of them does not load
-//! ([`crate::linking::GLOBAL_FUNCTIONS_IMPLEMENTED`]), so their host stubs
-//! below are unreachable from a loaded guest.
+//! Queries, reports, user search and billing reconciliation are audited;
+//! data deletion and export (jobs in [`crate::privacy`]) are audited when
+//! asked for and when they end.
 
 use super::{WitError, is_event_type, wit_error};
 use crate::global::{RegionAnswer, RegionQuery, Totals, merge_leaderboards};
+use crate::privacy::{ExportFormat, JobKind, JobState, PrivacyError};
 use crate::regional::{Filter, GlobalFilter, Kind};
 use crate::state::HostState;
 use keel_world::bindings::keel::platform::global_coordination as gc;
@@ -22,12 +22,6 @@ const MAX_EVENT_ID_BYTES: usize = 256;
 
 fn unavailable(e: impl std::fmt::Display) -> WitError {
     WitError::Unavailable(e.to_string())
-}
-
-fn not_in_this_build(f: &str) -> wasmtime::Error {
-    wasmtime::Error::msg(format!(
-        "global-coordination.{f} is not available in this build (the component should not have loaded)"
-    ))
 }
 
 impl HostState {
@@ -474,23 +468,122 @@ impl gc::Host for HostState {
         Ok(super::audited(&c, "reconcile-billing", subject, result).await)
     }
 
-    async fn process_data_deletion(&mut self, _user: String, _regions: Vec<String>) -> R<String> {
-        Err(not_in_this_build("process-data-deletion"))
+    async fn process_data_deletion(&mut self, user: String, regions: Vec<String>) -> R<String> {
+        let c = self.component();
+        let subject = format!("user={user} regions=[{}]", regions.join(","));
+        if let Err(e) = super::audit_request(&c, "process-data-deletion", subject).await {
+            return Ok(Err(e));
+        }
+        Ok(c.services
+            .privacy
+            .begin(JobKind::Erase, &user, regions, c.ns.as_str(), None)
+            .await
+            .map_err(privacy_error))
     }
 
-    async fn get_deletion_status(&mut self, _id: String) -> R<gc::DeletionStatus> {
-        Err(not_in_this_build("get-deletion-status"))
+    async fn get_deletion_status(&mut self, id: String) -> R<gc::DeletionStatus> {
+        let c = self.component();
+        Ok(
+            own_job(&c, &id, JobKind::Erase).map(|job| gc::DeletionStatus {
+                state: job_state(job.state()),
+                regions: region_progress(&job),
+                id: job.id,
+                user: job.user,
+            }),
+        )
     }
 
-    async fn export_user_data(&mut self, _user: String, _format: gc::ExportFormat) -> R<String> {
-        Err(not_in_this_build("export-user-data"))
+    async fn export_user_data(&mut self, user: String, format: gc::ExportFormat) -> R<String> {
+        let c = self.component();
+        let format = match format {
+            gc::ExportFormat::Json => ExportFormat::Json,
+            gc::ExportFormat::Ndjson => ExportFormat::Ndjson,
+        };
+        let subject = format!("user={user} format={format:?}");
+        if let Err(e) = super::audit_request(&c, "export-user-data", subject).await {
+            return Ok(Err(e));
+        }
+        Ok(c.services
+            .privacy
+            .begin(
+                JobKind::Export,
+                &user,
+                Vec::new(),
+                c.ns.as_str(),
+                Some(format),
+            )
+            .await
+            .map_err(privacy_error))
     }
 
-    async fn get_export_status(&mut self, _id: String) -> R<gc::ExportStatus> {
-        Err(not_in_this_build("get-export-status"))
+    async fn get_export_status(&mut self, id: String) -> R<gc::ExportStatus> {
+        let c = self.component();
+        Ok(
+            own_job(&c, &id, JobKind::Export).map(|job| gc::ExportStatus {
+                state: job_state(job.state()),
+                regions: region_progress(&job),
+                format: match job.format {
+                    Some(ExportFormat::Ndjson) => gc::ExportFormat::Ndjson,
+                    _ => gc::ExportFormat::Json,
+                },
+                size_bytes: job.size_bytes,
+                id: job.id,
+                user: job.user,
+            }),
+        )
     }
 
-    async fn read_export(&mut self, _id: String, _offset: u64, _max_bytes: u32) -> R<Vec<u8>> {
-        Err(not_in_this_build("read-export"))
+    async fn read_export(&mut self, id: String, offset: u64, max_bytes: u32) -> R<Vec<u8>> {
+        let c = self.component();
+        if let Err(e) = own_job(&c, &id, JobKind::Export) {
+            return Ok(Err(e));
+        }
+        Ok(c.services
+            .privacy
+            .read_export(&id, offset, max_bytes)
+            .map_err(privacy_error))
     }
+}
+
+/// A job of `kind` that the calling component started (`not-found`
+/// otherwise: components do not see each other's jobs).
+fn own_job(
+    c: &crate::state::ComponentContext,
+    id: &str,
+    kind: JobKind,
+) -> Result<crate::privacy::Job, WitError> {
+    match c.services.privacy.status(id) {
+        Ok(job) if job.kind == kind && job.component == c.ns.as_str() => Ok(job),
+        Ok(_) => Err(WitError::NotFound),
+        Err(e) => Err(privacy_error(e)),
+    }
+}
+
+fn privacy_error(e: PrivacyError) -> WitError {
+    match e {
+        PrivacyError::Invalid(m) => WitError::Invalid(m),
+        PrivacyError::NotFound => WitError::NotFound,
+        PrivacyError::Conflict(m) => WitError::Conflict(m),
+        PrivacyError::Unavailable(m) => WitError::Unavailable(m),
+    }
+}
+
+fn job_state(s: JobState) -> types::JobState {
+    match s {
+        JobState::Pending => types::JobState::Pending,
+        JobState::Running => types::JobState::Running,
+        JobState::Completed => types::JobState::Completed,
+        JobState::Failed => types::JobState::Failed,
+    }
+}
+
+fn region_progress(job: &crate::privacy::Job) -> Vec<types::RegionProgress> {
+    job.regions
+        .iter()
+        .map(|(region, p)| types::RegionProgress {
+            region: region.clone(),
+            state: job_state(p.state),
+            detail: p.detail.clone(),
+        })
+        .collect()
 }
