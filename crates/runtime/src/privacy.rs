@@ -414,7 +414,14 @@ impl Privacy {
             if open.is_empty() {
                 break;
             }
-            let asks = open.iter().map(|region| self.ask_region(&job, region));
+            let job_ref = &job;
+            let asks = open.iter().map(|region| async move {
+                let job = job_ref;
+                let started = std::time::Instant::now();
+                let answer = self.ask_region(&job, region).await;
+                tracing::debug!(job = %job.id, region, ok = answer.is_ok(), elapsed_ms = started.elapsed().as_millis() as u64, "user-data job: region answered");
+                answer
+            });
             let answers = futures::future::join_all(asks).await;
             for (region, answer) in open.iter().zip(answers) {
                 let progress = match answer {
@@ -449,9 +456,13 @@ impl Privacy {
             backoff = (backoff * 2).min(RETRY_MAX);
         }
         // The end: directory entry (erase) or archive (export), audit.
+        let started = std::time::Instant::now();
         loop {
             match self.finish(&mut job).await {
-                Ok(()) => break,
+                Ok(()) => {
+                    tracing::debug!(job = %job.id, elapsed_ms = started.elapsed().as_millis() as u64, "user-data job finished");
+                    break;
+                }
                 Err(e) => {
                     tracing::warn!(job = %job.id, error = %e, "cannot finish a user-data job; retrying");
                     tokio::time::sleep(backoff).await;
@@ -716,7 +727,16 @@ impl Privacy {
             permanent: false,
         };
         match request {
-            RegionRequest::Erase { user, .. } => {
+            RegionRequest::Erase { user, job } => {
+                let started = std::time::Instant::now();
+                let step = |what: &str| {
+                    tracing::debug!(
+                        job,
+                        what,
+                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        "erasure step done"
+                    );
+                };
                 let parts = match self
                     .each_edge(NodeRequest::EraseLocal { user: user.clone() })
                     .await
@@ -724,18 +744,22 @@ impl Privacy {
                     Ok(p) => p,
                     Err(e) => return transient(e),
                 };
+                step("edges erased");
                 if let Err(e) = self.keys.destroy(&user).await {
                     return transient(format!("cannot destroy the data key: {e}"));
                 }
+                step("key destroyed");
                 if let Err(e) = self
                     .each_edge(NodeRequest::Forget { user: user.clone() })
                     .await
                 {
                     return transient(e);
                 }
+                step("edges forgot");
                 if let Err(e) = self.keys.destroy(&user).await {
                     return transient(format!("cannot destroy the data key: {e}"));
                 }
+                step("key destroyed again");
                 RegionReply::Done { edges: parts }
             }
             RegionRequest::Export {
@@ -809,6 +833,14 @@ impl Privacy {
 
     /// Erases what this node holds about `user` (see the module docs).
     async fn erase_local(&self, user: &str) -> Result<Value, String> {
+        let started = std::time::Instant::now();
+        let step = |what: &str| {
+            tracing::debug!(
+                what,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "local erasure step done"
+            );
+        };
         let mut cache_prefixes = 0u64;
         let mut sql_rows = 0u64;
         for c in &self.components {
@@ -831,17 +863,20 @@ impl Privacy {
                     .map_err(|e| format!("SQL of {}: {e}", c.ns))?;
             }
         }
+        step("cache and SQL");
         let crdts = self
             .sync
             .erase_user(user)
             .await
             .map_err(|e| format!("CRDTs: {e}"))?;
+        step("CRDTs");
         // Last: its compaction also drops the CRDT states saved above.
         let store = self
             .store
             .erase_user(user.to_string(), self.key_prefixes(user))
             .await
             .map_err(|e| format!("store: {e}"))?;
+        step("store");
         self.keys.forget(user);
         self.users.forget(user);
         let exports = self.erase_exports(user).await?;

@@ -223,6 +223,9 @@ async fn run(topology: &Topology, nodes: &[Node], n: usize) -> anyhow::Result<()
             erase.push(start.elapsed());
         }
     }
+    if std::env::var_os("KEEL_BENCH_SHOW_LOG").is_some() {
+        eprintln!("{}", nyc.log_text());
+    }
     eprintln!("== baseline: raw NATS round trip nyc -> fra, {n} samples");
     let raw = raw_round_trip(topology, "nyc", "fra", "bench.erase.echo", n.max(100)).await?;
 
