@@ -161,6 +161,8 @@ struct Inner {
 
 type ReadKey = (String, String, u64);
 type ReadConsumer = consumer::Consumer<consumer::pull::Config>;
+/// The header a KV delete or purge marker carries (`DEL`, `PURGE`).
+const KV_OPERATION_HEADER: &str = "KV-Operation";
 /// Idle read consumers are deleted by the server after this...
 const READ_CONSUMER_INACTIVE: Duration = Duration::from_secs(30);
 /// ...so they are reused only if idle for less than this.
@@ -701,6 +703,68 @@ impl NatsBus {
             });
         }
         Ok(out)
+    }
+
+    /// The live keys a last-per-subject, headers-only consumer on a KV
+    /// stream delivers (delete and purge markers skipped).
+    async fn list_keys(&self, bucket: &str, consumer: &ReadConsumer) -> BusResult<Vec<String>> {
+        const BATCH: usize = 4096;
+        let prefix = format!("$KV.{bucket}.");
+        let mut keys = Vec::new();
+        if consumer.cached_info().num_pending == 0 {
+            return Ok(keys);
+        }
+        // A consumer just created in another cluster is reachable only once
+        // its interest has crossed the gateway: until then a pull gets "no
+        // responders" (status 503, which async-nats reports only as text).
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        let mut backoff = Duration::from_millis(2);
+        loop {
+            let mut batch = consumer
+                .fetch()
+                .max_messages(BATCH)
+                .messages()
+                .await
+                .map_err(|e| self.classify(&e))?;
+            let mut got = 0;
+            let mut no_responders = false;
+            while let Some(m) = batch.next().await {
+                let m = match m {
+                    Ok(m) => m,
+                    Err(e) if got == 0 && e.to_string().contains("503") => {
+                        no_responders = true;
+                        break;
+                    }
+                    Err(e) => {
+                        return Err(BusError::Unavailable(format!(
+                            "listing keys of {bucket}: {e}"
+                        )));
+                    }
+                };
+                got += 1;
+                let removed = m
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get(KV_OPERATION_HEADER))
+                    .is_some_and(|op| matches!(op.as_str(), "DEL" | "PURGE"));
+                if !removed && let Some(key) = m.subject.strip_prefix(prefix.as_str()) {
+                    keys.push(key.to_owned());
+                }
+            }
+            if no_responders {
+                if std::time::Instant::now() + backoff > deadline {
+                    return Err(BusError::Unavailable(format!(
+                        "listing keys of {bucket}: its consumer is not reachable (no responders)"
+                    )));
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_millis(100));
+                continue;
+            }
+            if got < BATCH {
+                return Ok(keys);
+            }
+        }
     }
 
     /// Keeps `consumer` for the read that continues after `out`.
@@ -1299,17 +1363,42 @@ impl Bus for NatsBus {
     }
 
     async fn kv_keys(&self, bucket: &str) -> BusResult<Vec<String>> {
-        use futures::TryStreamExt as _;
         check_name("bucket", bucket)?;
         self.ensure_connected()?;
-        let store = self.store(bucket).await?;
-        let keys = store
-            .keys()
-            .await
-            .map_err(|e| BusError::Unavailable(format!("listing keys of {bucket}: {e}")))?;
-        keys.try_collect()
-            .await
-            .map_err(|e| BusError::Unavailable(format!("listing keys of {bucket}: {e}")))
+        let stream = format!("KV_{bucket}");
+        let not_found = |e| match e {
+            BusError::NotFound(_) => BusError::NotFound(format!("KV bucket {bucket:?}")),
+            e => e,
+        };
+        let handle = self.stream_handle(&stream).await.map_err(not_found)?;
+        // Not async-nats's `Store::keys`: its push consumer counts on the
+        // pending count taken at creation, and an entry erased before it
+        // is delivered (another node invalidating the same prefix) leaves
+        // it waiting for a 5 s idle heartbeat. A pull consumer fetched
+        // without waiting ends when the server has nothing more.
+        let config = consumer::pull::Config {
+            deliver_policy: consumer::DeliverPolicy::LastPerSubject,
+            filter_subject: format!("$KV.{bucket}.>"),
+            headers_only: true,
+            ack_policy: consumer::AckPolicy::None,
+            inactive_threshold: READ_CONSUMER_INACTIVE,
+            memory_storage: true,
+            num_replicas: 1,
+            ..Default::default()
+        };
+        let consumer = match handle.create_consumer(config).await {
+            Ok(c) => c,
+            Err(e) => {
+                let err = self.classify(&e);
+                if matches!(err, BusError::NotFound(_)) {
+                    lock(&self.inner.streams).remove(&stream);
+                }
+                return Err(not_found(err));
+            }
+        };
+        let listed = self.list_keys(bucket, &consumer).await;
+        self.delete_read_consumer(&stream, consumer);
+        listed
     }
 
     async fn kv_put(&self, bucket: &str, key: &str, value: Bytes) -> BusResult<u64> {

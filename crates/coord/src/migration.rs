@@ -124,6 +124,17 @@ pub struct MigrationOptions {
     pub crash_after: Option<Phase>,
 }
 
+/// What a migration service works with.
+pub struct MigrationServices {
+    pub bus: Arc<dyn Bus>,
+    /// The target region's user keys (copies are sealed like activity).
+    pub keys: Arc<UserKeys>,
+    pub directory: Arc<Directory>,
+    pub users: Arc<UserStateView>,
+    pub users_feed: Arc<crate::FeedHandle>,
+    pub records: Arc<dyn HostRecords>,
+}
+
 /// The migration service of one node.
 pub struct Migrations {
     opts: MigrationOptions,
@@ -178,14 +189,17 @@ fn now_ms() -> u64 {
 impl Migrations {
     pub fn new(
         opts: MigrationOptions,
-        bus: Arc<dyn Bus>,
-        keys: Arc<UserKeys>,
-        directory: Arc<Directory>,
-        users: Arc<UserStateView>,
-        users_feed: Arc<crate::FeedHandle>,
-        records: Arc<dyn HostRecords>,
+        services: MigrationServices,
         rt: &tokio::runtime::Handle,
     ) -> Arc<Migrations> {
+        let MigrationServices {
+            bus,
+            keys,
+            directory,
+            users,
+            users_feed,
+            records,
+        } = services;
         Arc::new(Migrations {
             opts,
             bus,

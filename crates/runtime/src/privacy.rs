@@ -418,7 +418,7 @@ impl Privacy {
             let asks = open.iter().map(|region| async move {
                 let job = job_ref;
                 let started = std::time::Instant::now();
-                let answer = self.ask_region(&job, region).await;
+                let answer = self.ask_region(job, region).await;
                 tracing::debug!(job = %job.id, region, ok = answer.is_ok(), elapsed_ms = started.elapsed().as_millis() as u64, "user-data job: region answered");
                 answer
             });

@@ -205,12 +205,14 @@ impl Services {
                 rules: residency.clone(),
                 crash_after: crash_hook(),
             },
-            bus.clone(),
-            user_keys.clone(),
-            directory.clone(),
-            regional.users.clone(),
-            regional.views_feed.clone(),
-            rocks.clone(),
+            keel_coord::migration::MigrationServices {
+                bus: bus.clone(),
+                keys: user_keys.clone(),
+                directory: directory.clone(),
+                users: regional.users.clone(),
+                users_feed: regional.views_feed.clone(),
+                records: rocks.clone(),
+            },
             background.handle(),
         );
         migrations.start();

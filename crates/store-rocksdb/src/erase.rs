@@ -28,7 +28,6 @@ use rocksdb::{
     WaitForCompactOptions,
 };
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::future::Future;
 
 /// How long a purge waits for background flushes and compactions.
 const PURGE_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
@@ -100,25 +99,23 @@ fn check_request(
 
 /// Runs `f` on a new thread (scans and compactions must not block a tokio
 /// worker or the committer); starts when first polled.
-fn on_thread<T, F>(f: F) -> impl Future<Output = StoreResult<T>> + Send + 'static
+async fn on_thread<T, F>(f: F) -> StoreResult<T>
 where
     T: Send + 'static,
     F: FnOnce() -> StoreResult<T> + Send + 'static,
 {
-    async move {
-        let (done, result) = tokio::sync::oneshot::channel();
-        std::thread::Builder::new()
-            .name("keel-store-erase".into())
-            .spawn(move || {
-                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
-                    .unwrap_or_else(|_| Err(StoreError::Internal("erasure panicked".into())));
-                let _ = done.send(r);
-            })
-            .map_err(|e| StoreError::Unavailable(format!("cannot start a thread: {e}")))?;
-        result
-            .await
-            .map_err(|_| StoreError::Internal("erasure thread stopped".into()))?
-    }
+    let (done, result) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("keel-store-erase".into())
+        .spawn(move || {
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+                .unwrap_or_else(|_| Err(StoreError::Internal("erasure panicked".into())));
+            let _ = done.send(r);
+        })
+        .map_err(|e| StoreError::Unavailable(format!("cannot start a thread: {e}")))?;
+    result
+        .await
+        .map_err(|_| StoreError::Internal("erasure thread stopped".into()))?
 }
 
 fn is_users_event(e: &StoredEvent, user: &str) -> bool {

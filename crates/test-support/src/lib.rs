@@ -134,6 +134,37 @@ where
     }
 }
 
+/// Every regular file under `dir` (recursively) whose raw bytes contain
+/// `needle`: the byte scan of erasure tests (GDPR), over RocksDB, SQLite
+/// and JetStream store directories alike. Files that vanish while scanning
+/// (a compaction, a WAL rotation) are skipped.
+pub fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(d) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            match entry.file_type() {
+                Ok(t) if t.is_dir() => pending.push(path),
+                Ok(t)
+                    if t.is_file()
+                        && std::fs::read(&path).is_ok_and(|bytes| {
+                            bytes.windows(needle.len()).any(|w| w == needle)
+                        }) =>
+                {
+                    found.push(path)
+                }
+                _ => {}
+            }
+        }
+    }
+    found.sort();
+    found
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -165,35 +196,4 @@ mod tests {
         let distinct: std::collections::BTreeSet<u16> = ports.iter().copied().collect();
         assert_eq!(distinct.len(), ports.len());
     }
-}
-
-/// Every regular file under `dir` (recursively) whose raw bytes contain
-/// `needle`: the byte scan of erasure tests (GDPR), over RocksDB, SQLite
-/// and JetStream store directories alike. Files that vanish while scanning
-/// (a compaction, a WAL rotation) are skipped.
-pub fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    let mut pending = vec![dir.to_path_buf()];
-    while let Some(d) = pending.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            match entry.file_type() {
-                Ok(t) if t.is_dir() => pending.push(path),
-                Ok(t)
-                    if t.is_file()
-                        && std::fs::read(&path).is_ok_and(|bytes| {
-                            bytes.windows(needle.len()).any(|w| w == needle)
-                        }) =>
-                {
-                    found.push(path)
-                }
-                _ => {}
-            }
-        }
-    }
-    found.sort();
-    found
 }
