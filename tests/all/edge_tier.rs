@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 use std::collections::BTreeSet;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-const SECRET: &str = "edge-tier-test-secret-at-least-32-bytes";
+pub(crate) const SECRET: &str = "edge-tier-test-secret-at-least-32-bytes";
 const ISSUER: &str = "https://id.keel.test";
 const AUDIENCE: &str = "keel-tests";
 const ALL_GRANTS: &str = r#"grants = ["edge-operations", "kv", "sql", "events"]"#;
@@ -51,7 +51,7 @@ fn now() -> i64 {
 }
 
 /// Claims that pass every check of `edge_node`'s `[auth]`.
-fn good_claims(user: &str) -> Value {
+pub(crate) fn good_claims(user: &str) -> Value {
     json!({
         "sub": user,
         "iss": ISSUER,
@@ -63,7 +63,7 @@ fn good_claims(user: &str) -> Value {
 }
 
 /// An HS256 token with header `kid` signed with `secret`.
-fn token(kid: Option<&str>, secret: &str, claims: &Value) -> String {
+pub(crate) fn token(kid: Option<&str>, secret: &str, claims: &Value) -> String {
     let mut header = Header::new(Algorithm::HS256);
     header.kid = kid.map(str::to_string);
     jsonwebtoken::encode(

@@ -100,6 +100,12 @@ pub struct ComponentConfig {
     /// `[components.<name>.personal-data]`: where the component keeps one
     /// user's data (GDPR erase and export).
     pub personal_data: PersonalData,
+    /// `[components.<name>.env]`: the component's environment variables
+    /// (`wasi:cli/environment`), in name order. Empty: no environment.
+    pub env: Vec<EnvVar>,
+    /// `[components.<name>.live] channels`: which live (SSE) channels a
+    /// signed-in user may open; empty: none.
+    pub live_channels: Vec<LiveChannel>,
     /// Where `[components.<name>]` is, for diagnostics.
     pub location: Location,
     /// Where the `wasm` key is, for diagnostics about the module itself.
@@ -119,6 +125,71 @@ pub struct PersonalData {
     /// SQL tables and the column holding the user id (`"notes.owner"`):
     /// those rows are the user's.
     pub sql: Vec<SqlUserColumn>,
+}
+
+/// One variable of `[components.<name>.env]`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct EnvVar {
+    pub name: String,
+    pub source: EnvSource,
+    /// Where it is written (an unset host variable is reported here).
+    pub location: Location,
+}
+
+impl std::fmt::Debug for EnvVar {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EnvVar")
+            .field("name", &self.name)
+            .field("source", &self.source)
+            .finish()
+    }
+}
+
+/// Where an environment variable's value comes from. Nothing is read while
+/// parsing: host variables are read when the component loads.
+#[derive(Clone, PartialEq, Eq)]
+pub enum EnvSource {
+    /// `NAME = "value"`.
+    Value(String),
+    /// `NAME = { from-env = "HOST_VAR" }`: the host's variable (secrets).
+    Host(String),
+}
+
+impl std::fmt::Debug for EnvSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            // Values may be secrets: never print them.
+            EnvSource::Value(v) => write!(f, "Value(<{} bytes>)", v.len()),
+            EnvSource::Host(n) => f.debug_tuple("Host").field(n).finish(),
+        }
+    }
+}
+
+/// A live channel pattern: literal text, at most one `{user}` (the
+/// token's subject) and optionally a final `*` (any rest).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveChannel(String);
+
+impl LiveChannel {
+    /// Whether `user` may open `channel` under this pattern.
+    pub fn allows(&self, user: &str, channel: &str) -> bool {
+        let pattern = self.0.replace("{user}", user);
+        match pattern.strip_suffix('*') {
+            Some(prefix) => channel.starts_with(prefix) && channel.len() > prefix.len(),
+            None => channel == pattern,
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Bytes of a live channel name, and which ones (see `wit/live.wit`).
+pub const MAX_LIVE_CHANNEL_BYTES: usize = 128;
+
+pub fn is_live_channel_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'@' | b'/' | b'-')
 }
 
 /// `"<table>.<column>"` of `personal-data.sql`.
@@ -273,6 +344,17 @@ struct RawComponent {
     limits: Option<RawLimits>,
     #[serde(default)]
     personal_data: Option<RawPersonalData>,
+    #[serde(default)]
+    env: BTreeMap<String, Spanned<toml::Value>>,
+    #[serde(default)]
+    live: Option<RawLive>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawLive {
+    #[serde(default)]
+    channels: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -654,6 +736,8 @@ fn build_component(
         );
     }
     let personal_data = build_personal_data(src, name, raw.personal_data, diags);
+    let env = build_env(src, name, raw.env, diags);
+    let live_channels = build_live(src, name, raw.live, diags);
     if diags.len() > before {
         return None;
     }
@@ -665,9 +749,110 @@ fn build_component(
         allowed_outbound_hosts: allowed,
         limits,
         personal_data,
+        env,
+        live_channels,
         location,
         wasm_location,
     })
+}
+
+/// Variables a component may have, and bytes of one value.
+const MAX_ENV_VARS: usize = 64;
+const MAX_ENV_VALUE_BYTES: usize = 64 * 1024;
+
+fn build_env(
+    src: &diagnostic::Source,
+    name: &str,
+    raw: BTreeMap<String, Spanned<toml::Value>>,
+    diags: &mut Vec<Diagnostic>,
+) -> Vec<EnvVar> {
+    let mut out = Vec::new();
+    if raw.len() > MAX_ENV_VARS {
+        diags.push(Diagnostic::new(
+            src.location(None),
+            format!("components.{name}.env"),
+            format!("{} variables; at most {MAX_ENV_VARS}", raw.len()),
+        ));
+        return out;
+    }
+    for (var, value) in raw {
+        let key = format!("components.{name}.env.{var}");
+        let span = Some(value.span());
+        let valid_name = var.len() <= 128
+            && var.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+            && var.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid_name {
+            diags.push(src.at(
+                span,
+                &key,
+                "variable names are letters, digits and '_', not starting with a digit (at most 128)".into(),
+            ));
+            continue;
+        }
+        let source = match value.get_ref() {
+            toml::Value::String(v) if v.len() <= MAX_ENV_VALUE_BYTES => EnvSource::Value(v.clone()),
+            toml::Value::String(v) => {
+                diags.push(src.at(
+                    span,
+                    &key,
+                    format!("{} bytes; at most {MAX_ENV_VALUE_BYTES}", v.len()),
+                ));
+                continue;
+            }
+            toml::Value::Table(t)
+                if t.len() == 1
+                    && let Some(toml::Value::String(host)) = t.get("from-env")
+                    && !host.is_empty() =>
+            {
+                EnvSource::Host(host.clone())
+            }
+            _ => {
+                diags.push(src.at(
+                    span,
+                    &key,
+                    "accepted: a string, or { from-env = \"HOST_VARIABLE\" }".into(),
+                ));
+                continue;
+            }
+        };
+        out.push(EnvVar {
+            name: var,
+            source,
+            location: src.location(span),
+        });
+    }
+    out
+}
+
+fn build_live(
+    src: &diagnostic::Source,
+    name: &str,
+    raw: Option<RawLive>,
+    diags: &mut Vec<Diagnostic>,
+) -> Vec<LiveChannel> {
+    let mut out = Vec::new();
+    let key = format!("components.{name}.live.channels");
+    for c in raw.map(|r| r.channels).unwrap_or_default() {
+        let v = c.get_ref();
+        let literal = v.replacen("{user}", "u", 1);
+        let body = literal.strip_suffix('*').unwrap_or(&literal);
+        let ok = !body.is_empty()
+            && v.matches("{user}").count() <= 1
+            && v.len() <= MAX_LIVE_CHANNEL_BYTES
+            && body.bytes().all(is_live_channel_byte);
+        if ok {
+            out.push(LiveChannel(v.clone()));
+        } else {
+            diags.push(src.at(
+                Some(c.span()),
+                &key,
+                format!(
+                    "{v:?} is not a channel pattern; accepted: up to {MAX_LIVE_CHANNEL_BYTES} bytes of A-Z a-z 0-9 _ . : @ / -, at most one {{user}} (the signed-in user) and an optional final * (e.g. \"user/{{user}}\", \"room/*\")"
+                ),
+            ));
+        }
+    }
+    out
 }
 
 fn build_personal_data(

@@ -353,3 +353,68 @@ fn personal_data_is_parsed_and_checked() {
         "{text}"
     );
 }
+
+#[test]
+fn env_and_live_channels_are_parsed_and_checked() {
+    let c = parse(
+        "[components.hello]\nwasm = \"hello.wasm\"\nroute = \"/...\"\n\
+         [components.hello.env]\nTITLE = \"Keel chat\"\nSECRET = { from-env = \"HOST_SECRET\" }\n\
+         [components.hello.live]\nchannels = [\"user/{user}\", \"room/*\", \"presence\"]\n",
+    )
+    .unwrap();
+    let h = &c.components[0];
+    assert_eq!(
+        h.env
+            .iter()
+            .map(|v| (v.name.as_str(), v.source.clone()))
+            .collect::<Vec<_>>(),
+        [
+            ("SECRET", EnvSource::Host("HOST_SECRET".into())),
+            ("TITLE", EnvSource::Value("Keel chat".into())),
+        ]
+    );
+    assert_eq!(h.env[0].location.line, 6);
+    assert!(
+        !format!("{:?}", h.env).contains("Keel chat"),
+        "values stay out of logs"
+    );
+    let allows =
+        |user: &str, channel: &str| h.live_channels.iter().any(|p| p.allows(user, channel));
+    assert!(allows("alice", "user/alice"));
+    assert!(!allows("bob", "user/alice"));
+    assert!(!allows("alice", "user/alice2"));
+    assert!(allows("bob", "room/lobby"));
+    assert!(!allows("bob", "room/"), "* needs at least one byte");
+    assert!(allows("bob", "presence"));
+    assert!(!allows("bob", "presence2"));
+
+    let e = parse(
+        "[components.hello]\nwasm = \"hello.wasm\"\nroute = \"/...\"\n\
+         [components.hello.env]\n1BAD = \"x\"\nN = 3\nM = { from-env = \"\" }\n\
+         [components.hello.live]\nchannels = [\"user/{user}/{user}\", \"room x\", \"\"]\n",
+    )
+    .unwrap_err();
+    let text = e.to_string();
+    for (line, needle) in [
+        ("keel.toml:5", "env.1BAD"),
+        ("keel.toml:6", "env.N"),
+        ("keel.toml:7", "env.M"),
+        (
+            "keel.toml:9",
+            "\"user/{user}/{user}\" is not a channel pattern",
+        ),
+        ("keel.toml:9", "\"room x\" is not a channel pattern"),
+    ] {
+        assert!(
+            text.lines().any(|l| l.contains(line) && l.contains(needle)),
+            "{needle}: {text}"
+        );
+    }
+    assert!(text.contains("from-env"), "{text}");
+    let e = parse(
+        "[components.hello]\nwasm = \"hello.wasm\"\nroute = \"/...\"\n\
+         [components.hello.live]\nchanels = []\n",
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("unknown field `chanels`"), "{e}");
+}

@@ -7,6 +7,7 @@
 //! resets from needing cross-core TLB shootdowns (see BENCHMARKS.md).
 
 mod admin;
+mod live;
 mod service;
 
 use keel_config::ServerConfig;
@@ -189,6 +190,11 @@ fn worker(
         }
         // Stop accepting: new connections are refused from here on.
         drop(listener);
+        // Live streams never end on their own: end them so the drain
+        // waits only for requests (browsers reconnect elsewhere).
+        if let Some(s) = shared.runtime.services() {
+            s.live.close_all();
+        }
         if tokio::time::timeout(config.drain_timeout, graceful.shutdown())
             .await
             .is_err()

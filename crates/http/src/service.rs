@@ -86,6 +86,9 @@ pub(crate) fn service(
 
 async fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path();
+    if let Some(component) = path.strip_prefix("/_keel/live/") {
+        return crate::live::handle(shared, &req, component);
+    }
     if path.starts_with("/_keel/") || path == "/_keel" || path == "/metrics" {
         return crate::admin::handle(shared, &req);
     }

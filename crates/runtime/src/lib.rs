@@ -17,6 +17,7 @@ mod engine;
 mod global;
 mod host;
 mod linking;
+pub mod live;
 mod privacy;
 mod regional;
 mod services;
@@ -215,9 +216,13 @@ fn load_component(
 
     let mut diags = linking::check_grants(c);
     diags.extend(linking::check_imports(c, &imports));
+    let env = resolve_env(c).map_err(|d| {
+        diags.push(d);
+    });
     if !diags.is_empty() {
         return Err(diags);
     }
+    let env = env.unwrap_or_default();
     if !exports
         .iter()
         .any(|e| e.starts_with("wasi:http/incoming-handler@0.2"))
@@ -270,10 +275,31 @@ fn load_component(
                     .expect("config validated the component name as [a-z0-9_-]+"),
                 services: s.clone(),
                 component: this.clone(),
+                env,
             })
         }),
         permits: Arc::new(Semaphore::new(c.limits.max_instances as usize)),
     }))
+}
+
+/// `[components.<name>.env]` with host variables read (now, at load: a
+/// missing one is a load error naming where it is declared).
+fn resolve_env(c: &ComponentConfig) -> Result<Vec<(String, String)>, Diagnostic> {
+    c.env
+        .iter()
+        .map(|v| match &v.source {
+            keel_config::EnvSource::Value(value) => Ok((v.name.clone(), value.clone())),
+            keel_config::EnvSource::Host(host) => std::env::var(host)
+                .map(|value| (v.name.clone(), value))
+                .map_err(|e| {
+                    Diagnostic::new(
+                        v.location.clone(),
+                        format!("components.{}.env.{}", c.name, v.name),
+                        format!("host environment variable {host}: {e}; set it or write the value inline"),
+                    )
+                }),
+        })
+        .collect()
 }
 
 impl LoadedComponent {

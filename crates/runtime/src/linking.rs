@@ -16,6 +16,7 @@ pub const IMPLEMENTED_INTERFACES: &[&str] = &[
     "global-coordination",
     "kv",
     "ledger",
+    "live",
     "regional-coordination",
     "sql",
     "state",
@@ -210,6 +211,8 @@ mod tests {
             allowed_outbound_hosts: vec![],
             limits: Limits::default(),
             personal_data: Default::default(),
+            env: vec![],
+            live_channels: vec![],
             location: at.clone(),
             wasm_location: at,
         }

@@ -49,6 +49,8 @@ pub struct Services {
     pub audit: Arc<keel_ledger::audit::AuditTrail>,
     /// GDPR erasure and export jobs.
     pub privacy: Arc<crate::privacy::Privacy>,
+    /// Live (SSE) connections of this node's browsers.
+    pub live: Arc<crate::live::LiveHub>,
     /// Runs the bus connection and the sync tasks, apart from the serving
     /// threads (which run one current-thread runtime per core).
     background: Option<tokio::runtime::Runtime>,
@@ -326,6 +328,7 @@ impl Services {
             ledger,
             audit,
             privacy,
+            live: crate::live::LiveHub::new(metrics.live.clone()),
             background: Some(background),
         }))
     }

@@ -18,6 +18,8 @@ pub struct ComponentContext {
     /// The loaded component itself (weak: it owns this context), for host
     /// calls that register it, e.g. subscriptions.
     pub(crate) component: std::sync::Weak<crate::LoadedComponent>,
+    /// `[components.<name>.env]`, resolved at load.
+    pub(crate) env: Vec<(String, String)>,
 }
 
 /// Everything one request's `Store` holds.
@@ -51,11 +53,15 @@ impl HostState {
             .build();
         let mut table = ResourceTable::new();
         table.set_max_capacity(100_000);
+        // Empty capability context but for the declared environment: no
+        // args, preopens or sockets; stdio closed/discarded.
+        let wasi = WasiCtx::builder()
+            .max_random_size(1 << 20)
+            .envs(&component.env)
+            .build();
         HostState {
             component,
-            // Empty capability context: no env, args, preopens or sockets;
-            // stdio closed/discarded.
-            wasi: WasiCtx::builder().max_random_size(1 << 20).build(),
+            wasi,
             http: WasiHttpCtx::new(),
             table,
             outbound: OutboundPolicy {

@@ -55,6 +55,21 @@ pub struct Metrics {
     pub cache: CacheMetrics,
     /// The strongly consistent ledger (`keel-ledger`).
     pub ledger: LedgerMetrics,
+    /// Live (SSE) connections to browsers (`keel-runtime`'s live hub).
+    pub live: LiveMetrics,
+}
+
+/// Live delivery to browsers. Cheap to clone (shared atomics).
+#[derive(Clone, Default)]
+pub struct LiveMetrics {
+    /// Open live connections.
+    pub connections: Gauge,
+    /// Events queued to a connection (one publish to n connections counts n).
+    pub events: Counter,
+    /// Connections closed because they fell behind.
+    pub slow_disconnects: Counter,
+    /// Connection attempts refused (auth, channel not allowed, limits).
+    pub refused: Counter,
 }
 
 /// The ledger (`keel-ledger`). Cheap to clone (shared atomics).
@@ -373,7 +388,33 @@ impl Metrics {
         ] {
             registry.register(name, help, c.clone());
         }
+        let live = LiveMetrics::default();
+        registry.register(
+            "live_connections",
+            "Open live (server-sent events) connections",
+            live.connections.clone(),
+        );
+        for (name, help, c) in [
+            (
+                "live_events",
+                "Live events queued to connections",
+                &live.events,
+            ),
+            (
+                "live_slow_disconnects",
+                "Live connections closed because they fell behind",
+                &live.slow_disconnects,
+            ),
+            (
+                "live_refused",
+                "Live connections refused (auth, channel, limits)",
+                &live.refused,
+            ),
+        ] {
+            registry.register(name, help, c.clone());
+        }
         Metrics {
+            live,
             ledger,
             sync,
             bus,

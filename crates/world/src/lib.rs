@@ -50,6 +50,7 @@ pub const KEEL_INTERFACES: &[&str] = &[
     "keel:platform/sql",
     "keel:platform/events",
     "keel:platform/ledger",
+    "keel:platform/live",
     "keel:platform/subscriber",
     "keel:platform/scheduled",
     "keel:platform/cache-loader",
@@ -67,6 +68,7 @@ pub const GRANTABLE_INTERFACES: &[&str] = &[
     "keel:platform/sql",
     "keel:platform/events",
     "keel:platform/ledger",
+    "keel:platform/live",
 ];
 
 /// Imported interfaces that carry only types. A component importing any keel
@@ -199,6 +201,7 @@ mod tests {
             "http-edge",
             "http-regional",
             "http-global",
+            "http-live",
         ] {
             assert!(worlds.contains_key(name), "world {name} missing");
         }
@@ -280,6 +283,7 @@ mod tests {
             ("http-edge", "keel:platform/edge-operations"),
             ("http-regional", "keel:platform/regional-coordination"),
             ("http-global", "keel:platform/global-coordination"),
+            ("http-live", "keel:platform/live"),
         ] {
             let imports = imports_of(world);
             let granted: Vec<&String> = imports

@@ -8,6 +8,7 @@ mod events;
 mod global;
 mod kv;
 mod ledger;
+mod live;
 mod regional;
 mod sql;
 mod state;
@@ -206,6 +207,7 @@ pub(crate) fn add_to_linker(
         "cache" => p::cache::add_to_linker::<_, HasSelf<HostState>>(linker, |s| s),
         "kv" => p::kv::add_to_linker::<_, HasSelf<HostState>>(linker, |s| s),
         "ledger" => p::ledger::add_to_linker::<_, HasSelf<HostState>>(linker, |s| s),
+        "live" => p::live::add_to_linker::<_, HasSelf<HostState>>(linker, |s| s),
         "sql" => p::sql::add_to_linker::<_, HasSelf<HostState>>(linker, |s| s),
         "events" => p::events::add_to_linker::<_, HasSelf<HostState>>(linker, |s| s),
         "state" => p::state::add_to_linker::<_, HasSelf<HostState>>(linker, |s| s),
