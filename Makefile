@@ -3,7 +3,7 @@
 # Every host build is `--workspace --all-targets`: cargo resolves dependency
 # features per selected package set, so `-p xtask` or `--bin keel` would
 # rebuild wasmtime with other features. One resolution, one build.
-.PHONY: run test guests build host bootstrap bench bench-edge bench-sync bench-region bench-regional-op bench-cache bench-ledger bench-erase check fmt clippy
+.PHONY: run demo test guests build host bootstrap bench bench-edge bench-sync bench-region bench-regional-op bench-cache bench-ledger bench-erase check fmt clippy
 
 CARGO ?= cargo
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
@@ -23,14 +23,20 @@ build: guests
 
 # The example app's JWT key (keel.toml [auth] reads it from the environment).
 # A development default, so `make run` works as is; set your own to override.
-run check: export KEEL_DEMO_JWT_SECRET ?= keel-dev-secret-change-me-before-deploying
+run check demo: export KEEL_DEMO_JWT_SECRET ?= keel-dev-secret-change-me-before-deploying
 
 # Serve the example app (keel.toml) on the embedded single node at http://127.0.0.1:8080.
 run: build
 	env -u RUST_BACKTRACE $(KEEL) up --config keel.toml
 
+# The global chat on a loopback deployment: 3 regions x 2 edges, NATS
+# clusters and gateways rendered as `keel topology` does. Prints the URLs;
+# Ctrl-C stops everything it started.
+demo: build
+	env -u RUST_BACKTRACE KEEL_BIN=$(KEEL) $(TARGET_DIR)/debug/keel-demo
+
 # Tests and benchmarks start their own nats-server (bootstrap installs it).
-test bench bench-sync bench-region bench-regional-op bench-cache bench-ledger bench-erase: export KEEL_NATS_SERVER ?= $(CURDIR)/.tools/venv/bin/nats-server
+test demo bench bench-sync bench-region bench-regional-op bench-cache bench-ledger bench-erase: export KEEL_NATS_SERVER ?= $(CURDIR)/.tools/venv/bin/nats-server
 
 test: guests
 	env -u RUST_BACKTRACE $(CARGO) test --workspace --all-targets --no-fail-fast
