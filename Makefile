@@ -3,7 +3,7 @@
 # Every host build is `--workspace --all-targets`: cargo resolves dependency
 # features per selected package set, so `-p xtask` or `--bin keel` would
 # rebuild wasmtime with other features. One resolution, one build.
-.PHONY: run demo test guests build host bootstrap bench bench-edge bench-sync bench-region bench-regional-op bench-cache bench-ledger bench-erase check fmt clippy
+.PHONY: run demo test browser-deps guests build host bootstrap bench bench-edge bench-sync bench-region bench-regional-op bench-cache bench-ledger bench-erase check fmt clippy
 
 CARGO ?= cargo
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
@@ -20,6 +20,16 @@ guests: host
 	$(XTASK) guests
 
 build: guests
+
+# The browser tests' npm packages (tests/all/browser.rs runs tests/browser/
+# with node and Debian's chromium): `npm ci` only when node_modules is
+# missing or older than package-lock.json (npm ci writes the stamp).
+BROWSER := tests/browser
+browser-deps: $(BROWSER)/node_modules/.package-lock.json
+
+$(BROWSER)/node_modules/.package-lock.json: $(BROWSER)/package-lock.json $(BROWSER)/package.json | bootstrap
+	npm ci --prefix $(BROWSER) --no-audit --no-fund
+	@touch $@
 
 # The example app's JWT key (keel.toml [auth] reads it from the environment).
 # A development default, so `make run` works as is; set your own to override.
@@ -38,7 +48,7 @@ demo: build
 # Tests and benchmarks start their own nats-server (bootstrap installs it).
 test demo bench bench-sync bench-region bench-regional-op bench-cache bench-ledger bench-erase: export KEEL_NATS_SERVER ?= $(CURDIR)/.tools/venv/bin/nats-server
 
-test: guests
+test: guests browser-deps
 	env -u RUST_BACKTRACE $(CARGO) test --workspace --all-targets --no-fail-fast
 
 check: build

@@ -8,7 +8,13 @@ cd "$(dirname "$0")/.."
 #   rustc-web cargo-web rust-web-src lld-19  build guests for wasm32 without a rustup target
 #   libclang-dev                             bindgen for librocksdb-sys
 #   wrk hyperfine                            load generators for benches/
-PACKAGES=(rustc-web cargo-web rust-web-src lld-19 libclang-dev pkg-config wrk hyperfine python3-venv)
+#   chromium nodejs npm                      the browser end-to-end tests (tests/browser)
+PACKAGES=(rustc-web cargo-web rust-web-src lld-19 libclang-dev pkg-config wrk hyperfine python3-venv chromium)
+# Debian's nodejs and npm unless a node with npm is there already (NodeSource's
+# nodejs bundles npm and conflicts with Debian's npm package).
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+  PACKAGES+=(nodejs npm)
+fi
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

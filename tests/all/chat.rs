@@ -14,14 +14,14 @@ use std::time::{Duration, Instant};
 
 /// The token secret: the chat signs with it (`CHAT_JWT_SECRET`), the
 /// node's `[auth]` verifies with it.
-const JWT_SECRET: &str = "chat-test-jwt-secret-0123456789abcdef";
-const SECRET_ENV: &str = "CHAT_TEST_JWT_SECRET";
+pub(crate) const JWT_SECRET: &str = "chat-test-jwt-secret-0123456789abcdef";
+pub(crate) const SECRET_ENV: &str = "CHAT_TEST_JWT_SECRET";
 /// Deadline for anything that should arrive promptly.
 const WAIT: Duration = Duration::from_secs(30);
 
 /// keel.toml tables for the chat at `/chat/...` (as an operator writes
 /// them), and the `[auth]` key its tokens verify with.
-fn chat_tables() -> String {
+pub(crate) fn chat_tables() -> String {
     format!(
         "{}\n[auth]\n[[auth.keys]]\nalgorithm = \"HS256\"\nsecret-env = {SECRET_ENV:?}\n",
         component(

@@ -5,10 +5,12 @@ mod support;
 
 mod admin;
 mod audit;
+mod browser;
 mod cache;
 mod chat;
 mod config_errors;
 mod crash;
+mod dashboard;
 mod edge_tier;
 mod http_limits;
 mod isolation;

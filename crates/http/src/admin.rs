@@ -1,8 +1,12 @@
-//! `/_keel/health`, `/_keel/ready`, `/_keel/components`, `/metrics`.
+//! `/_keel/health`, `/_keel/ready`, `/_keel/components`, `/_keel/cluster`,
+//! `/_keel/ui` (the operator dashboard), `/metrics`.
 
 use crate::service::{Body, Shared, text};
 use http::{HeaderValue, Request, StatusCode, header};
 use std::sync::Arc;
+
+/// The operator dashboard: one self-contained page polling `/_keel/cluster`.
+const DASHBOARD: &str = include_str!("../ui/dashboard.html");
 
 pub(crate) fn handle<B>(shared: &Arc<Shared>, req: &Request<B>) -> http::Response<Body> {
     match req.uri().path() {
@@ -42,6 +46,28 @@ pub(crate) fn handle<B>(shared: &Arc<Shared>, req: &Request<B>) -> http::Respons
             }
         }
         "/_keel/components" => json(StatusCode::OK, &components(shared)),
+        "/_keel/cluster" => match shared.runtime.services() {
+            Some(s) => {
+                let report = s
+                    .cluster
+                    .report(s.cluster.snapshot(), std::time::Instant::now());
+                match serde_json::to_value(&report) {
+                    Ok(v) => json(StatusCode::OK, &v),
+                    Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+                }
+            }
+            None => text(StatusCode::NOT_FOUND, "this node runs no services\n"),
+        },
+        "/_keel/ui" => {
+            let mut r = text(StatusCode::OK, DASHBOARD);
+            let h = r.headers_mut();
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/html; charset=utf-8"),
+            );
+            h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+            r
+        }
         "/metrics" => {
             let mut r = text(StatusCode::OK, shared.metrics.render());
             r.headers_mut().insert(
@@ -53,7 +79,7 @@ pub(crate) fn handle<B>(shared: &Arc<Shared>, req: &Request<B>) -> http::Respons
         other => text(
             StatusCode::NOT_FOUND,
             format!(
-                "no admin endpoint {other}; try /_keel/health, /_keel/ready, /_keel/components, /metrics\n"
+                "no admin endpoint {other}; try /_keel/health, /_keel/ready, /_keel/components, /_keel/cluster, /_keel/ui, /metrics\n"
             ),
         ),
     }

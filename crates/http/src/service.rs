@@ -157,8 +157,7 @@ async fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> 
     }
     component
         .metrics
-        .duration
-        .observe(started.elapsed().as_secs_f64());
+        .observe_duration(started.elapsed().as_secs_f64());
     component.metrics.response(response.status().as_u16());
     response
 }

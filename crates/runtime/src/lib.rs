@@ -13,6 +13,7 @@
 
 mod body;
 mod cache;
+pub mod cluster;
 mod engine;
 mod global;
 mod host;
@@ -118,6 +119,16 @@ impl Runtime {
         }
         let epoch = engine::EpochTicker::start(&engine);
         if let Some(s) = &services {
+            let source = cluster::SnapshotSource::new(
+                s,
+                metrics,
+                components
+                    .iter()
+                    .map(|c| (c.config.name.clone(), c.metrics.clone()))
+                    .collect(),
+            );
+            s.cluster
+                .start(source, s.global_bus.clone(), s.background());
             let (s, all) = (s.clone(), components.clone());
             s.clone()
                 .background()
@@ -397,8 +408,7 @@ impl LoadedComponent {
             .await
             .and_then(|r| r.map_err(|e| format!("the handler returned {e:?}")));
         self.metrics
-            .duration
-            .observe(started.elapsed().as_secs_f64());
+            .observe_duration(started.elapsed().as_secs_f64());
         if let Err(reason) = &outcome {
             tracing::warn!(component = %self.config.name, subscription, sequence, reason, "delivery failed; will retry");
         }

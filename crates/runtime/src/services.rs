@@ -51,6 +51,10 @@ pub struct Services {
     pub privacy: Arc<crate::privacy::Privacy>,
     /// Live (SSE) connections of this node's browsers.
     pub live: Arc<crate::live::LiveHub>,
+    /// Every node's latest snapshot, for the dashboard (`/_keel/cluster`).
+    pub cluster: Arc<crate::cluster::ClusterView>,
+    /// When the services were opened (the node's uptime).
+    pub started: std::time::Instant,
     /// Runs the bus connection and the sync tasks, apart from the serving
     /// threads (which run one current-thread runtime per core).
     background: Option<tokio::runtime::Runtime>,
@@ -134,6 +138,7 @@ impl Services {
             .map_err(|e| fail("SQLite databases", e))?;
         let auth = keel_auth::Authenticator::from_config(&config.auth)?;
         let rocks = Arc::new(rocks);
+        let started = std::time::Instant::now();
         let background = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("keel-bus")
@@ -329,6 +334,12 @@ impl Services {
             audit,
             privacy,
             live: crate::live::LiveHub::new(metrics.live.clone()),
+            cluster: Arc::new(crate::cluster::ClusterView::new(
+                region,
+                &config.node.edge,
+                crate::cluster::expected_nodes(config.regions.as_deref()),
+            )),
+            started,
             background: Some(background),
         }))
     }

@@ -10,9 +10,21 @@ use prometheus_client::registry::Registry;
 
 type Labels = Vec<(&'static str, String)>;
 
+/// Upper bounds of the latency buckets: 50 µs .. ~13 s.
+const LATENCY_START: f64 = 0.00005;
+const LATENCY_FACTOR: f64 = 2.0;
+const LATENCY_BUCKETS: usize = 19;
+
 fn latency_histogram() -> Histogram {
-    // 50 µs .. ~13 s
-    Histogram::new(exponential_buckets(0.00005, 2.0, 19))
+    Histogram::new(exponential_buckets(
+        LATENCY_START,
+        LATENCY_FACTOR,
+        LATENCY_BUCKETS as u16,
+    ))
+}
+
+fn latency_bound(i: usize) -> f64 {
+    LATENCY_START * LATENCY_FACTOR.powi(i as i32)
 }
 
 /// Why the host answered a request without running a component.
@@ -454,6 +466,7 @@ impl Metrics {
                 .requests
                 .get_or_create_owned(&l(Some(("status", "5xx")))),
             duration: self.duration.get_or_create_owned(&l(None)),
+            latency: LatencyBuckets::default(),
             instantiation: self.instantiation.get_or_create_owned(&l(None)),
             traps: self.traps.get_or_create_owned(&l(None)),
             in_flight: self.in_flight.get_or_create_owned(&l(None)),
@@ -486,7 +499,12 @@ pub struct ComponentMetrics {
     redirect: Counter,
     client_error: Counter,
     server_error: Counter,
-    pub duration: Histogram,
+    /// Exported as `keel_http_request_duration_seconds`; observe through
+    /// [`ComponentMetrics::observe_duration`] so quantiles see it too.
+    duration: Histogram,
+    /// The same observations, readable here (the Prometheus histogram's
+    /// buckets are not), for quantiles on the dashboard.
+    latency: LatencyBuckets,
     pub instantiation: Histogram,
     pub traps: Counter,
     pub in_flight: Gauge,
@@ -510,5 +528,110 @@ impl ComponentMetrics {
 
     pub fn server_errors(&self) -> u64 {
         self.server_error.get()
+    }
+
+    /// Records how long one request (or subscriber delivery) took.
+    pub fn observe_duration(&self, seconds: f64) {
+        self.duration.observe(seconds);
+        self.latency.observe(seconds);
+    }
+
+    /// Count, sum and quantiles of every duration observed so far.
+    pub fn latency(&self) -> LatencySummary {
+        self.latency.summary()
+    }
+}
+
+/// Cumulative latency of one component. Quantiles are bucket upper bounds
+/// (factor 2 apart), `None` before the first observation.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LatencySummary {
+    pub count: u64,
+    pub sum_seconds: f64,
+    pub p50_seconds: Option<f64>,
+    pub p99_seconds: Option<f64>,
+}
+
+/// Bucket counts (not cumulative) of the latency histogram's bounds, plus
+/// one past the last bound, and the sum in nanoseconds.
+#[derive(Clone, Default)]
+struct LatencyBuckets(std::sync::Arc<LatencyInner>);
+
+#[derive(Default)]
+struct LatencyInner {
+    buckets: [std::sync::atomic::AtomicU64; LATENCY_BUCKETS + 1],
+    sum_nanos: std::sync::atomic::AtomicU64,
+}
+
+impl LatencyBuckets {
+    fn observe(&self, seconds: f64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let i = (0..LATENCY_BUCKETS)
+            .find(|&i| seconds <= latency_bound(i))
+            .unwrap_or(LATENCY_BUCKETS);
+        self.0.buckets[i].fetch_add(1, Relaxed);
+        self.0
+            .sum_nanos
+            .fetch_add((seconds.max(0.0) * 1e9) as u64, Relaxed);
+    }
+
+    fn summary(&self) -> LatencySummary {
+        let sum_seconds = self.0.sum_nanos.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e9;
+        let counts: Vec<u64> = self
+            .0
+            .buckets
+            .iter()
+            .map(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+            .collect();
+        let total: u64 = counts.iter().sum();
+        let quantile = |q: f64| {
+            if total == 0 {
+                return None;
+            }
+            let rank = ((q * total as f64).ceil() as u64).max(1);
+            let mut seen = 0;
+            for (i, c) in counts.iter().enumerate() {
+                seen += c;
+                if seen >= rank {
+                    // Past the last bound: report the last bound.
+                    return Some(latency_bound(i.min(LATENCY_BUCKETS - 1)));
+                }
+            }
+            Some(latency_bound(LATENCY_BUCKETS - 1))
+        };
+        LatencySummary {
+            count: total,
+            sum_seconds,
+            p50_seconds: quantile(0.5),
+            p99_seconds: quantile(0.99),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_quantiles_are_bucket_upper_bounds() {
+        let m = Metrics::new().component("c");
+        assert_eq!(m.latency().p50_seconds, None);
+        for _ in 0..98 {
+            m.observe_duration(0.00004); // first bucket: <= 50 µs
+        }
+        m.observe_duration(0.003); // <= 3.2 ms
+        m.observe_duration(100.0); // past the last bound
+        let l = m.latency();
+        assert_eq!(l.count, 100);
+        assert!((l.sum_seconds - (98.0 * 0.00004 + 100.003)).abs() < 1e-6);
+        assert_eq!(l.p50_seconds, Some(0.00005));
+        assert_eq!(l.p99_seconds, Some(0.00005 * 64.0));
+        m.observe_duration(100.0);
+        m.observe_duration(100.0);
+        assert_eq!(l.count + 2, m.latency().count);
+        assert_eq!(
+            m.latency().p99_seconds,
+            Some(latency_bound(LATENCY_BUCKETS - 1))
+        );
     }
 }
