@@ -3,7 +3,7 @@
 # Every host build is `--workspace --all-targets`: cargo resolves dependency
 # features per selected package set, so `-p xtask` or `--bin keel` would
 # rebuild wasmtime with other features. One resolution, one build.
-.PHONY: run demo test browser-deps guests build host bootstrap bench bench-edge bench-sync bench-region bench-regional-op bench-cache bench-ledger bench-erase check fmt clippy
+.PHONY: run demo test browser-deps guests build host bootstrap bench bench-edge bench-sync bench-region bench-regional-op bench-cache bench-ledger bench-erase bench-chat check fmt clippy
 
 CARGO ?= cargo
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
@@ -33,7 +33,7 @@ $(BROWSER)/node_modules/.package-lock.json: $(BROWSER)/package-lock.json $(BROWS
 
 # The example app's JWT key (keel.toml [auth] reads it from the environment).
 # A development default, so `make run` works as is; set your own to override.
-run check demo: export KEEL_DEMO_JWT_SECRET ?= keel-dev-secret-change-me-before-deploying
+run check demo bench-chat: export KEEL_DEMO_JWT_SECRET ?= keel-dev-secret-change-me-before-deploying
 
 # Serve the example app (keel.toml) on the embedded single node at http://127.0.0.1:8080.
 run: build
@@ -46,7 +46,7 @@ demo: build
 	env -u RUST_BACKTRACE KEEL_BIN=$(KEEL) $(TARGET_DIR)/debug/keel-demo
 
 # Tests and benchmarks start their own nats-server (bootstrap installs it).
-test demo bench bench-sync bench-region bench-regional-op bench-cache bench-ledger bench-erase: export KEEL_NATS_SERVER ?= $(CURDIR)/.tools/venv/bin/nats-server
+test demo bench bench-sync bench-region bench-regional-op bench-cache bench-ledger bench-erase bench-chat: export KEEL_NATS_SERVER ?= $(CURDIR)/.tools/venv/bin/nats-server
 
 test: guests browser-deps
 	env -u RUST_BACKTRACE $(CARGO) test --workspace --all-targets --no-fail-fast
@@ -63,6 +63,7 @@ bench: guests
 	./benches/cache.sh
 	./benches/ledger.sh
 	./benches/erase.sh
+	./benches/chat.sh
 
 bench-edge: guests
 	./benches/edge.sh
@@ -88,6 +89,10 @@ bench-ledger: guests
 # Needs the edge-, state-, cache- and privacy-probe guests.
 bench-erase: guests
 	./benches/erase.sh
+
+# The global chat under load: 1,200 users on 3 regions x 2 edges (benches/chat.sh).
+bench-chat: guests
+	./benches/chat.sh
 
 fmt:
 	$(CARGO) fmt --all

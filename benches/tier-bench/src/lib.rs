@@ -70,6 +70,47 @@ pub fn guest_wasm(env: &str, name: &str) -> anyhow::Result<PathBuf> {
     Ok(wasm)
 }
 
+/// The demo topology (`keel-demo`, `chat-load`): 3 regions x 2 edges, the
+/// first edge of each region its coordinator.
+pub const DEMO_REGIONS: &[(&str, &[&str])] = &[
+    ("us-east", &["nyc", "bos"]),
+    ("eu-west", &["ams", "lon"]),
+    ("ap-south", &["bom", "sin"]),
+];
+/// Every edge of [`DEMO_REGIONS`], region by region.
+pub const DEMO_EDGES: &[&str] = &["nyc", "bos", "ams", "lon", "bom", "sin"];
+
+/// The `[auth]` and `[components.chat]` tables of the demo's keel.toml: the
+/// chat (`$KEEL_CHAT_WASM`, else `components/target/wasm/chat.wasm`) at
+/// `/chat/...`, its tokens signed with `$KEEL_DEMO_JWT_SECRET` (which must
+/// be set: the nodes inherit it).
+pub fn chat_components() -> anyhow::Result<String> {
+    let chat = guest_wasm("KEEL_CHAT_WASM", "chat")?;
+    anyhow::ensure!(
+        std::env::var_os("KEEL_DEMO_JWT_SECRET").is_some(),
+        "set KEEL_DEMO_JWT_SECRET (the chat's token secret); `make demo` sets a development default"
+    );
+    Ok(format!(
+        r#"[auth]
+[[auth.keys]]
+algorithm = "HS256"
+secret-env = "KEEL_DEMO_JWT_SECRET"
+
+[components.chat]
+wasm = {:?}
+route = "/chat/..."
+grants = ["edge-operations", "regional-coordination", "global-coordination", "state", "sql", "live"]
+[components.chat.env]
+CHAT_JWT_SECRET = {{ from-env = "KEEL_DEMO_JWT_SECRET" }}
+[components.chat.live]
+channels = ["user/{{user}}", "room/*", "presence"]
+[components.chat.personal-data]
+sql = ["accounts.user", "messages.sender", "messages.recipient"]
+"#,
+        chat.display().to_string()
+    ))
+}
+
 /// Runs a tier benchmark: a multi-thread runtime with signal handling, the
 /// topology of `regions` (one nats-server each; with gateway proxies if
 /// asked), a release node with `components` on each of `edges`, then
@@ -426,6 +467,11 @@ impl Node {
         }
     }
 
+    /// The `keel` process id (for /proc/<pid>/status).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The node's log (its last 200 lines), for failure messages.
     pub fn log_text(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
@@ -508,6 +554,17 @@ impl Http {
         path: &str,
         body: impl Into<Bytes>,
     ) -> anyhow::Result<(u16, Bytes)> {
+        self.call_with(method, path, &[], body).await
+    }
+
+    /// One request with extra headers; (status, body).
+    pub async fn call_with(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<Bytes>,
+    ) -> anyhow::Result<(u16, Bytes)> {
         let ready = match &mut self.send {
             Some(s) => s.ready().await.is_ok(),
             None => false,
@@ -520,11 +577,14 @@ impl Http {
         }
         let send = self.send.as_mut().context("connected")?;
         send.ready().await?;
-        let req = hyper::Request::builder()
+        let mut req = hyper::Request::builder()
             .method(method)
             .uri(path)
-            .header("host", self.addr.to_string())
-            .body(Full::new(body.into()))?;
+            .header("host", self.addr.to_string());
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req.body(Full::new(body.into()))?;
         let resp = send
             .send_request(req)
             .await

@@ -14,45 +14,12 @@
 use anyhow::Context as _;
 use std::time::Duration;
 use tier_bench::{
-    Node, Topology, check_interrupted, guest_wasm, keel_bin, wait_connected, watch_signals,
+    DEMO_EDGES, DEMO_REGIONS, Node, Topology, chat_components, check_interrupted, keel_bin,
+    wait_connected, watch_signals,
 };
 
-const REGIONS: &[(&str, &[&str])] = &[
-    ("us-east", &["nyc", "bos"]),
-    ("eu-west", &["ams", "lon"]),
-    ("ap-south", &["bom", "sin"]),
-];
-const EDGES: &[&str] = &["nyc", "bos", "ams", "lon", "bom", "sin"];
-
-fn components() -> anyhow::Result<String> {
-    let chat = guest_wasm("KEEL_CHAT_WASM", "chat")?;
-    anyhow::ensure!(
-        std::env::var_os("KEEL_DEMO_JWT_SECRET").is_some(),
-        "set KEEL_DEMO_JWT_SECRET (the chat's token secret); `make demo` sets a development default"
-    );
-    Ok(format!(
-        r#"[auth]
-[[auth.keys]]
-algorithm = "HS256"
-secret-env = "KEEL_DEMO_JWT_SECRET"
-
-[components.chat]
-wasm = {:?}
-route = "/chat/..."
-grants = ["edge-operations", "regional-coordination", "global-coordination", "state", "sql", "live"]
-[components.chat.env]
-CHAT_JWT_SECRET = {{ from-env = "KEEL_DEMO_JWT_SECRET" }}
-[components.chat.live]
-channels = ["user/{{user}}", "room/*", "presence"]
-[components.chat.personal-data]
-sql = ["accounts.user", "messages.sender", "messages.recipient"]
-"#,
-        chat.display().to_string()
-    ))
-}
-
 fn main() -> anyhow::Result<()> {
-    let components = components()?;
+    let components = chat_components()?;
     let bin = match std::env::var_os("KEEL_BIN") {
         Some(b) => b.into(),
         None => keel_bin()?,
@@ -63,9 +30,9 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     rt.block_on(watch_signals())?;
     eprintln!("== starting nats: 3 regions x 1 server, joined by gateways");
-    let topology = Topology::start("demo", REGIONS, false)?;
+    let topology = Topology::start("demo", DEMO_REGIONS, false)?;
     let mut nodes = Vec::new();
-    for edge in EDGES {
+    for edge in DEMO_EDGES {
         check_interrupted()?;
         eprintln!("== starting keel {edge}");
         nodes.push(
@@ -83,7 +50,7 @@ fn main() -> anyhow::Result<()> {
         "\nKeel demo: the global chat on 3 regions x 2 edges (regions.toml: {})\n",
         topology.path.display()
     );
-    for (region, edges) in REGIONS {
+    for (region, edges) in DEMO_REGIONS {
         println!("{region}:");
         for e in *edges {
             let n = nodes.iter().find(|n| n.edge == *e).expect("started above");
