@@ -6,8 +6,8 @@
 //! packages (`make browser-deps`, a prerequisite of `make test`).
 //! Screenshots go to `<target dir>/test-artifacts/browser/<test>/`.
 
-use crate::chat::{JWT_SECRET, SECRET_ENV, chat_tables};
-use crate::regions::{RegionSpec, runtime, world};
+use crate::chat::two_region_chat;
+use crate::regions::runtime;
 use crate::support::*;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::PathBuf;
@@ -53,29 +53,8 @@ fn chat_in_browsers_on_two_regions_survives_an_edge_restart() {
     let out_dir = artifacts(test);
     let _heavy = heavy_test();
     // Both regions `global`: everyone's messages and presence may cross.
-    let world = world(&[
-        RegionSpec {
-            name: "alpha",
-            residency: "global",
-            edges: &["ams"],
-            servers: 1,
-        },
-        RegionSpec {
-            name: "beta",
-            residency: "global",
-            edges: &["sfo"],
-            servers: 1,
-        },
-    ]);
+    let (_world, nodes) = two_region_chat("global");
     let rt = runtime();
-    let nodes: Vec<Node> = ["ams", "sfo"]
-        .into_iter()
-        .map(|edge| {
-            let mut n = world.node(edge, None, &chat_tables());
-            n.env.push((SECRET_ENV.into(), JWT_SECRET.into()));
-            n
-        })
-        .collect();
     let a = nodes[0].start();
     let b = nodes[1].start();
     // bob's page reconnects to the same URL: pin his edge to the port it

@@ -4,7 +4,7 @@
 //! room message, a direct message and presence cross from one region to
 //! the other while a user whose data must stay in its zone keeps it there.
 
-use crate::regions::{RegionSpec, runtime, world};
+use crate::regions::{RegionSpec, World, hs256_token, runtime, world};
 use crate::support::*;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -133,20 +133,6 @@ async fn poll_get(
     }
 }
 
-/// A token signed with `secret` (not the chat's).
-fn foreign_token(user: &str, secret: &str) -> String {
-    let exp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 600;
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &json!({"sub": user, "exp": exp}),
-        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
-    )
-    .unwrap()
-}
 
 // ---- a server-sent-events reader ----
 
@@ -330,14 +316,14 @@ async fn chat_serves_ui_accounts_rooms_dms_presence_and_stats_on_one_node() {
     assert_eq!(r.headers["www-authenticate"], "Bearer");
     let r = call(&keel, "GET", "/chat/rooms", Some("garbage"), Value::Null).await;
     assert_eq!(r.status, 401, "{}", r.body);
-    let forged = foreign_token("alice", "some-other-secret-of-enough-length");
+    let forged = hs256_token("alice", "some-other-secret-of-enough-length");
     let r = call(&keel, "GET", "/chat/me", Some(&forged), Value::Null).await;
     assert_eq!(
         (r.status, r.json()["error"].clone()),
         (401, json!("bad-signature"))
     );
     // A valid token whose subject is no chat user id.
-    let odd = foreign_token("Not A Chat User", JWT_SECRET);
+    let odd = hs256_token("Not A Chat User", JWT_SECRET);
     let r = call(&keel, "GET", "/chat/me", Some(&odd), Value::Null).await;
     assert_eq!(r.status, 401, "{}", r.body);
     let r = call(
@@ -824,11 +810,10 @@ async fn chat_messages_reach_a_browser_stream_on_the_node() {
 
 // ---- two regions ----
 
-#[test]
-fn chat_crosses_regions_and_keeps_zone_bound_data_in_its_zone() {
-    let _heavy = heavy_test();
-    // alpha is `global`: its users' data may go anywhere. beta is `us`:
-    // its users' data stays in the us zone.
+/// Regions `alpha` (`global`, edge ams) and `beta` (`beta_residency`, edge
+/// sfo), each edge serving the chat; keep the `World` alive while the nodes
+/// run.
+pub(crate) fn two_region_chat(beta_residency: &'static str) -> (World, Vec<Node>) {
     let world = world(&[
         RegionSpec {
             name: "alpha",
@@ -838,13 +823,12 @@ fn chat_crosses_regions_and_keeps_zone_bound_data_in_its_zone() {
         },
         RegionSpec {
             name: "beta",
-            residency: "us",
+            residency: beta_residency,
             edges: &["sfo"],
             servers: 1,
         },
     ]);
-    let rt = runtime();
-    let nodes: Vec<Node> = ["ams", "sfo"]
+    let nodes = ["ams", "sfo"]
         .into_iter()
         .map(|edge| {
             let mut n = world.node(edge, None, &chat_tables());
@@ -852,6 +836,16 @@ fn chat_crosses_regions_and_keeps_zone_bound_data_in_its_zone() {
             n
         })
         .collect();
+    (world, nodes)
+}
+
+#[test]
+fn chat_crosses_regions_and_keeps_zone_bound_data_in_its_zone() {
+    let _heavy = heavy_test();
+    // alpha is `global`: its users' data may go anywhere. beta is `us`:
+    // its users' data stays in the us zone.
+    let (_world, nodes) = two_region_chat("us");
+    let rt = runtime();
     let a = nodes[0].start();
     let b = nodes[1].start();
     rt.block_on(async {

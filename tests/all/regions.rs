@@ -24,6 +24,11 @@ const JWT_SECRET: &str = "regions-test-jwt-secret-of-32-bytes!";
 
 /// A valid session token for `user` (HS256, no issuer/audience checks).
 fn user_token(user: &str) -> String {
+    hs256_token(user, JWT_SECRET)
+}
+
+/// An HS256 token for `user` signed with `secret`, valid for 10 minutes.
+pub(crate) fn hs256_token(user: &str, secret: &str) -> String {
     let exp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -32,10 +37,11 @@ fn user_token(user: &str) -> String {
     jsonwebtoken::encode(
         &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
         &json!({"sub": user, "exp": exp}),
-        &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
     )
     .unwrap()
 }
+
 const SECRET: &str = "regions-test-secret";
 /// Deadline for anything that should arrive promptly.
 const WAIT: Duration = Duration::from_secs(30);
