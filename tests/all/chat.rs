@@ -7,9 +7,7 @@
 use crate::regions::{RegionSpec, World, hs256_token, runtime, world};
 use crate::support::*;
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
 use serde_json::{Value, json};
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 /// The token secret: the chat signs with it (`CHAT_JWT_SECRET`), the
@@ -130,94 +128,6 @@ async fn poll_get(
             keel.log()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-
-// ---- a server-sent-events reader ----
-
-/// A `text/event-stream` response read event by event.
-struct Sse {
-    status: u16,
-    headers: http::HeaderMap,
-    body: hyper::body::Incoming,
-    buf: String,
-    _send: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
-}
-
-impl Sse {
-    async fn open(addr: SocketAddr, path: &str) -> Sse {
-        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let (mut send, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .unwrap();
-        tokio::spawn(conn);
-        let req = http::Request::get(path)
-            .header("host", addr.to_string())
-            .header("accept", "text/event-stream")
-            .body(Full::new(Bytes::new()))
-            .unwrap();
-        let resp = send.send_request(req).await.unwrap();
-        Sse {
-            status: resp.status().as_u16(),
-            headers: resp.headers().clone(),
-            body: resp.into_body(),
-            buf: String::new(),
-            _send: send,
-        }
-    }
-
-    /// The next event (name, data) before `deadline`; `None` at the
-    /// deadline or the end of the stream. Comments are skipped.
-    async fn next(&mut self, deadline: Instant) -> Option<(String, String)> {
-        loop {
-            while let Some(end) = self.buf.find("\n\n") {
-                let block: String = self.buf.drain(..end + 2).collect();
-                let (mut event, mut data) = (String::new(), Vec::new());
-                for line in block.lines() {
-                    if let Some(v) = line.strip_prefix("event:") {
-                        event = v.trim_start().to_string();
-                    } else if let Some(v) = line.strip_prefix("data:") {
-                        data.push(v.strip_prefix(' ').unwrap_or(v).to_string());
-                    }
-                }
-                if !event.is_empty() || !data.is_empty() {
-                    let event = if event.is_empty() {
-                        "message".into()
-                    } else {
-                        event
-                    };
-                    return Some((event, data.join("\n")));
-                }
-            }
-            let left = deadline.checked_duration_since(Instant::now())?;
-            match tokio::time::timeout(left, self.body.frame()).await {
-                Err(_) | Ok(None) => return None,
-                Ok(Some(Err(e))) => panic!("event stream broke: {e}"),
-                Ok(Some(Ok(frame))) => {
-                    if let Ok(data) = frame.into_data() {
-                        self.buf.push_str(&String::from_utf8_lossy(&data));
-                    }
-                }
-            }
-        }
-    }
-
-    /// Reads events until one named `event` whose JSON data satisfies `f`.
-    async fn expect(&mut self, event: &str, what: &str, f: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + WAIT;
-        let mut seen = Vec::new();
-        loop {
-            let Some((name, data)) = self.next(deadline).await else {
-                panic!("no {event:?} event with {what} before the deadline; saw {seen:?}");
-            };
-            let v: Value = serde_json::from_str(&data).unwrap_or(Value::String(data.clone()));
-            if name == event && f(&v) {
-                return v;
-            }
-            seen.push((name, data));
-        }
     }
 }
 
@@ -722,7 +632,7 @@ async fn chat_messages_reach_a_browser_stream_on_the_node() {
     let bob = token(&keel, "bob", "bob-secret").await;
 
     // Channels are checked against [components.chat.live].
-    let refused = Sse::open(keel.addr, &live_path(&bob, &["user/alice"])).await;
+    let refused = Sse::open(keel.addr, &live_path(&bob, &["user/alice"]), &[]).await;
     assert_eq!(refused.status, 403);
     let r = keel.get("/_keel/live/chat?channel=presence").await;
     assert_eq!(r.status, 401, "{}", r.body);
@@ -730,6 +640,7 @@ async fn chat_messages_reach_a_browser_stream_on_the_node() {
     let mut stream = Sse::open(
         keel.addr,
         &live_path(&bob, &["room/lobby", "user/bob", "presence"]),
+        &[],
     )
     .await;
     assert_eq!(stream.status, 200);
@@ -868,6 +779,7 @@ fn chat_crosses_regions_and_keeps_zone_bound_data_in_its_zone() {
         let mut stream = Sse::open(
             b.addr,
             &live_path(&bob, &["room/lobby", "user/bob", "presence"]),
+            &[],
         )
         .await;
         assert_eq!(stream.status, 200);

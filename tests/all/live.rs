@@ -5,8 +5,6 @@
 
 use crate::edge_tier::{SECRET, edge_node, good_claims, token};
 use crate::support::*;
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
 use serde_json::json;
 use std::time::{Duration, Instant};
 
@@ -38,81 +36,22 @@ fn token_for(user: &str) -> String {
     token(Some("k1"), SECRET, &good_claims(user))
 }
 
-/// An open SSE response: its events, parsed as they arrive.
-struct Sse {
-    body: hyper::body::Incoming,
-    buf: String,
+/// Opens a live stream on `keel`: `Err((status, body))` when refused.
+async fn open(keel: &Keel, path: &str, headers: &[(&str, &str)]) -> Result<Sse, (u16, String)> {
+    let s = Sse::open(keel.addr, path, headers).await;
+    if s.status != 200 {
+        return Err((s.status, s.text().await));
+    }
+    assert_eq!(s.headers["content-type"], "text/event-stream");
+    Ok(s)
 }
 
-impl Sse {
-    async fn open(keel: &Keel, path: &str, headers: &[(&str, &str)]) -> Result<Sse, Reply> {
-        let stream = tokio::net::TcpStream::connect(keel.addr).await.unwrap();
-        let (mut send, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .unwrap();
-        tokio::spawn(conn);
-        let mut req = http::Request::builder()
-            .uri(path)
-            .header("host", keel.addr.to_string());
-        for (k, v) in headers {
-            req = req.header(*k, *v);
-        }
-        let resp = send
-            .send_request(req.body(Empty::<Bytes>::new()).unwrap())
-            .await
-            .unwrap();
-        if resp.status() != 200 {
-            let status = resp.status().as_u16();
-            let headers = resp.headers().clone();
-            let raw = resp.into_body().collect().await.unwrap().to_bytes();
-            return Err(Reply {
-                status,
-                headers,
-                body: String::from_utf8_lossy(&raw).into_owned(),
-                raw,
-            });
-        }
-        assert_eq!(resp.headers()["content-type"], "text/event-stream");
-        Ok(Sse {
-            body: resp.into_body(),
-            buf: String::new(),
-        })
-    }
-
-    /// The next event as (name, data); `None` when the stream ended.
-    /// Keepalive comments are skipped. Panics after `within`.
-    async fn next(&mut self, within: Duration) -> Option<(String, String)> {
-        let end = Instant::now() + within;
-        loop {
-            while let Some(i) = self.buf.find("\n\n") {
-                let block: String = self.buf.drain(..i + 2).collect();
-                let mut name = String::new();
-                let mut data = Vec::new();
-                for line in block.lines() {
-                    if let Some(v) = line.strip_prefix("event: ") {
-                        name = v.to_string();
-                    } else if let Some(v) = line.strip_prefix("data: ") {
-                        data.push(v);
-                    }
-                }
-                if !name.is_empty() {
-                    return Some((name, data.join("\n")));
-                }
-            }
-            let left = end.saturating_duration_since(Instant::now());
-            match tokio::time::timeout(left, self.body.frame()).await {
-                Err(_) => panic!("no live event within {within:?}; have {:?}", self.buf),
-                Ok(None) => return None,
-                Ok(Some(Err(e))) => panic!("live stream broke: {e}"),
-                Ok(Some(Ok(f))) => {
-                    if let Ok(d) = f.into_data() {
-                        self.buf.push_str(&String::from_utf8_lossy(&d));
-                    }
-                }
-            }
-        }
-    }
+/// The next event as (name, data); `None` when the stream ended. Panics
+/// after [`WAIT`].
+async fn next(s: &mut Sse) -> Option<(String, String)> {
+    s.next(Instant::now() + WAIT)
+        .await
+        .unwrap_or_else(|buf| panic!("no live event within {WAIT:?}; have {buf:?}"))
 }
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -170,12 +109,12 @@ async fn live_streams_deliver_what_the_component_publishes_to_allowed_users_only
             "has no live channels",
         ),
     ] {
-        let r = Sse::open(&keel, &p, &headers)
+        let (got, body) = open(&keel, &p, &headers)
             .await
             .err()
             .unwrap_or_else(|| panic!("{p} opened"));
-        assert_eq!(r.status, status, "{p}: {}", r.body);
-        assert!(r.body.contains(needle), "{p}: {}", r.body);
+        assert_eq!(got, status, "{p}: {body}");
+        assert!(body.contains(needle), "{p}: {body}");
     }
     let r = keel
         .post(&path(&format!("channel=room/x&token={alice}")), "")
@@ -184,27 +123,27 @@ async fn live_streams_deliver_what_the_component_publishes_to_allowed_users_only
 
     // alice listens on her own channel and a room (token in the header).
     let bearer = format!("Bearer {alice}");
-    let mut a = Sse::open(
+    let mut a = open(
         &keel,
         &path("channel=user/alice&channel=room/lobby"),
         &[("authorization", &bearer)],
     )
     .await
-    .unwrap_or_else(|r| panic!("{} {}", r.status, r.body));
-    let (name, data) = a.next(WAIT).await.unwrap();
+    .unwrap_or_else(|(status, body)| panic!("{status} {body}"));
+    let (name, data) = next(&mut a).await.unwrap();
     assert_eq!(name, "ready");
     assert_eq!(
         serde_json::from_str::<serde_json::Value>(&data).unwrap(),
         json!({"user": "alice", "channels": ["user/alice", "room/lobby"]})
     );
-    let mut b = Sse::open(
+    let mut b = open(
         &keel,
         &path(&format!("channel=room/lobby&token={}", token_for("bob"))),
         &[],
     )
     .await
-    .unwrap_or_else(|r| panic!("{} {}", r.status, r.body));
-    assert_eq!(b.next(WAIT).await.unwrap().0, "ready");
+    .unwrap_or_else(|(status, body)| panic!("{status} {body}"));
+    assert_eq!(next(&mut b).await.unwrap().0, "ready");
 
     let publish = |component: &'static str,
                    channel: &'static str,
@@ -234,13 +173,13 @@ async fn live_streams_deliver_what_the_component_publishes_to_allowed_users_only
     let r = publish("lp", "user%2Fcarol", "dm", "nobody").await;
     assert_eq!(r.json()["queued"], 0, "{}", r.body);
     assert_eq!(
-        a.next(WAIT).await.unwrap(),
+        next(&mut a).await.unwrap(),
         ("message".into(), "hello\nworld".into()),
         "multi-line data arrives whole, and nothing of `other`"
     );
-    assert_eq!(a.next(WAIT).await.unwrap(), ("dm".into(), "psst".into()));
+    assert_eq!(next(&mut a).await.unwrap(), ("dm".into(), "psst".into()));
     assert_eq!(
-        b.next(WAIT).await.unwrap(),
+        next(&mut b).await.unwrap(),
         ("message".into(), "hello\nworld".into())
     );
 
@@ -258,8 +197,8 @@ async fn live_streams_deliver_what_the_component_publishes_to_allowed_users_only
 
     // Draining ends the streams, so the node stops promptly.
     keel.sigterm();
-    assert_eq!(a.next(WAIT).await, None);
-    assert_eq!(b.next(WAIT).await, None);
+    assert_eq!(next(&mut a).await, None);
+    assert_eq!(next(&mut b).await, None);
     let mut keel = keel;
     let status = wait_with_deadline(&mut keel.child, Duration::from_secs(30))
         .expect("keel should exit after SIGTERM with live streams open");
@@ -273,16 +212,16 @@ async fn a_live_stream_ends_when_its_token_expires() {
     let mut claims = good_claims("alice");
     claims["exp"] = json!(claims["iat"].as_i64().unwrap() + 2);
     let t = token(Some("k1"), SECRET, &claims);
-    let mut s = Sse::open(
+    let mut s = open(
         &keel,
         &format!("/_keel/live/lp?channel=user/alice&token={t}"),
         &[],
     )
     .await
-    .unwrap_or_else(|r| panic!("{} {}", r.status, r.body));
-    assert_eq!(s.next(WAIT).await.unwrap().0, "ready");
+    .unwrap_or_else(|(status, body)| panic!("{status} {body}"));
+    assert_eq!(next(&mut s).await.unwrap().0, "ready");
     assert_eq!(
-        s.next(WAIT).await,
+        next(&mut s).await,
         None,
         "the stream ends at the token's exp"
     );

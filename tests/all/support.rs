@@ -416,3 +416,113 @@ pub fn write(dir: &Path, name: &str, content: &[u8]) -> PathBuf {
     std::fs::write(&p, content).unwrap();
     p
 }
+
+/// A `text/event-stream` response read event by event.
+pub struct Sse {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    body: hyper::body::Incoming,
+    buf: String,
+    _send: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+}
+
+impl Sse {
+    /// `GET path` with `headers`; check `status` before reading events.
+    pub async fn open(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Sse {
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut send, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let mut req = http::Request::get(path)
+            .header("host", addr.to_string())
+            .header("accept", "text/event-stream");
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req.body(Full::new(Bytes::new())).unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        Sse {
+            status: resp.status().as_u16(),
+            headers: resp.headers().clone(),
+            body: resp.into_body(),
+            buf: String::new(),
+            _send: send,
+        }
+    }
+
+    /// The rest of the body as text (the reason of a refused stream).
+    pub async fn text(self) -> String {
+        let raw = self
+            .body
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        format!("{}{}", self.buf, String::from_utf8_lossy(&raw))
+    }
+
+    /// The next event (name, data) before `deadline`: `Ok(None)` when the
+    /// stream ended, `Err` (what was buffered) at the deadline. Comments
+    /// are skipped; an event without a name is a `message`.
+    pub async fn next(&mut self, deadline: Instant) -> Result<Option<(String, String)>, String> {
+        loop {
+            while let Some(end) = self.buf.find("\n\n") {
+                let block: String = self.buf.drain(..end + 2).collect();
+                let (mut event, mut data) = (String::new(), Vec::new());
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("event:") {
+                        event = v.trim_start().to_string();
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        data.push(v.strip_prefix(' ').unwrap_or(v).to_string());
+                    }
+                }
+                if !event.is_empty() || !data.is_empty() {
+                    let event = if event.is_empty() {
+                        "message".into()
+                    } else {
+                        event
+                    };
+                    return Ok(Some((event, data.join("\n"))));
+                }
+            }
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                return Err(self.buf.clone());
+            };
+            match tokio::time::timeout(left, self.body.frame()).await {
+                Err(_) => return Err(self.buf.clone()),
+                Ok(None) => return Ok(None),
+                Ok(Some(Err(e))) => panic!("event stream broke: {e}"),
+                Ok(Some(Ok(frame))) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.buf.push_str(&String::from_utf8_lossy(&data));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads events until one named `event` whose JSON data satisfies `f`
+    /// (30 s deadline).
+    pub async fn expect(
+        &mut self,
+        event: &str,
+        what: &str,
+        f: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut seen = Vec::new();
+        loop {
+            let Ok(Some((name, data))) = self.next(deadline).await else {
+                panic!("no {event:?} event with {what} before the deadline; saw {seen:?}");
+            };
+            let v: serde_json::Value =
+                serde_json::from_str(&data).unwrap_or(serde_json::Value::String(data.clone()));
+            if name == event && f(&v) {
+                return v;
+            }
+            seen.push((name, data));
+        }
+    }
+}
