@@ -603,3 +603,71 @@ async fn a_global_event_id_is_delivered_once_across_nodes_and_windows() {
     .await;
     assert_eq!(got[0]["data"], "first", "{got}");
 }
+
+#[tokio::test]
+async fn a_backlog_is_delivered_in_batches_of_at_most_64_once_each() {
+    let node = probe_node("");
+    let keel = node.start();
+    // 100 events in the region's stream before anyone subscribes: the
+    // subscription's first read finds them all.
+    let events: Vec<Value> = (0..100)
+        .map(|i| event("chat.message", "room-1", &format!("m{i:03}")))
+        .collect();
+    let r = post_json(&keel, "/reg/sync", Value::from(events)).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    poll(&keel, &format!("/reg/sync/{id}"), "forwarded", |v| {
+        v == "forwarded"
+    })
+    .await;
+    // The first call fails: the same batch comes again.
+    assert_eq!(keel.put("/reg/fail-updates?n=1", "").await.status, 204);
+    let r = post_json(&keel, "/reg/subscribe", json!({"kinds": ["chat.message"]})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let sub = r.json()["id"].as_u64().unwrap();
+
+    let deliveries = poll(
+        &keel,
+        "/reg/deliveries?prefix=update/",
+        "100 deliveries",
+        |v| v.as_array().unwrap().len() >= 100,
+    )
+    .await;
+    let payloads: Vec<&str> = deliveries
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["payload"].as_str().unwrap())
+        .collect();
+    let expected: Vec<String> = (0..100).map(|i| format!("m{i:03}")).collect();
+    assert_eq!(payloads, expected);
+    // 64, then the 36 left: two successful calls, the largest of 64.
+    let batches = keel.get("/reg/deliveries?prefix=batches/").await.json();
+    assert_eq!(batches, json!([2]), "calls of on-updates for {sub}");
+    let largest = keel
+        .get("/reg/deliveries?prefix=largest-batch/")
+        .await
+        .json();
+    assert_eq!(largest, json!([64]));
+    assert!(keel.log().contains("delivery failed; will retry"));
+
+    // A later event alone is a batch of one, delivered after the backlog.
+    let r = post_json(&keel, "/reg/event", event("chat.message", "room-1", "late")).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    poll(
+        &keel,
+        "/reg/deliveries?prefix=batches/",
+        "a third call",
+        |v| *v == json!([3]),
+    )
+    .await;
+    let deliveries = keel.get("/reg/deliveries?prefix=update/").await.json();
+    let last = deliveries.as_array().unwrap().last().unwrap().clone();
+    assert_eq!(
+        (
+            deliveries.as_array().unwrap().len(),
+            last["payload"].as_str()
+        ),
+        (101, Some("late"))
+    );
+}

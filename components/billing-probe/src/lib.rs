@@ -69,7 +69,12 @@ impl incoming_handler::Guest for BillingProbe {
                 }
                 ("POST", "reconcile") => {
                     let (Some(start), Some(end)) = (number("start"), number("end")) else {
-                        return keel_guest::error(out, 400, "bad-request", "start and end are numbers");
+                        return keel_guest::error(
+                            out,
+                            400,
+                            "bad-request",
+                            "start and end are numbers",
+                        );
                     };
                     global::reconcile_billing(types::TimeRange {
                         start_ms: start as u64,
@@ -109,11 +114,14 @@ impl incoming_handler::Guest for BillingProbe {
 }
 
 impl subscriber::Guest for BillingProbe {
-    fn on_update(_: u64, _: subscriber::Update) -> Result<(), types::Error> {
+    fn on_updates(_: u64, _: Vec<subscriber::Update>) -> Result<(), types::Error> {
         Ok(())
     }
 
-    fn on_global_event(_: u64, _: subscriber::ReceivedGlobalEvent) -> Result<(), types::Error> {
+    fn on_global_events(
+        _: u64,
+        _: Vec<subscriber::ReceivedGlobalEvent>,
+    ) -> Result<(), types::Error> {
         Ok(())
     }
 }

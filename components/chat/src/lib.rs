@@ -151,51 +151,69 @@ impl incoming_handler::Guest for Chat {
 }
 
 impl subscriber::Guest for Chat {
-    fn on_update(_: types::SubscriptionId, update: types::Update) -> Result<(), types::Error> {
-        let e = update.event;
-        deliver(&e.data.kind, &e.data.payload, &e.origin)
+    fn on_updates(
+        _: types::SubscriptionId,
+        updates: Vec<types::Update>,
+    ) -> Result<(), types::Error> {
+        let events = updates.iter().map(|u| {
+            let e = &u.event;
+            (
+                e.data.kind.as_str(),
+                e.data.payload.as_slice(),
+                e.origin.as_str(),
+            )
+        });
+        deliver(events)
     }
 
-    fn on_global_event(
+    fn on_global_events(
         _: types::SubscriptionId,
-        event: types::ReceivedGlobalEvent,
+        events: Vec<types::ReceivedGlobalEvent>,
     ) -> Result<(), types::Error> {
-        // source: "keel://<region>/<edge>/<component>".
-        let origin = event
-            .source
-            .strip_prefix("keel://")
-            .and_then(|rest| rest.split('/').nth(1))
-            .unwrap_or_default();
-        deliver(&event.event.event_type, &event.event.data, origin)
+        let events = events.iter().map(|g| {
+            // source: "keel://<region>/<edge>/<component>".
+            let origin = g
+                .source
+                .strip_prefix("keel://")
+                .and_then(|rest| rest.split('/').nth(1))
+                .unwrap_or_default();
+            (g.event.event_type.as_str(), g.event.data.as_slice(), origin)
+        });
+        deliver(events)
     }
 }
 
-/// Applies one delivered event. Only failures worth a redelivery (the
-/// database cannot be written now) are errors: anything malformed is
-/// dropped, since an error would hold back every later delivery.
-fn deliver(kind: &str, payload: &[u8], origin_edge: &str) -> Result<(), types::Error> {
-    let Ok(value) = serde_json::from_slice::<Value>(payload) else {
-        return Ok(());
-    };
-    match kind {
-        MESSAGE_EVENT => {
-            let Some(message) = Message::from_json(&value) else {
-                return Ok(());
-            };
-            store::ensure_schema()?;
-            if store::insert_message(&message)? {
-                publish_message(&message);
-            }
-        }
-        PRESENCE_EVENT => {
+/// Applies delivered events (kind, payload, origin edge): their messages
+/// in one transaction, then what is new goes live. Only failures worth a
+/// redelivery (the database cannot be written now) are errors: anything
+/// malformed is dropped, since an error would hold back every later
+/// delivery.
+fn deliver<'a>(
+    events: impl Iterator<Item = (&'a str, &'a [u8], &'a str)>,
+) -> Result<(), types::Error> {
+    let mut messages = Vec::new();
+    let mut presence = Vec::new();
+    let here = edge::local_node().edge;
+    for (kind, payload, origin_edge) in events {
+        let Ok(value) = serde_json::from_slice::<Value>(payload) else {
+            continue;
+        };
+        match kind {
+            MESSAGE_EVENT => messages.extend(Message::from_json(&value)),
             // The origin announced it to its own browsers already.
-            if origin_edge != edge::local_node().edge
-                && let Some(entry) = presence_entry(&value)
-            {
-                let _ = live::publish("presence", "presence", &entry.to_string());
-            }
+            PRESENCE_EVENT if origin_edge != here => presence.extend(presence_entry(&value)),
+            _ => {}
         }
-        _ => {}
+    }
+    if !messages.is_empty() {
+        store::ensure_schema()?;
+        let new = store::insert_messages(&messages)?;
+        for (message, _) in messages.iter().zip(new).filter(|(_, new)| *new) {
+            publish_message(message);
+        }
+    }
+    for entry in presence {
+        let _ = live::publish("presence", "presence", &entry.to_string());
     }
     Ok(())
 }

@@ -199,28 +199,43 @@ pub fn is_message_id(s: &str) -> bool {
 /// Stores `m` unless its id is there already; true if it was new. A room
 /// message also makes its room known here.
 pub fn insert_message(m: &Message) -> Result<bool, Failure> {
-    let mut statements = vec![sql::Statement {
-        sql: "INSERT OR IGNORE INTO messages (id, conv, room, sender, recipient, name, text, at, edge, region)
-              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
-            .into(),
-        params: vec![
-            text(&m.id),
-            text(&m.conv()),
-            opt_text(m.room.as_deref()),
-            text(&m.from),
-            opt_text(m.to.as_deref()),
-            opt_text(m.name.as_deref()),
-            text(&m.text),
-            int(m.at),
-            text(&m.edge),
-            text(&m.region),
-        ],
-    }];
-    if let Some(room) = &m.room {
-        statements.push(add_room_statement(room));
-    }
+    Ok(insert_messages(std::slice::from_ref(m))?.contains(&true))
+}
+
+/// Stores each of `messages` whose id is not there already, in one
+/// transaction; for each, whether it was new. Room messages also make
+/// their rooms known here.
+pub fn insert_messages(messages: &[Message]) -> Result<Vec<bool>, Failure> {
+    let mut statements: Vec<sql::Statement> = messages
+        .iter()
+        .map(|m| sql::Statement {
+            sql: "INSERT OR IGNORE INTO messages (id, conv, room, sender, recipient, name, text, at, edge, region)
+                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
+                .into(),
+            params: vec![
+                text(&m.id),
+                text(&m.conv()),
+                opt_text(m.room.as_deref()),
+                text(&m.from),
+                opt_text(m.to.as_deref()),
+                opt_text(m.name.as_deref()),
+                text(&m.text),
+                int(m.at),
+                text(&m.edge),
+                text(&m.region),
+            ],
+        })
+        .collect();
+    let mut rooms: Vec<&str> = messages.iter().filter_map(|m| m.room.as_deref()).collect();
+    rooms.sort_unstable();
+    rooms.dedup();
+    statements.extend(rooms.into_iter().map(add_room_statement));
     let results = sql::execute_batch(&statements)?;
-    Ok(results.first().is_some_and(|r| r.rows_affected == 1))
+    Ok(results
+        .iter()
+        .take(messages.len())
+        .map(|r| r.rows_affected == 1)
+        .collect())
 }
 
 /// Which part of a conversation to read.

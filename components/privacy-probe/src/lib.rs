@@ -60,9 +60,15 @@ impl incoming_handler::Guest for PrivacyProbe {
             ("POST", "erase") => {
                 let regions: Vec<String> = req
                     .query_param("regions")
-                    .map(|r| r.split(',').filter(|s| !s.is_empty()).map(String::from).collect())
+                    .map(|r| {
+                        r.split(',')
+                            .filter(|s| !s.is_empty())
+                            .map(String::from)
+                            .collect()
+                    })
                     .unwrap_or_default();
-                global::process_data_deletion(&arg, &regions).map(|id| Reply::Json(json!({ "id": id })))
+                global::process_data_deletion(&arg, &regions)
+                    .map(|id| Reply::Json(json!({ "id": id })))
             }
             ("GET", "erase-status") => global::get_deletion_status(&arg).map(|s| {
                 Reply::Json(json!({
@@ -77,7 +83,12 @@ impl incoming_handler::Guest for PrivacyProbe {
                     None | Some("json") => global::ExportFormat::Json,
                     Some("ndjson") => global::ExportFormat::Ndjson,
                     Some(f) => {
-                        return keel_guest::error(out, 400, "bad-request", &format!("format {f:?}"));
+                        return keel_guest::error(
+                            out,
+                            400,
+                            "bad-request",
+                            &format!("format {f:?}"),
+                        );
                     }
                 };
                 global::export_user_data(&arg, format).map(|id| Reply::Json(json!({ "id": id })))
@@ -142,11 +153,14 @@ fn regions(list: &[types::RegionProgress]) -> Value {
 }
 
 impl subscriber::Guest for PrivacyProbe {
-    fn on_update(_: u64, _: subscriber::Update) -> Result<(), types::Error> {
+    fn on_updates(_: u64, _: Vec<subscriber::Update>) -> Result<(), types::Error> {
         Ok(())
     }
 
-    fn on_global_event(_: u64, _: subscriber::ReceivedGlobalEvent) -> Result<(), types::Error> {
+    fn on_global_events(
+        _: u64,
+        _: Vec<subscriber::ReceivedGlobalEvent>,
+    ) -> Result<(), types::Error> {
         Ok(())
     }
 }

@@ -51,12 +51,16 @@
 //! "generated_at_ms", "regions", "missing_regions", "content_type", "body"}`
 //! (`body` as lossy UTF-8).
 //!
-//! Deliveries: `subscriber.on-update` first checks kv key `fail-updates`; if
-//! it holds a decimal n > 0 it writes n-1 back and fails with `unavailable`
-//! (so the host redelivers). Otherwise it writes kv key
+//! Deliveries: `subscriber.on-updates` first checks kv key `fail-updates`;
+//! if it holds a decimal n > 0 it writes n-1 back and fails the whole batch
+//! with `unavailable` (so the host redelivers it). Otherwise, for each
+//! update of the batch, it writes kv key
 //! `update/<subscription:020>/<sequence:020>` = `{"subscription", "sequence",
 //! "id", "event_sequence", "origin", "region", "kind", "key", "payload",
-//! "user"}`. `subscriber.on-global-event` writes
+//! "user"}`, and counts the call: kv key `batches/<subscription:020>` holds
+//! the number of `on-updates` calls, `largest-batch/<subscription:020>` the
+//! most updates one call brought. `subscriber.on-global-events` writes, per
+//! event,
 //! `global/<subscription:020>/<event id>` = `{"subscription", "id",
 //! "event_type", "subject", "data", "source", "origin_region",
 //! "published_at"}`. Both are idempotent: a redelivery rewrites the same key
@@ -110,56 +114,74 @@ impl incoming_handler::Guest for RegionalProbe {
     }
 }
 
-/// The kv key holding how many `on-update` deliveries should still fail.
+/// The kv key holding how many `on-updates` deliveries should still fail.
 const FAIL_UPDATES: &str = "fail-updates";
 
 impl subscriber::Guest for RegionalProbe {
-    fn on_update(
+    fn on_updates(
         subscription: types::SubscriptionId,
-        update: types::Update,
+        updates: Vec<types::Update>,
     ) -> Result<(), types::Error> {
-        let pending = kv::get(FAIL_UPDATES)?
-            .and_then(|v| std::str::from_utf8(&v).ok()?.trim().parse::<u64>().ok())
-            .unwrap_or(0);
+        let pending = read_count(FAIL_UPDATES)?;
         if pending > 0 {
             kv::set(FAIL_UPDATES, (pending - 1).to_string().as_bytes())?;
             return Err(types::Error::Unavailable("injected failure".into()));
         }
-        let e = update.event;
-        let record = json!({
-            "subscription": subscription,
-            "sequence": update.sequence,
-            "id": e.id,
-            "event_sequence": e.sequence,
-            "origin": e.origin,
-            "region": e.region,
-            "kind": e.data.kind,
-            "key": e.data.key,
-            "payload": String::from_utf8_lossy(&e.data.payload),
-            "user": e.data.user,
-        });
-        let key = format!("update/{subscription:020}/{:020}", update.sequence);
-        kv::set(&key, record.to_string().as_bytes())
+        for update in &updates {
+            let e = &update.event;
+            let record = json!({
+                "subscription": subscription,
+                "sequence": update.sequence,
+                "id": e.id,
+                "event_sequence": e.sequence,
+                "origin": e.origin,
+                "region": e.region,
+                "kind": e.data.kind,
+                "key": e.data.key,
+                "payload": String::from_utf8_lossy(&e.data.payload),
+                "user": e.data.user,
+            });
+            let key = format!("update/{subscription:020}/{:020}", update.sequence);
+            kv::set(&key, record.to_string().as_bytes())?;
+        }
+        let batches = format!("batches/{subscription:020}");
+        kv::set(&batches, (read_count(&batches)? + 1).to_string().as_bytes())?;
+        let largest = format!("largest-batch/{subscription:020}");
+        let n = updates.len() as u64;
+        if n > read_count(&largest)? {
+            kv::set(&largest, n.to_string().as_bytes())?;
+        }
+        Ok(())
     }
 
-    fn on_global_event(
+    fn on_global_events(
         subscription: types::SubscriptionId,
-        event: types::ReceivedGlobalEvent,
+        events: Vec<types::ReceivedGlobalEvent>,
     ) -> Result<(), types::Error> {
-        let g = &event.event;
-        let record = json!({
-            "subscription": subscription,
-            "id": g.id,
-            "event_type": g.event_type,
-            "subject": g.subject,
-            "data": String::from_utf8_lossy(&g.data),
-            "source": event.source,
-            "origin_region": event.origin_region,
-            "published_at": hlc_out(&event.published_at),
-        });
-        let key = format!("global/{subscription:020}/{}", g.id);
-        kv::set(&key, record.to_string().as_bytes())
+        for event in &events {
+            let g = &event.event;
+            let record = json!({
+                "subscription": subscription,
+                "id": g.id,
+                "event_type": g.event_type,
+                "subject": g.subject,
+                "data": String::from_utf8_lossy(&g.data),
+                "source": event.source,
+                "origin_region": event.origin_region,
+                "published_at": hlc_out(&event.published_at),
+            });
+            let key = format!("global/{subscription:020}/{}", g.id);
+            kv::set(&key, record.to_string().as_bytes())?;
+        }
+        Ok(())
     }
+}
+
+/// The decimal count in kv key `key` (0 if absent or not a number).
+fn read_count(key: &str) -> Result<u64, types::Error> {
+    Ok(kv::get(key)?
+        .and_then(|v| std::str::from_utf8(&v).ok()?.trim().parse::<u64>().ok())
+        .unwrap_or(0))
 }
 
 /// A successful answer.

@@ -24,7 +24,7 @@ pub mod shred;
 pub mod views;
 
 pub use dedup::Dedup;
-pub use feed::{FeedHandle, FeedHandler, FeedOptions, start_feed};
+pub use feed::{BatchLimit, FeedHandle, FeedHandler, FeedOptions, start_feed};
 pub use forwarder::{
     ForwarderOptions, GLOBAL_EVENTS_PREFIX, GlobalRoute, edge_events_subject, global_stream,
     start_forwarder,

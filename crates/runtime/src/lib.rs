@@ -80,8 +80,8 @@ pub struct LoadedComponent {
 
 /// What a subscriber call delivers.
 enum Delivery {
-    Update(wit::Update),
-    Global(wit::ReceivedGlobalEvent),
+    Updates(Vec<wit::Update>),
+    Global(Vec<wit::ReceivedGlobalEvent>),
 }
 
 /// Why a request did not get a response from the guest: it trapped,
@@ -357,24 +357,25 @@ impl LoadedComponent {
         Ok(store)
     }
 
-    /// Calls the exported `subscriber.on-update` in a fresh instance.
-    pub(crate) async fn deliver_update(
+    /// Calls the exported `subscriber.on-updates` in a fresh instance.
+    pub(crate) async fn deliver_updates(
         self: &Arc<Self>,
         subscription: u64,
-        update: wit::Update,
+        updates: Vec<wit::Update>,
     ) -> Result<(), String> {
-        let sequence = update.sequence;
-        self.deliver(subscription, sequence, Delivery::Update(update))
+        let sequence = updates.first().map_or(0, |u| u.sequence);
+        self.deliver(subscription, sequence, Delivery::Updates(updates))
             .await
     }
 
-    /// Calls the exported `subscriber.on-global-event` in a fresh instance.
-    pub(crate) async fn deliver_global_event(
+    /// Calls the exported `subscriber.on-global-events` in a fresh instance.
+    pub(crate) async fn deliver_global_events(
         self: &Arc<Self>,
         subscription: u64,
-        event: wit::ReceivedGlobalEvent,
+        events: Vec<wit::ReceivedGlobalEvent>,
     ) -> Result<(), String> {
-        self.deliver(subscription, 0, Delivery::Global(event)).await
+        self.deliver(subscription, 0, Delivery::Global(events))
+            .await
     }
 
     /// One call of the exported `subscriber` in a fresh instance, under the
@@ -401,8 +402,10 @@ impl LoadedComponent {
             .call_export(Some(permit), false, async |store, instance| {
                 let guest = indices.load(&mut *store, &instance)?;
                 match &delivery {
-                    Delivery::Update(u) => guest.call_on_update(store, subscription, u).await,
-                    Delivery::Global(g) => guest.call_on_global_event(store, subscription, g).await,
+                    Delivery::Updates(u) => guest.call_on_updates(store, subscription, u).await,
+                    Delivery::Global(g) => {
+                        guest.call_on_global_events(store, subscription, g).await
+                    }
                 }
             })
             .await
@@ -410,7 +413,11 @@ impl LoadedComponent {
         self.metrics
             .observe_duration(started.elapsed().as_secs_f64());
         if let Err(reason) = &outcome {
-            tracing::warn!(component = %self.config.name, subscription, sequence, reason, "delivery failed; will retry");
+            let events = match &delivery {
+                Delivery::Updates(u) => u.len(),
+                Delivery::Global(g) => g.len(),
+            };
+            tracing::warn!(component = %self.config.name, subscription, first_sequence = sequence, events, reason, "delivery failed; will retry");
         }
         outcome
     }

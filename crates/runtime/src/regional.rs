@@ -10,18 +10,21 @@
 //! - **Components stay apart.** Views key users and metrics by component;
 //!   a subscription delivers only events its own component recorded.
 //! - **At least once, in order.** A subscription is a feed whose handler
-//!   calls the component's `subscriber.on-update` (`on-global-event`) in a
-//!   fresh instance; an
-//!   error or trap is retried (with backoff) before anything after it.
-//!   Its cursor (the last delivered stream sequence) is persisted after
-//!   each delivery on a durable bus, so a restart resumes after it.
+//!   calls the component's `subscriber.on-updates` (`on-global-events`) in
+//!   a fresh instance with the matching events one stream read brought (up
+//!   to [`DELIVERY_BATCH`]); an error or trap is retried (with backoff,
+//!   same batch) before anything after it. Its cursor (the last delivered
+//!   stream sequence) is persisted after each batch on a durable bus, so a
+//!   restart resumes after it.
 
 use crate::LoadedComponent;
 use async_trait::async_trait;
 use keel_bus::{Bus, StreamSpec};
 use keel_coord::envelope::CloudEvent;
 use keel_coord::shred::UserKeys;
-use keel_coord::{FeedHandle, FeedHandler, FeedOptions, MetricsView, UserStateView, start_feed};
+use keel_coord::{
+    BatchLimit, FeedHandle, FeedHandler, FeedOptions, MetricsView, UserStateView, start_feed,
+};
 use keel_store::{GLOBAL_EVENT_RETENTION, HostRecords, HostWrite};
 use keel_world::bindings::keel::platform::types;
 use serde::{Deserialize, Serialize};
@@ -550,36 +553,64 @@ struct Delivery {
 /// delivered twice while the stream keeps the event.
 const GLOBAL_DELIVERED: &str = "global-delivered";
 
+/// Most events per `subscriber` call, and most stream payload bytes (so a
+/// batch fits a guest's memory; one larger event still goes alone). Stated
+/// in `wit/exports.wit`.
+const DELIVERY_BATCH: BatchLimit = BatchLimit {
+    events: 64,
+    bytes: 1 << 20,
+};
+
 #[async_trait]
 impl FeedHandler for Delivery {
     async fn apply(&self, stream_sequence: u64, event: &CloudEvent) -> Result<(), String> {
-        if !self.filter.matches(&self.name, event) {
+        self.apply_batch(&[(stream_sequence, event.clone())]).await
+    }
+
+    fn batch_limit(&self) -> BatchLimit {
+        DELIVERY_BATCH
+    }
+
+    /// One `subscriber` call with the batch's matching events (global
+    /// events already delivered to this subscription left out), then one
+    /// write of the cursor and the delivered ids.
+    async fn apply_batch(&self, events: &[(u64, CloudEvent)]) -> Result<(), String> {
+        let matching: Vec<&(u64, CloudEvent)> = events
+            .iter()
+            .filter(|(_, e)| self.filter.matches(&self.name, e))
+            .collect();
+        let Some((last_sequence, _)) = matching.last() else {
             return Ok(());
-        }
+        };
         let component = self
             .component
             .upgrade()
             .ok_or_else(|| "component unloaded".to_string())?;
-        let delivered_key = matches!(self.filter, Filter::Global(_))
-            .then(|| format!("{}/{}/{}", self.name, self.id, event.id));
-        let seen = match (&delivered_key, &self.records) {
-            (Some(k), Some((records, _))) => records
-                .expiring_host_record(GLOBAL_DELIVERED, k)
-                .map_err(|e| format!("reading delivered ids: {e}"))?
-                .is_some(),
-            _ => false,
-        };
-        if !seen {
-            match &self.filter {
-                Filter::Regional(_) => {
-                    component
-                        .deliver_update(self.id, update_of(stream_sequence, event))
-                        .await?
+        let mut delivered_keys = Vec::new();
+        match &self.filter {
+            Filter::Regional(_) => {
+                let updates = matching.iter().map(|(s, e)| update_of(*s, e)).collect();
+                component.deliver_updates(self.id, updates).await?;
+            }
+            Filter::Global(_) => {
+                let mut unseen = Vec::with_capacity(matching.len());
+                for (_, e) in &matching {
+                    let key = format!("{}/{}/{}", self.name, self.id, e.id);
+                    let seen = match &self.records {
+                        Some((records, _)) => records
+                            .expiring_host_record(GLOBAL_DELIVERED, &key)
+                            .map_err(|e| format!("reading delivered ids: {e}"))?
+                            .is_some(),
+                        None => false,
+                    };
+                    // The same id twice in one batch is delivered once.
+                    if !seen && !delivered_keys.contains(&key) {
+                        unseen.push(global_event_of(e));
+                        delivered_keys.push(key);
+                    }
                 }
-                Filter::Global(_) => {
-                    component
-                        .deliver_global_event(self.id, global_event_of(event))
-                        .await?
+                if !unseen.is_empty() {
+                    component.deliver_global_events(self.id, unseen).await?;
                 }
             }
         }
@@ -593,22 +624,24 @@ impl FeedHandler for Delivery {
             }
             let record = SubscriptionRecord {
                 filter: self.filter.clone(),
-                cursor: stream_sequence,
+                cursor: *last_sequence,
             };
             let mut writes = vec![HostWrite::Put {
                 table,
                 key: record_key(&self.name, self.id),
                 value: encode(&record),
             }];
-            if let Some(key) = delivered_key.filter(|_| !seen) {
-                writes.push(HostWrite::PutExpiring {
-                    table: GLOBAL_DELIVERED,
-                    key,
-                    value: Vec::new(),
-                    expires_at_ms: now_ms()
-                        .saturating_add(GLOBAL_EVENT_RETENTION.as_millis() as u64),
-                });
-            }
+            let expires_at_ms = now_ms().saturating_add(GLOBAL_EVENT_RETENTION.as_millis() as u64);
+            writes.extend(
+                delivered_keys
+                    .into_iter()
+                    .map(|key| HostWrite::PutExpiring {
+                        table: GLOBAL_DELIVERED,
+                        key,
+                        value: Vec::new(),
+                        expires_at_ms,
+                    }),
+            );
             records.write_host_records(writes)
         };
         // Delivered: a failed save only means a redelivery after a restart.

@@ -421,7 +421,7 @@ async fn run(topology: &Topology, nodes: &[Node], n: usize) -> anyhow::Result<()
         true,
     );
     row(
-        "subscription delivery: POST /reg/event at nyc until bos's on-update is listed by GET /reg/deliveries",
+        "subscription delivery: POST /reg/event at nyc until bos's on-updates is listed by GET /reg/deliveries",
         nd,
         &sub.total,
         true,
@@ -441,7 +441,7 @@ async fn run(topology: &Topology, nodes: &[Node], n: usize) -> anyhow::Result<()
         false,
     );
     row(
-        "global op: publish-global-event at nyc (us-east) until sfo's (us-west) on-global-event is listed by GET /reg/deliveries",
+        "global op: publish-global-event at nyc (us-east) until sfo's (us-west) on-global-events is listed by GET /reg/deliveries",
         nd,
         &global.total,
         true,
