@@ -826,6 +826,19 @@ fn chat_crosses_regions_and_keeps_zone_bound_data_in_its_zone() {
         .await;
         assert_eq!(texts(&page), ["hi bob, from ams"]);
         assert_eq!(page["messages"][0]["id"], dm["id"]);
+        // sfo's dashboard counts those deliveries and how far behind they ran.
+        let sync = b.get("/_keel/cluster").await.json()["self"]["sync"].clone();
+        let (events, batches) = (
+            sync["delivered_events"].as_u64().unwrap(),
+            sync["delivered_batches"].as_u64().unwrap(),
+        );
+        assert!(events >= 2 && (1..=events).contains(&batches), "{sync}");
+        assert!(sync["delivery_lag_ms"].as_i64().unwrap() >= 0, "{sync}");
+        let metrics = b.get("/metrics").await.body;
+        assert!(
+            metrics.contains("keel_subscription_events_total"),
+            "{metrics}"
+        );
 
         // Presence: alice's (global map) is visible at sfo and pushed live.
         expect(

@@ -97,6 +97,13 @@ pub struct SyncSnapshot {
     pub repairs_sent: u64,
     pub rejected: u64,
     pub dropped: u64,
+    /// Region and global events delivered to components' subscriptions,
+    /// in how many `subscriber` calls.
+    pub delivered_events: u64,
+    pub delivered_batches: u64,
+    /// Publication to delivery of the newest event of the last batch (ms):
+    /// how far this node's subscriptions run behind.
+    pub delivery_lag_ms: i64,
 }
 
 /// How a node is doing, as far as this node can tell.
@@ -312,6 +319,7 @@ pub struct SnapshotSource {
     cache: keel_telemetry::CacheMetrics,
     sync: keel_telemetry::SyncMetrics,
     live: keel_telemetry::LiveMetrics,
+    deliveries: keel_telemetry::DeliveryMetrics,
 }
 
 impl SnapshotSource {
@@ -332,6 +340,7 @@ impl SnapshotSource {
             cache: metrics.cache.clone(),
             sync: metrics.sync.clone(),
             live: metrics.live.clone(),
+            deliveries: metrics.deliveries.clone(),
         }
     }
 
@@ -391,6 +400,9 @@ impl SnapshotSource {
                 repairs_sent: self.sync.repairs_sent.get(),
                 rejected: self.sync.rejected.get(),
                 dropped: self.sync.dropped.get(),
+                delivered_events: self.deliveries.events.get(),
+                delivered_batches: self.deliveries.batches.get(),
+                delivery_lag_ms: self.deliveries.lag_ms.get(),
             },
             live_connections: self.live.connections.get(),
         }

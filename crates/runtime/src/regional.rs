@@ -26,6 +26,7 @@ use keel_coord::{
     BatchLimit, FeedHandle, FeedHandler, FeedOptions, MetricsView, UserStateView, start_feed,
 };
 use keel_store::{GLOBAL_EVENT_RETENTION, HostRecords, HostWrite};
+use keel_telemetry::DeliveryMetrics;
 use keel_world::bindings::keel::platform::types;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -266,6 +267,7 @@ pub struct RegionalTier {
     /// [regional, global] (see [`Kind::index`]).
     sources: [Source; 2],
     records: Arc<dyn HostRecords>,
+    deliveries: DeliveryMetrics,
     rt: tokio::runtime::Handle,
     pub users: Arc<UserStateView>,
     pub metrics: Arc<MetricsView>,
@@ -314,6 +316,7 @@ impl RegionalTier {
         keys: Arc<UserKeys>,
         global: (Arc<dyn Bus>, &StreamSpec),
         records: Arc<dyn HostRecords>,
+        deliveries: DeliveryMetrics,
         rt: &tokio::runtime::Handle,
     ) -> RegionalTier {
         let users = Arc::new(UserStateView::default());
@@ -357,6 +360,7 @@ impl RegionalTier {
                 },
             ],
             records,
+            deliveries,
             rt: rt.clone(),
             users,
             metrics,
@@ -511,6 +515,7 @@ impl RegionalTier {
             records: source
                 .durable_cursors
                 .then(|| (self.records.clone(), source.table)),
+            metrics: self.deliveries.clone(),
         };
         let mut opts = FeedOptions::new(&source.stream, &source.subject_filter);
         opts.start_after = record.cursor;
@@ -545,6 +550,21 @@ struct Delivery {
     alive: Arc<Mutex<bool>>,
     /// Where the cursor is persisted (`None`: not durable).
     records: Option<(Arc<dyn HostRecords>, &'static str)>,
+    metrics: DeliveryMetrics,
+}
+
+impl Delivery {
+    /// Counts a delivered batch whose newest event is `newest`.
+    fn delivered(&self, events: usize, newest: &CloudEvent) {
+        self.metrics.events.inc_by(events as u64);
+        self.metrics.batches.inc();
+        if let Some(at) = newest.hlc() {
+            let lag = now_ms().saturating_sub(at.physical_ms);
+            self.metrics
+                .lag_ms
+                .set(i64::try_from(lag).unwrap_or(i64::MAX));
+        }
+    }
 }
 
 /// Expiring table of the global event ids delivered to each global
@@ -591,9 +611,11 @@ impl FeedHandler for Delivery {
             Filter::Regional(_) => {
                 let updates = matching.iter().map(|(s, e)| update_of(*s, e)).collect();
                 component.deliver_updates(self.id, updates).await?;
+                self.delivered(matching.len(), &matching[matching.len() - 1].1);
             }
             Filter::Global(_) => {
                 let mut unseen = Vec::with_capacity(matching.len());
+                let mut newest = None;
                 for (_, e) in &matching {
                     let key = format!("{}/{}/{}", self.name, self.id, e.id);
                     let seen = match &self.records {
@@ -607,10 +629,13 @@ impl FeedHandler for Delivery {
                     if !seen && !delivered_keys.contains(&key) {
                         unseen.push(global_event_of(e));
                         delivered_keys.push(key);
+                        newest = Some(e);
                     }
                 }
-                if !unseen.is_empty() {
+                if let Some(newest) = newest {
+                    let n = unseen.len();
                     component.deliver_global_events(self.id, unseen).await?;
+                    self.delivered(n, newest);
                 }
             }
         }

@@ -195,6 +195,7 @@ impl Services {
             user_keys.clone(),
             (buses.global.clone(), &global_stream),
             rocks.clone(),
+            metrics.deliveries.clone(),
             background.handle(),
         );
         let residency = residency_rules(config);

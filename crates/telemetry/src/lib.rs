@@ -2,8 +2,8 @@
 
 pub mod metrics;
 pub use metrics::{
-    BusMetrics, CacheLevelMetrics, CacheMetrics, ComponentMetrics, LatencySummary, LedgerMetrics,
-    LiveMetrics, Metrics, OutboxMetrics, RejectReason, SyncMetrics,
+    BusMetrics, CacheLevelMetrics, CacheMetrics, ComponentMetrics, DeliveryMetrics, LatencySummary,
+    LedgerMetrics, LiveMetrics, Metrics, OutboxMetrics, RejectReason, SyncMetrics,
 };
 
 use std::io::IsTerminal;

@@ -69,6 +69,23 @@ pub struct Metrics {
     pub ledger: LedgerMetrics,
     /// Live (SSE) connections to browsers (`keel-runtime`'s live hub).
     pub live: LiveMetrics,
+    /// Subscription deliveries to components (`keel-runtime`'s regional
+    /// tier).
+    pub deliveries: DeliveryMetrics,
+}
+
+/// Subscription deliveries to components' `subscriber` exports. Cheap to
+/// clone (shared atomics).
+#[derive(Clone, Default)]
+pub struct DeliveryMetrics {
+    /// Events delivered (in successful calls).
+    pub events: Counter,
+    /// Successful `subscriber` calls (one per batch).
+    pub batches: Counter,
+    /// Milliseconds from publication (the event's HLC) to the delivery of
+    /// the newest event of the last batch: how far this node's
+    /// subscriptions run behind.
+    pub lag_ms: Gauge,
 }
 
 /// Live delivery to browsers. Cheap to clone (shared atomics).
@@ -425,7 +442,28 @@ impl Metrics {
         ] {
             registry.register(name, help, c.clone());
         }
+        let deliveries = DeliveryMetrics::default();
+        registry.register(
+            "subscription_lag_ms",
+            "Milliseconds from publication to delivery of the newest event of the last subscriber batch",
+            deliveries.lag_ms.clone(),
+        );
+        for (name, help, c) in [
+            (
+                "subscription_events",
+                "Events delivered to subscriber exports",
+                &deliveries.events,
+            ),
+            (
+                "subscription_batches",
+                "Successful subscriber calls (batches)",
+                &deliveries.batches,
+            ),
+        ] {
+            registry.register(name, help, c.clone());
+        }
         Metrics {
+            deliveries,
             live,
             ledger,
             sync,
