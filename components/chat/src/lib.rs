@@ -50,7 +50,8 @@
 //! itself to the region's and the world's `chat.*` events; the exported
 //! `subscriber` inserts what arrives (`INSERT OR IGNORE` on the id, so
 //! redeliveries and echoes change nothing) and publishes it live only if
-//! it was new. Presence is a `state` map `presence` (user -> entry; region
+//! it was new; a direct message is kept only on edges where its sender or
+//! recipient is registered. Presence is a `state` map `presence` (user -> entry; region
 //! scope, and global scope unless the user's data must stay in its zone),
 //! announced live (`presence` event `presence`) and by `chat.presence`
 //! events the same way.
@@ -207,6 +208,22 @@ fn deliver<'a>(
     }
     if !messages.is_empty() {
         store::ensure_schema()?;
+        // A direct message is kept only where one of its two users is
+        // registered (their edge reads it); rooms are kept everywhere.
+        let mut dm_users: Vec<&str> = messages
+            .iter()
+            .filter(|m| m.room.is_none())
+            .flat_map(|m| [Some(m.from.as_str()), m.to.as_deref()])
+            .flatten()
+            .collect();
+        dm_users.sort_unstable();
+        dm_users.dedup();
+        let here = store::registered(&dm_users)?;
+        messages.retain(|m| {
+            m.room.is_some()
+                || here.contains(&m.from)
+                || m.to.as_ref().is_some_and(|to| here.contains(to))
+        });
         let new = store::insert_messages(&messages)?;
         for (message, _) in messages.iter().zip(new).filter(|(_, new)| *new) {
             publish_message(message);

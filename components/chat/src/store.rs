@@ -81,6 +81,30 @@ pub fn account(user: &str) -> Result<Option<Account>, Failure> {
     }
 }
 
+/// Which of `users` are registered on this edge.
+pub fn registered(users: &[&str]) -> Result<Vec<String>, Failure> {
+    if users.is_empty() {
+        return Ok(Vec::new());
+    }
+    let marks = (1..=users.len())
+        .map(|i| format!("?{i}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let params: Vec<Sql> = users.iter().map(|u| text(u)).collect();
+    let found = sql::query(
+        &format!("SELECT user FROM accounts WHERE user IN ({marks})"),
+        &params,
+    )?;
+    Ok(found
+        .rows
+        .into_iter()
+        .filter_map(|row| match row.into_iter().next() {
+            Some(Sql::Text(user)) => Some(user),
+            _ => None,
+        })
+        .collect())
+}
+
 /// Registers `user`; false if the id is taken.
 pub fn create_account(
     user: &str,
