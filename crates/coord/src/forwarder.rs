@@ -172,29 +172,54 @@ async fn run(
             }
             continue;
         }
-        let global_run = take_run(&mut batch);
-        let dest = &mut routes[usize::from(global_run)];
-        if *dest.connection.borrow_and_update() != ConnectionState::Connected {
+        // Both destinations take their entries of the batch at once (a chat
+        // message is often an event and a global event: one destination per
+        // round would make every round one entry long). A destination that
+        // is not connected cuts the batch before its first entry.
+        let mut waiting_for = None;
+        for (d, route) in routes.iter_mut().enumerate() {
+            let Some(first) = batch.iter().position(|(_, e)| destination(e) == d) else {
+                continue;
+            };
+            if *route.connection.borrow_and_update() != ConnectionState::Connected {
+                batch.truncate(first);
+                if batch.is_empty() {
+                    waiting_for = Some(d);
+                }
+            }
+        }
+        if let Some(d) = waiting_for {
             tokio::select! {
-                _ = dest.connection.changed() => {}
+                _ = routes[d].connection.changed() => {}
                 _ = tokio::time::sleep(RETRY_MAX) => {}
             }
             continue;
         }
-        if !dest.ready {
-            match dest.bus.ensure_stream(&dest.stream).await {
-                Ok(()) => dest.ready = true,
+        let mut not_ready = false;
+        for (d, route) in routes.iter_mut().enumerate() {
+            if route.ready || !batch.iter().any(|(_, e)| destination(e) == d) {
+                continue;
+            }
+            match route.bus.ensure_stream(&route.stream).await {
+                Ok(()) => route.ready = true,
                 Err(e) => {
-                    tracing::warn!(error = %e, stream = %dest.stream.name, "cannot ensure the stream");
+                    tracing::warn!(error = %e, stream = %route.stream.name, "cannot ensure the stream");
                     metrics.errors.inc();
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(RETRY_MAX);
-                    continue;
+                    not_ready = true;
+                    break;
                 }
             }
         }
+        if not_ready {
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(RETRY_MAX);
+            continue;
+        }
         let msgs = match msgs.take() {
-            Some(m) => m,
+            Some(mut m) => {
+                m.truncate(batch.len());
+                m
+            }
             None => match data_keys(&batch, opts.keys.as_deref()).await {
                 Ok(keys) => build(&batch, &opts.region, &origin, &subject, &keys),
                 Err(e) => {
@@ -210,13 +235,12 @@ async fn run(
         // their way (it goes out only after all of them, so order and
         // "removed only after acknowledged" hold).
         let last = batch[batch.len() - 1].0;
-        let send = dest.bus.stream_append_many(msgs);
+        let send = send_both(&routes, &batch, msgs);
         let prepare = async {
-            let mut next = outbox.outbox_peek(last, BATCH).ok()?;
+            let next = outbox.outbox_peek(last, BATCH).ok()?;
             if next.is_empty() {
                 return None;
             }
-            take_run(&mut next);
             let keys = data_keys(&next, opts.keys.as_deref()).await.ok()?;
             let msgs = build(&next, &opts.region, &origin, &subject, &keys);
             Some(Prepared { batch: next, msgs })
@@ -244,7 +268,7 @@ async fn run(
             Some(Err(e)) => {
                 metrics.errors.inc();
                 if matches!(e, BusError::NotFound(_)) {
-                    dest.ready = false;
+                    routes[destination(&batch[acked].1)].ready = false;
                 }
                 tracing::debug!(error = %e, waiting = batch.len() - acked, "outbox forwarding paused");
                 tokio::time::sleep(backoff).await;
@@ -261,17 +285,48 @@ struct Prepared {
     msgs: Vec<StreamAppend>,
 }
 
-/// Cuts `batch` (not empty) to the run of entries going where the first one
-/// goes — one destination per round; outbox order is kept per destination
-/// and overall. Returns whether that run is global.
-fn take_run(batch: &mut Vec<(u64, OutboxEntry)>) -> bool {
-    let global = is_global(&batch[0].1);
-    let run = batch
-        .iter()
-        .take_while(|(_, e)| is_global(e) == global)
-        .count();
-    batch.truncate(run);
-    global
+/// Where an entry goes: 0 the region's stream, 1 the global one (the
+/// index in the forwarder's routes).
+fn destination(entry: &OutboxEntry) -> usize {
+    usize::from(is_global(entry))
+}
+
+/// Sends `msgs` (built from `batch`, one each) to both destinations at
+/// once, each its entries in outbox order; the acknowledgements in batch
+/// order. A destination stops at its first failure, so the list ends at
+/// the first entry without an acknowledgement from its destination (or an
+/// error): what precedes it is acknowledged.
+async fn send_both(
+    routes: &[Route; 2],
+    batch: &[(u64, OutboxEntry)],
+    msgs: Vec<StreamAppend>,
+) -> Vec<keel_bus::BusResult<keel_bus::StreamAck>> {
+    let mut split: [Vec<StreamAppend>; 2] = [Vec::new(), Vec::new()];
+    for ((_, entry), m) in batch.iter().zip(msgs) {
+        split[destination(entry)].push(m);
+    }
+    let [region, global] = split;
+    let send = |d: usize, m: Vec<StreamAppend>| async move {
+        if m.is_empty() {
+            Vec::new()
+        } else {
+            routes[d].bus.stream_append_many(m).await
+        }
+    };
+    let (region, global) = tokio::join!(send(0, region), send(1, global));
+    let mut acks = [region.into_iter(), global.into_iter()];
+    let mut out = Vec::with_capacity(batch.len());
+    for (_, entry) in batch {
+        match acks[destination(entry)].next() {
+            Some(Ok(a)) => out.push(Ok(a)),
+            Some(Err(e)) => {
+                out.push(Err(e));
+                break;
+            }
+            None => break,
+        }
+    }
+    out
 }
 
 /// The user whose data key seals an entry: events and activity about a
