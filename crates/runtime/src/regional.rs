@@ -308,11 +308,11 @@ impl FeedHandler for Views {
 }
 
 impl RegionalTier {
-    /// Starts the views' feed over `stream` (the region's stream spec).
+    /// Starts the views' feed over the region's stream (`regional`: its
+    /// bus and spec).
     pub fn start(
         region: &str,
-        bus: Arc<dyn Bus>,
-        stream: &StreamSpec,
+        regional: (Arc<dyn Bus>, &StreamSpec),
         keys: Arc<UserKeys>,
         global: (Arc<dyn Bus>, &StreamSpec),
         records: Arc<dyn HostRecords>,
@@ -323,6 +323,7 @@ impl RegionalTier {
         let metrics = Arc::new(MetricsView::default());
         let events = Arc::new(MetricsView::default());
         let usage = Arc::new(keel_coord::UsageView::default());
+        let (bus, stream) = regional;
         let filter = format!("keel.{region}.edge.*.events");
         let views_feed = Arc::new(start_feed(
             bus.clone(),
