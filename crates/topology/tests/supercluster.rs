@@ -308,18 +308,42 @@ async fn publish_when_ready(
 /// `keel.eu-central.edge.warmup.events`, is in it).
 async fn create_eu_stream(t: &Topo, fra: &Client) -> stream::Stream {
     let js = jetstream::new(fra.clone());
-    let s = js
-        .create_stream(stream::Config {
-            name: stream_name("eu-central"),
-            subjects: vec!["keel.eu-central.edge.*.events".into()],
-            num_replicas: replicas(&t.regions, "eu-central"),
-            placement: Some(stream::Placement {
-                cluster: Some("eu-central".into()),
-                tags: vec!["region:eu-central".into()],
-            }),
-            ..Default::default()
-        })
-        .await
+    let config = stream::Config {
+        name: stream_name("eu-central"),
+        subjects: vec!["keel.eu-central.edge.*.events".into()],
+        num_replicas: replicas(&t.regions, "eu-central"),
+        placement: Some(stream::Placement {
+            cluster: Some("eu-central".into()),
+            tags: vec!["region:eu-central".into()],
+        }),
+        ..Default::default()
+    };
+    // The meta leader learns each peer's cluster and tags from its stats,
+    // which can trail the formed super-cluster: until then placement finds
+    // "no suitable peers" (10005). Creating the same config again is a no-op.
+    let created = Mutex::new(None);
+    let placed = wait_until_async(WAIT, || async {
+        match js.create_stream(config.clone()).await {
+            Ok(s) => {
+                *created.lock().expect("stream lock") = Some(Ok(s));
+                true
+            }
+            Err(e) => {
+                let unplaced = matches!(e.kind(), jetstream::context::CreateStreamErrorKind::JetStream(api)
+                    if api.error_code() == jetstream::ErrorCode(10005));
+                if !unplaced {
+                    *created.lock().expect("stream lock") = Some(Err(e));
+                }
+                !unplaced
+            }
+        }
+    })
+    .await;
+    assert!(placed, "no EU peers for the EU stream within {WAIT:?}");
+    let s = created
+        .into_inner()
+        .expect("stream lock")
+        .expect("a result")
         .expect("fra creates the EU stream");
     publish_when_ready(
         &js,
