@@ -93,7 +93,6 @@ impl Services {
         let KvBackend::RocksDb {
             max_key_bytes,
             max_value_bytes,
-            block_cache,
         } = config.infrastructure.kv;
         let EventLogBackend::RocksDb { max_event_bytes } = config.infrastructure.event_log;
         let SqlBackend::Sqlite {
@@ -131,7 +130,7 @@ impl Services {
                     region: config.node.region.clone(),
                 },
                 forwarding: true,
-                block_cache_bytes: block_cache,
+                block_cache_bytes: 16 << 20,
             },
         )
         .map_err(|e| fail("RocksDB store (kv, event log)", e))?;
