@@ -9,6 +9,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
+mod malloc;
+
 #[derive(Parser)]
 #[command(
     name = "keel",
@@ -249,6 +251,7 @@ fn up(
     if let Some(l) = listen {
         config.server.listen = l;
     }
+    malloc::limit_arenas();
     let metrics = Arc::new(Metrics::new());
     let services = match keel_runtime::Services::open(&config, &metrics) {
         Ok(s) => s,
@@ -275,6 +278,10 @@ fn up(
     }
     let server = keel_http::Server::bind(&config.server, runtime, metrics)
         .with_context(|| format!("binding {}", config.server.listen))?;
+    // Compiling the components freed a lot (see `malloc`); from here on the
+    // heap is what serving needs.
+    malloc::trim();
+    malloc::start_periodic_trim().context("starting the malloc trim thread")?;
     let addr = server.local_addr();
     let shutdown = server.shutdown_handle();
     spawn_signal_handler(shutdown.clone())?;

@@ -36,6 +36,21 @@
 //! `request_timeout` (nats.go does the same). That is safe without a
 //! `msg_id`: a message nobody received was not stored.
 //!
+//! **Subscription buffers.** async-nats queues each subscription's messages
+//! until the subscriber takes them, up to [`SUBSCRIPTION_CAPACITY`] (1024;
+//! async-nats's own default is 65,536); beyond that it drops new ones (a
+//! *slow consumer*, logged at most every 10 s with a count). A queued
+//! message keeps its part of the connection's read buffer alive, so the
+//! bound is what keeps a lagging subscriber from holding the node's memory:
+//! under the chat load (BENCHMARKS.md) the feeds' wake-up subscriptions,
+//! which carry every event of the stream, held ~65,000 messages (~75 MB)
+//! per node with the default, and still 10-20 MB with 4096. Every core NATS
+//! subscriber of keel tolerates drops (wake-ups, CRDT deltas repaired by
+//! anti-entropy, snapshots, requests retried after their timeout, best-effort
+//! cache invalidation). JetStream fetches queue in a subscription too, so no
+//! fetch asks for as many (`list_keys` pages by 512; feeds read 256, the
+//! ledger 512).
+//!
 //! **Publish path.** `publish` is one async-nats `publish` (a channel send to
 //! the connection task): no extra task hop, no allocation beyond the
 //! subject and, when there are headers, the header map.
@@ -161,6 +176,11 @@ struct Inner {
 
 type ReadKey = (String, String, u64);
 type ReadConsumer = consumer::Consumer<consumer::pull::Config>;
+/// Messages queued per subscription before async-nats drops new ones (see
+/// the module docs); no fetch asks for as many.
+pub const SUBSCRIPTION_CAPACITY: usize = 1024;
+/// Slow-consumer drops are logged at most this often (with a count).
+const SLOW_CONSUMER_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// The header a KV delete or purge marker carries (`DEL`, `PURGE`).
 const KV_OPERATION_HEADER: &str = "KV-Operation";
 /// Idle read consumers are deleted by the server after this...
@@ -187,6 +207,9 @@ struct StateCell {
     generation: Mutex<u64>,
     client: Mutex<Option<async_nats::Client>>,
     round_trip_timeout: Duration,
+    /// Messages dropped by slow consumers since the last warning, and when
+    /// that was.
+    slow_consumer: Mutex<(u64, Option<std::time::Instant>)>,
 }
 
 impl StateCell {
@@ -235,7 +258,19 @@ impl StateCell {
             }
             Event::LameDuckMode => tracing::warn!("nats: server entered lame duck mode"),
             Event::SlowConsumer(sid) => {
-                tracing::warn!("nats: slow consumer on subscription {sid}; messages dropped")
+                // One event per dropped message: count them, warn now and then.
+                let mut slow = lock(&self.slow_consumer);
+                slow.0 += 1;
+                if slow
+                    .1
+                    .is_none_or(|at| at.elapsed() >= SLOW_CONSUMER_LOG_INTERVAL)
+                {
+                    tracing::warn!(
+                        dropped = slow.0,
+                        "nats: slow consumer (latest on subscription {sid}): messages dropped since the last report"
+                    );
+                    *slow = (0, Some(std::time::Instant::now()));
+                }
             }
             Event::ServerError(e) => tracing::warn!("nats: server error: {e}"),
             Event::ClientError(e) => tracing::debug!("nats: client error: {e}"),
@@ -295,6 +330,7 @@ impl NatsBus {
             generation: Mutex::new(0),
             client: Mutex::new(None),
             round_trip_timeout: opts.request_timeout,
+            slow_consumer: Mutex::new((0, None)),
         });
         let (min, max) = (opts.min_reconnect_delay, opts.max_reconnect_delay);
         let cell = state.clone();
@@ -306,6 +342,7 @@ impl NatsBus {
         };
         let client = base
             .name(&opts.name)
+            .subscription_capacity(SUBSCRIPTION_CAPACITY)
             .connection_timeout(opts.connect_timeout)
             .ping_interval(opts.ping_interval)
             .request_timeout(Some(opts.request_timeout))
@@ -678,6 +715,8 @@ impl NatsBus {
 
     /// Up to `max` messages the consumer has now (no waiting).
     async fn fetch(&self, consumer: &ReadConsumer, max: usize) -> BusResult<Vec<StreamMessage>> {
+        // More could overflow the fetch's inbox (see SUBSCRIPTION_CAPACITY).
+        debug_assert!(max < SUBSCRIPTION_CAPACITY, "stream read of {max} messages");
         let mut out = Vec::new();
         let mut batch = consumer
             .fetch()
@@ -708,7 +747,9 @@ impl NatsBus {
     /// The live keys a last-per-subject, headers-only consumer on a KV
     /// stream delivers (delete and purge markers skipped).
     async fn list_keys(&self, bucket: &str, consumer: &ReadConsumer) -> BusResult<Vec<String>> {
-        const BATCH: usize = 4096;
+        // A fetch's messages (and its status message) queue in one
+        // subscription: ask for well under what it holds.
+        const BATCH: usize = SUBSCRIPTION_CAPACITY / 2;
         let prefix = format!("$KV.{bucket}.");
         let mut keys = Vec::new();
         if consumer.cached_info().num_pending == 0 {

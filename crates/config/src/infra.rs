@@ -102,8 +102,16 @@ pub enum KvBackend {
     RocksDb {
         max_key_bytes: usize,
         max_value_bytes: usize,
+        /// The node's one RocksDB (kv, event log, state): block cache size,
+        /// with the memtables' memory charged to it, so it bounds RocksDB's
+        /// memory; memtables are flushed when they reach half of it.
+        block_cache: usize,
     },
 }
+
+/// Default of `[infrastructure] kv.block-cache`: RocksDB's whole memory
+/// (block cache and memtables).
+const DEFAULT_ROCKSDB_BLOCK_CACHE: usize = 16 * 1024 * 1024;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum SqlBackend {
@@ -148,6 +156,7 @@ impl Default for InfrastructureConfig {
             kv: KvBackend::RocksDb {
                 max_key_bytes: 1024,
                 max_value_bytes: 1024 * 1024,
+                block_cache: DEFAULT_ROCKSDB_BLOCK_CACHE,
             },
             sql: SqlBackend::Sqlite {
                 max_rows: 10_000,
@@ -244,6 +253,7 @@ struct RawKv {
     r#type: Spanned<String>,
     max_key_bytes: Option<Spanned<String>>,
     max_value_bytes: Option<Spanned<String>>,
+    block_cache: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -386,6 +396,7 @@ pub(crate) fn build_infrastructure(
             let KvBackend::RocksDb {
                 max_key_bytes,
                 max_value_bytes,
+                block_cache,
             } = &mut cfg.kv;
             bounded_size(
                 src,
@@ -401,6 +412,14 @@ pub(crate) fn build_infrastructure(
                 "infrastructure.kv.max-value-bytes",
                 1..=64 * 1024 * 1024,
                 max_value_bytes,
+                diags,
+            );
+            bounded_size(
+                src,
+                &kv.block_cache,
+                "infrastructure.kv.block-cache",
+                1024 * 1024..=64 * 1024 * 1024 * 1024,
+                block_cache,
                 diags,
             );
         }

@@ -113,15 +113,18 @@ fn units() {
 #[test]
 fn infrastructure_backends_and_limits() {
     let c = parse(
-        "[node]\nedge = \"fra\"\nregion = \"eu-central\"\n\n[infrastructure]\nkv = { type = \"rocksdb\", max-value-bytes = \"64KiB\" }\nsql = { type = \"sqlite\", max-rows = 5, statement-timeout = \"250ms\" }\nevent-log = { type = \"rocksdb\" }\n",
+        "[node]\nedge = \"fra\"\nregion = \"eu-central\"\n\n[infrastructure]\nkv = { type = \"rocksdb\", max-value-bytes = \"64KiB\", block-cache = \"64MiB\" }\nsql = { type = \"sqlite\", max-rows = 5, statement-timeout = \"250ms\" }\nevent-log = { type = \"rocksdb\" }\n",
     )
     .unwrap();
     assert_eq!(c.node.edge, "fra");
     assert_eq!(c.node.region, "eu-central");
     let KvBackend::RocksDb {
-        max_value_bytes, ..
+        max_value_bytes,
+        block_cache,
+        ..
     } = c.infrastructure.kv;
     assert_eq!(max_value_bytes, 64 * 1024);
+    assert_eq!(block_cache, 64 << 20);
     let SqlBackend::Sqlite {
         max_rows,
         statement_timeout,
@@ -134,6 +137,17 @@ fn infrastructure_backends_and_limits() {
     let d = parse("").unwrap();
     assert_eq!(d.node, NodeConfig::default());
     assert_eq!(d.infrastructure, InfrastructureConfig::default());
+}
+
+#[test]
+fn rocksdb_block_cache_is_bounded() {
+    let e = parse("[infrastructure]\nkv = { type = \"rocksdb\", block-cache = \"512KiB\" }\n")
+        .unwrap_err();
+    let d = &e.0[0];
+    assert_eq!(d.key, "infrastructure.kv.block-cache", "{e}");
+    assert!(d.message.contains("accepted: 1048576 to"), "{e}");
+    let KvBackend::RocksDb { block_cache, .. } = parse("").unwrap().infrastructure.kv;
+    assert_eq!(block_cache, 16 << 20);
 }
 
 #[test]

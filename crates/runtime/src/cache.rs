@@ -11,6 +11,9 @@ use wasmtime::component::Component;
 
 pub struct ArtifactCache<'a> {
     engine: &'a Engine,
+    /// Compiles on a miss ([`crate::engine::compiler_for`]); created on the
+    /// first miss, dropped with the cache once the components are loaded.
+    compiler: std::sync::OnceLock<Engine>,
     dir: PathBuf,
     engine_key: String,
 }
@@ -22,6 +25,7 @@ impl<'a> ArtifactCache<'a> {
         engine.precompile_compatibility_hash().hash(&mut h);
         ArtifactCache {
             engine,
+            compiler: std::sync::OnceLock::new(),
             dir: data_dir.join("compiled"),
             engine_key: format!("{:016x}", h.finish()),
         }
@@ -51,11 +55,19 @@ impl<'a> ArtifactCache<'a> {
                 }
             }
         }
-        let compiled = self.engine.precompile_component(bytes)?;
+        let compiler = match self.compiler.get() {
+            Some(c) => c,
+            None => {
+                let c = crate::engine::compiler_for(self.engine)?;
+                self.compiler.get_or_init(|| c)
+            }
+        };
+        let compiled = compiler.precompile_component(bytes)?;
         if let Err(e) = self.store(&path, &compiled) {
             tracing::warn!(dir = %self.dir.display(), error = %e, "cannot write compiled artifact; continuing without cache");
         }
-        // SAFETY: `compiled` was produced by this engine just now.
+        // SAFETY: `compiled` was produced just now by an engine with this
+        // engine's configuration.
         let c = unsafe { Component::deserialize(self.engine, &compiled)? };
         Ok((c, false))
     }

@@ -93,6 +93,7 @@ impl Services {
         let KvBackend::RocksDb {
             max_key_bytes,
             max_value_bytes,
+            block_cache,
         } = config.infrastructure.kv;
         let EventLogBackend::RocksDb { max_event_bytes } = config.infrastructure.event_log;
         let SqlBackend::Sqlite {
@@ -130,7 +131,7 @@ impl Services {
                     region: config.node.region.clone(),
                 },
                 forwarding: true,
-                block_cache_bytes: 16 << 20,
+                block_cache_bytes: block_cache,
             },
         )
         .map_err(|e| fail("RocksDB store (kv, event log)", e))?;

@@ -24,7 +24,7 @@ use keel_store::{
     OutboxEntry, StateValue, StoreError, StoreLimits, StoreResult, StoredCrdt, StoredEvent,
     WriteFuture,
 };
-use rocksdb::{BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, Options};
+use rocksdb::{BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, Options, WriteBufferManager};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -65,6 +65,12 @@ impl Cf {
     }
 }
 
+/// Arena block size of a memtable (see [`RocksStore::open`]).
+const MEMTABLE_ARENA_BLOCK: usize = 128 << 10;
+/// Memtable memory (all column families) below which no flush is forced:
+/// every column family written holds at least one arena block.
+pub const MIN_WRITE_BUFFERS: usize = 2 << 20;
+
 /// Who this node is: stamped on events and ids.
 #[derive(Debug, Clone)]
 pub struct NodeIdentity {
@@ -79,7 +85,10 @@ pub struct RocksOptions {
     /// Queue forwarded writes in the outbox. Off on the embedded single
     /// node, which is its own region (its local log is the regional log).
     pub forwarding: bool,
-    /// Block cache size (shared by all column families).
+    /// Block cache size (shared by all column families). The memtables'
+    /// memory is charged to it, so this bounds RocksDB's memory as a whole;
+    /// the memtables of all column families together are flushed at half of
+    /// it (at least [`MIN_WRITE_BUFFERS`]).
     pub block_cache_bytes: usize,
 }
 
@@ -154,14 +163,26 @@ impl RocksStore {
         std::fs::create_dir_all(path).map_err(|e| {
             StoreError::Unavailable(format!("cannot create {}: {e}", path.display()))
         })?;
+        // One memory budget: the block cache, with the memtables' arena
+        // memory charged to it (see `RocksOptions::block_cache_bytes`).
         let cache = Cache::new_lru_cache(options.block_cache_bytes);
+        let write_buffers = WriteBufferManager::new_write_buffer_manager_with_cache(
+            (options.block_cache_bytes / 2).max(MIN_WRITE_BUFFERS),
+            false,
+            cache.clone(),
+        );
         let mut table = BlockBasedOptions::default();
         table.set_block_cache(&cache);
         let mut cf_opts = Options::default();
         cf_opts.set_block_based_table_factory(&table);
         cf_opts.set_write_buffer_size(8 << 20);
         cf_opts.set_max_write_buffer_number(2);
+        // A memtable takes arena memory in blocks of this size (default:
+        // an eighth of the write buffer, 1 MiB), starting with its first
+        // write: 1 MiB per column family written, even for a few bytes.
+        cf_opts.set_arena_block_size(MEMTABLE_ARENA_BLOCK);
         let mut db_opts = cf_opts.clone();
+        db_opts.set_write_buffer_manager(&write_buffers);
         db_opts.create_if_missing(true);
         db_opts.create_missing_column_families(true);
         // Multi-CF batches must never be half-flushed.
