@@ -32,6 +32,7 @@ CHAT_JWT_SECRET = { from-env = "CHAT_TEST_JWT_SECRET" }
 [components.chat.live]
 channels = ["user/{user}", "room/*", "presence"]
 [components.chat.personal-data]
+keys = ["user/{user}/"]
 sql = ["accounts.user", "messages.sender", "messages.recipient"]"#,
         )
     )
@@ -1043,6 +1044,17 @@ async fn chat_users_data_is_exported_and_erased_by_user_id() {
         .map(|r| r["table"].as_str().unwrap())
         .collect();
     assert_eq!(tables, ["accounts", "messages"].into(), "{archive}");
+    // Her message counter (a state CRDT named under the declared
+    // `user/{user}/`), whole; bob's is not hers.
+    let counters: Vec<&Value> = archive["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["type"] == "state" && r["kind"] == "counter")
+        .collect();
+    assert_eq!(counters.len(), 1, "{archive}");
+    assert_eq!(counters[0]["name"], "user/alice/sent", "{archive}");
+    assert_eq!(counters[0]["entry"], json!({"count": 2}), "{archive}");
 
     // Erased: her messages (sent and received), account, profile and
     // presence; bob's own room message stays.
@@ -1091,5 +1103,30 @@ async fn chat_users_data_is_exported_and_erased_by_user_id() {
     )
     .await;
     assert_eq!(me["display-name"], Value::Null, "{me}");
+    let stats = expect(
+        &keel,
+        "GET",
+        "/chat/stats",
+        Some(again["token"].as_str().unwrap()),
+        Value::Null,
+        200,
+    )
+    .await;
+    assert_eq!(stats["sent"], 0, "her counter was erased: {stats}");
+    let stats = expect(&keel, "GET", "/chat/stats", Some(&bob), Value::Null, 200).await;
+    assert_eq!(stats["sent"], 2, "bob's counter stays: {stats}");
+    // None of her messages or state is left to export (her new account is).
+    let r = keel.post("/gdpr/export/alice?format=json", "").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    wait_job(&keel, &format!("/gdpr/export-status/{id}")).await;
+    let archive = keel.get(&format!("/gdpr/export/{id}")).await.json();
+    let left: Vec<&Value> = archive["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["type"] == "state" || r["table"] == "messages")
+        .collect();
+    assert!(left.is_empty(), "{archive}");
     keel.stop();
 }

@@ -105,6 +105,7 @@ CHAT_JWT_SECRET = {{ from-env = "KEEL_DEMO_JWT_SECRET" }}
 [components.chat.live]
 channels = ["user/{{user}}", "room/*", "presence"]
 [components.chat.personal-data]
+keys = ["user/{{user}}/"]
 sql = ["accounts.user", "messages.sender", "messages.recipient"]
 "#,
         chat.display().to_string()

@@ -40,7 +40,7 @@
 //! Where things go: a message is inserted into this node's SQL first (the
 //! request is answered only after that), then published live on this node
 //! (`room/<room>` event `message`; `user/<to>` and `user/<from>` event
-//! `dm`), counted (`state` counters `sent/<user>` and `messages`, global
+//! `dm`), counted (`state` counters `user/<user>/sent` and `messages`, global
 //! scope), and — for room messages and direct messages to users not
 //! registered on this edge — sent to the region (`sync-to-region`, kind
 //! `chat.message`) and to every region (`publish-global-event`, type
@@ -559,7 +559,7 @@ fn publish_message(message: &Message) {
 /// Increments the sender's and the total message counters (global CRDTs).
 /// The message is stored already: a failure is reported, not fatal.
 fn count_sent(user: &str) -> bool {
-    let a = state::counter_inc(&format!("sent/{user}"), types::Scope::Global, 1);
+    let a = state::counter_inc(&format!("user/{user}/sent"), types::Scope::Global, 1);
     let b = state::counter_inc("messages", types::Scope::Global, 1);
     a.is_ok() && b.is_ok()
 }
@@ -699,7 +699,7 @@ fn presence_entry(v: &Value) -> Option<Value> {
 }
 
 fn stats(user: &str) -> Result<Reply, Failure> {
-    let sent = state::counter_value(&format!("sent/{user}"), types::Scope::Global)?;
+    let sent = state::counter_value(&format!("user/{user}/sent"), types::Scope::Global)?;
     let total = state::counter_value("messages", types::Scope::Global)?;
     let here = store::counts(user)?;
     Ok(Reply::Json(

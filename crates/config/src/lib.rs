@@ -119,8 +119,8 @@ pub struct ComponentConfig {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PersonalData {
     /// Key prefixes with `{user}` in them, e.g. `"profile/{user}/"`: the KV
-    /// keys and cache keys under the prefix (user id substituted) are the
-    /// user's.
+    /// keys, cache keys and `state` CRDTs named under the prefix (user id
+    /// substituted) are the user's.
     pub keys: Vec<String>,
     /// SQL tables and the column holding the user id (`"notes.owner"`):
     /// those rows are the user's.

@@ -100,6 +100,20 @@ impl PnCounter {
         }
     }
 
+    /// Cancels `replica`'s own adjustments (its increments minus its
+    /// decrements), leaving every other replica's; returns the delta. When
+    /// each replica cancels its own, concurrently or not, the value ends at
+    /// 0 and never below (GDPR erasure: cancelling by the value seen here
+    /// would over-correct when two replicas do it at once).
+    pub fn cancel_own(&mut self, replica: &ReplicaId) -> PnCounter {
+        let (incs, decs) = (self.incs.count_of(replica), self.decs.count_of(replica));
+        match incs.cmp(&decs) {
+            std::cmp::Ordering::Greater => self.dec(replica, incs - decs),
+            std::cmp::Ordering::Less => self.inc(replica, decs - incs),
+            std::cmp::Ordering::Equal => PnCounter::default(),
+        }
+    }
+
     /// Increments minus decrements, computed exactly in i128 and clamped to
     /// the i64 range.
     pub fn value(&self) -> i64 {
@@ -145,6 +159,36 @@ mod tests {
         }
         assert_eq!(ra, rb);
         assert_eq!(ra.value(), -2);
+    }
+
+    #[test]
+    fn replicas_cancelling_their_own_adjustments_concurrently_end_at_zero() {
+        let (a, b, c) = (
+            ReplicaId::from("a"),
+            ReplicaId::from("b"),
+            ReplicaId::from("c"),
+        );
+        let mut ra = PnCounter::new();
+        let mut rb = PnCounter::new();
+        let mut rc = PnCounter::new();
+        let mut deltas = vec![ra.inc(&a, 5), ra.dec(&a, 1), rb.inc(&b, 3), rc.dec(&c, 4)];
+        for r in [&mut ra, &mut rb, &mut rc] {
+            deltas.iter().for_each(|d| r.merge(d));
+        }
+        assert_eq!(ra.value(), 3);
+        // Each cancels what it sees of its own, at once: no over-correction
+        // (cancelling the value 3 seen everywhere would end at -6).
+        let cancels = [ra.cancel_own(&a), rb.cancel_own(&b), rc.cancel_own(&c)];
+        deltas.extend(cancels);
+        for r in [&mut ra, &mut rb, &mut rc] {
+            deltas.iter().for_each(|d| r.merge(d));
+            assert_eq!(r.value(), 0);
+        }
+        assert_eq!(
+            ra.cancel_own(&a),
+            PnCounter::default(),
+            "nothing left to cancel"
+        );
     }
 
     #[test]

@@ -67,6 +67,22 @@ impl CounterMap {
         }
     }
 
+    /// Cancels `replica`'s own adjustments of `member`'s score (see
+    /// [`PnCounter::cancel_own`]); returns the delta (empty if there were
+    /// none).
+    pub fn cancel_own(&mut self, replica: &ReplicaId, member: &str) -> CounterMap {
+        let Some(counter) = self.entries.get_mut(member) else {
+            return CounterMap::default();
+        };
+        let d = counter.cancel_own(replica);
+        if is_empty_counter(&d) {
+            return CounterMap::default();
+        }
+        CounterMap {
+            entries: BTreeMap::from([(member.to_owned(), d)]),
+        }
+    }
+
     /// `member`'s score (0 if it was never adjusted), clamped to the i64
     /// range as [`PnCounter::value`].
     pub fn score(&self, member: &str) -> i64 {
@@ -158,6 +174,20 @@ mod tests {
 
     fn ranked(v: &[(u32, &str, i64)]) -> Vec<(u32, String, i64)> {
         v.iter().map(|&(r, m, s)| (r, m.to_string(), s)).collect()
+    }
+
+    #[test]
+    fn cancelling_own_adjustments_touches_one_member_and_one_replica() {
+        let (a, b) = (ReplicaId::from("a"), ReplicaId::from("b"));
+        let mut m = CounterMap::new();
+        m.apply(&a, "alice", 10);
+        m.apply(&b, "alice", 4);
+        m.apply(&a, "bob", 2);
+        let d = m.cancel_own(&a, "alice");
+        assert_eq!((m.score("alice"), m.score("bob")), (4, 2));
+        assert_eq!(d.score("alice"), -10);
+        assert_eq!(m.cancel_own(&a, "alice"), CounterMap::default());
+        assert_eq!(m.cancel_own(&a, "carol"), CounterMap::default());
     }
 
     #[test]

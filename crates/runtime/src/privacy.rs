@@ -14,7 +14,8 @@
 //! An erasure in a region: (1) every edge erases in place what it holds
 //! about the user: cache entries under the components' declared key
 //! prefixes (L1/L2/L3, everywhere), declared SQL rows, CRDT members and
-//! map entries, then the store (preferences, activity, events rewritten as
+//! map entries (and whole CRDTs named under the declared key prefixes, a
+//! counter by cancelling this replica's part), then the store (preferences, activity, events rewritten as
 //! erased, outbox entries, declared KV keys, directory copy) with a full
 //! compaction, and drops the user from its views; (2) the region's data key
 //! of the user is destroyed, which shreds every sealed payload about the
@@ -866,7 +867,7 @@ impl Privacy {
         step("cache and SQL");
         let crdts = self
             .sync
-            .erase_user(user)
+            .erase_user(user, &self.key_prefixes(user))
             .await
             .map_err(|e| format!("CRDTs: {e}"))?;
         step("CRDTs");
@@ -988,13 +989,22 @@ impl Privacy {
         }
         for s in self
             .sync
-            .export_user(user)
+            .export_user(user, &self.key_prefixes(user))
             .map_err(|e| format!("CRDTs: {e}"))?
         {
             let entry = match s.entry {
                 keel_sync::UserCrdtValue::Member => json!({ "member": true }),
                 keel_sync::UserCrdtValue::MapValue(v) => json!({ "value": bytes_json(&v) }),
                 keel_sync::UserCrdtValue::Score(n) => json!({ "score": n }),
+                keel_sync::UserCrdtValue::Count(n) => json!({ "count": n }),
+                keel_sync::UserCrdtValue::Members(m) => json!({ "members": m }),
+                keel_sync::UserCrdtValue::Value(v) => json!({ "value": bytes_json(&v) }),
+                keel_sync::UserCrdtValue::Entries(e) => json!({
+                    "entries": e.iter().map(|(k, v)| json!({ "key": k, "value": bytes_json(v) })).collect::<Vec<_>>()
+                }),
+                keel_sync::UserCrdtValue::Scores(s) => json!({
+                    "scores": s.iter().map(|(m, n)| json!({ "member": m, "score": n })).collect::<Vec<_>>()
+                }),
             };
             out.push(json!({
                 "type": "state",

@@ -141,6 +141,16 @@ pub enum UserCrdtValue {
     MapValue(Vec<u8>),
     /// The user's leaderboard score.
     Score(i64),
+    /// A personal counter's value.
+    Count(i64),
+    /// A personal set's members (sorted).
+    Members(Vec<String>),
+    /// A personal register's value.
+    Value(Vec<u8>),
+    /// A personal map's entries (sorted by key).
+    Entries(Vec<(String, Vec<u8>)>),
+    /// A personal leaderboard's non-zero scores (sorted by member).
+    Scores(Vec<(String, i64)>),
 }
 
 /// Settings of the sync service.
@@ -498,22 +508,51 @@ impl Sync {
         })
     }
 
-    /// What this node's CRDTs hold about `user` (GDPR export): every set
-    /// it is a member of, every map entry keyed by it and every leaderboard
-    /// score of it, as (component, scope, kind, name, entry). `entry` is
-    /// the map value for maps, the score for leaderboards, empty for sets.
-    pub fn export_user(&self, user: &str) -> StoreResult<Vec<UserCrdtEntry>> {
+    /// What this node's CRDTs hold about `user` (GDPR export), as
+    /// (component, scope, kind, name, entry): every set it is a member of,
+    /// every map entry keyed by it and every leaderboard score of it; and
+    /// whole, every non-empty CRDT whose name starts with one of the
+    /// component's `personal` prefixes (its declared `personal-data.keys`,
+    /// user substituted).
+    pub fn export_user(
+        &self,
+        user: &str,
+        personal: &[(Namespace, Vec<String>)],
+    ) -> StoreResult<Vec<UserCrdtEntry>> {
         let map = self.lock()?;
         let mut out: Vec<UserCrdtEntry> = map
             .iter()
             .filter_map(|((ns, id), slot)| {
-                let entry = match &slot.value {
-                    Value::Set(s) if s.contains(user) => UserCrdtValue::Member,
-                    Value::Map(m) => UserCrdtValue::MapValue(m.get(user)?.clone()),
-                    Value::Leaderboard(b) if b.score(user) != 0 => {
-                        UserCrdtValue::Score(b.score(user))
+                let entry = if is_personal(personal, ns, &id.name) {
+                    match &slot.value {
+                        Value::Counter(c) if c.value() != 0 => UserCrdtValue::Count(c.value()),
+                        Value::Set(s) if !s.is_empty() => {
+                            UserCrdtValue::Members(sorted(s.members().cloned()))
+                        }
+                        Value::Register(r) => {
+                            UserCrdtValue::Value(r.get().filter(|v| !v.is_empty())?.clone())
+                        }
+                        Value::Map(m) if !m.is_empty() => UserCrdtValue::Entries(sorted(
+                            m.entries().map(|(k, v)| (k.clone(), v.clone())),
+                        )),
+                        Value::Leaderboard(b) if b.iter().any(|(_, s)| s != 0) => {
+                            UserCrdtValue::Scores(sorted(
+                                b.iter()
+                                    .filter(|(_, s)| *s != 0)
+                                    .map(|(m, s)| (m.to_string(), s)),
+                            ))
+                        }
+                        _ => return None,
                     }
-                    _ => return None,
+                } else {
+                    match &slot.value {
+                        Value::Set(s) if s.contains(user) => UserCrdtValue::Member,
+                        Value::Map(m) => UserCrdtValue::MapValue(m.get(user)?.clone()),
+                        Value::Leaderboard(b) if b.score(user) != 0 => {
+                            UserCrdtValue::Score(b.score(user))
+                        }
+                        _ => return None,
+                    }
                 };
                 Some(UserCrdtEntry {
                     component: ns.as_str().to_string(),
@@ -530,40 +569,41 @@ impl Sync {
         Ok(out)
     }
 
-    /// Removes `user` from every CRDT on this node (GDPR erasure): set
+    /// Erases `user` from every CRDT on this node (GDPR erasure): set
     /// members equal to the user id and map entries keyed by it, in every
-    /// component and scope; a leaderboard member named by it is set to 0
-    /// (leaderboards keep member names). Each removal is an ordinary
+    /// component and scope, and this replica's adjustments of a leaderboard
+    /// member named by it (leaderboards keep member names). A CRDT whose
+    /// name starts with one of the component's `personal` prefixes is
+    /// erased whole: every set member and map entry removed, a register
+    /// overwritten with empty bytes, this replica's adjustments of a
+    /// counter (or of every leaderboard member) cancelled. Cancelling only
+    /// its own adjustments is what lets every replica erase at once without
+    /// over-correcting: the value reaches 0 when all have (a replica that
+    /// no longer runs keeps its part). The CRDT's name stays, as the
+    /// state-based CRDTs have no tombstones. Each erasure is an ordinary
     /// mutation, persisted and shipped as a delta, so the other replicas of
     /// region and global CRDTs drop it too. Returns the CRDTs changed;
     /// idempotent.
-    pub async fn erase_user(&self, user: &str) -> StoreResult<u64> {
-        let holding: Vec<(Namespace, Id)> = self
+    pub async fn erase_user(
+        &self,
+        user: &str,
+        personal: &[(Namespace, Vec<String>)],
+    ) -> StoreResult<u64> {
+        let replica = &self.inner.replica;
+        let holding: Vec<(Namespace, Id, bool)> = self
             .lock()?
             .iter()
-            .filter(|(_, slot)| match &slot.value {
-                Value::Set(s) => s.contains(user),
-                Value::Map(m) => m.contains_key(user),
-                Value::Leaderboard(b) => b.score(user) != 0,
-                Value::Counter(_) | Value::Register(_) => false,
+            .filter_map(|((ns, id), slot)| {
+                let whole = is_personal(personal, ns, &id.name);
+                holds(&slot.value, replica, user, whole).then(|| (ns.clone(), id.clone(), whole))
             })
-            .map(|(key, _)| key.clone())
             .collect();
         let mut changed = 0;
-        for (ns, id) in holding {
+        for (ns, id, whole) in holding {
             let member = user.to_string();
-            let r = self.inner.replica.clone();
-            self.mutate(&ns, id.scope, id.kind, &id.name, move |v, _| {
-                let delta = match v {
-                    Value::Set(s) => Value::Set(s.remove(&member)),
-                    Value::Map(m) => Value::Map(m.remove(&member)),
-                    Value::Leaderboard(b) => {
-                        let score = b.score(&member);
-                        Value::Leaderboard(b.apply(&r, &member, -score))
-                    }
-                    other => Value::empty(other.kind()),
-                };
-                Ok((delta, ()))
+            let r = replica.clone();
+            self.mutate(&ns, id.scope, id.kind, &id.name, move |v, at| {
+                Ok((erasure(v, &r, &member, whole, at)?, ()))
             })
             .await?;
             changed += 1;
@@ -999,6 +1039,76 @@ fn subject(region: &str, scope: Scope, ns: &Namespace) -> Option<String> {
         Scope::Region => Some(format!("keel.{region}.crdt.{}", ns.as_str())),
         Scope::Global => Some(format!("keel.global.crdt.{}", ns.as_str())),
     }
+}
+
+/// Whether CRDT `name` of `ns` is personal data as a whole (its name starts
+/// with one of the component's declared prefixes, user substituted).
+fn is_personal(personal: &[(Namespace, Vec<String>)], ns: &Namespace, name: &str) -> bool {
+    personal
+        .iter()
+        .any(|(n, prefixes)| n == ns && prefixes.iter().any(|p| name.starts_with(p.as_str())))
+}
+
+/// Whether [`erasure`] would change `v` (see [`Sync::erase_user`]).
+fn holds(v: &Value, replica: &ReplicaId, user: &str, whole: bool) -> bool {
+    let own = |c: &PnCounter| c.increments().count_of(replica) != c.decrements().count_of(replica);
+    match (v, whole) {
+        (Value::Counter(c), true) => own(c),
+        (Value::Set(s), true) => !s.is_empty(),
+        (Value::Register(r), true) => r.get().is_some_and(|v| !v.is_empty()),
+        (Value::Map(m), true) => !m.is_empty(),
+        (Value::Leaderboard(b), true) => b.iter().any(|(m, _)| b.counter(m).is_some_and(own)),
+        (Value::Set(s), false) => s.contains(user),
+        (Value::Map(m), false) => m.contains_key(user),
+        (Value::Leaderboard(b), false) => b.counter(user).is_some_and(own),
+        (Value::Counter(_) | Value::Register(_), false) => false,
+    }
+}
+
+/// Erases `user` from `v` (whole, or the user's member, entry or score;
+/// see [`Sync::erase_user`]); returns the delta.
+fn erasure(
+    v: &mut Value,
+    replica: &ReplicaId,
+    user: &str,
+    whole: bool,
+    at: &dyn Fn() -> StoreResult<Hlc>,
+) -> StoreResult<Value> {
+    let delta = match (v, whole) {
+        (Value::Counter(c), true) => Value::Counter(c.cancel_own(replica)),
+        (Value::Set(s), true) => {
+            let members: Vec<String> = s.members().cloned().collect();
+            let mut d = OrSet::default();
+            members.iter().for_each(|m| d.merge(&s.remove(m)));
+            Value::Set(d)
+        }
+        (Value::Register(r), true) => Value::Register(r.set(Vec::new(), at()?)),
+        (Value::Map(m), true) => {
+            let keys: Vec<String> = m.keys().cloned().collect();
+            let mut d = LwwMap::default();
+            keys.iter().for_each(|k| d.merge(&m.remove(k)));
+            Value::Map(d)
+        }
+        (Value::Leaderboard(b), true) => {
+            let members: Vec<String> = b.iter().map(|(m, _)| m.to_string()).collect();
+            let mut d = CounterMap::default();
+            members
+                .iter()
+                .for_each(|m| d.merge(&b.cancel_own(replica, m)));
+            Value::Leaderboard(d)
+        }
+        (Value::Set(s), false) => Value::Set(s.remove(user)),
+        (Value::Map(m), false) => Value::Map(m.remove(user)),
+        (Value::Leaderboard(b), false) => Value::Leaderboard(b.cancel_own(replica, user)),
+        (other, false) => Value::empty(other.kind()),
+    };
+    Ok(delta)
+}
+
+fn sorted<T: Ord>(items: impl Iterator<Item = T>) -> Vec<T> {
+    let mut v: Vec<T> = items.collect();
+    v.sort();
+    v
 }
 
 #[cfg(test)]

@@ -429,3 +429,120 @@ async fn leaderboard_limits_are_refused_and_change_nothing() {
         ]
     );
 }
+
+/// GDPR erasure on two replicas at once: the user's members, entries and
+/// scores go, CRDTs named under the user's declared prefix go whole (a
+/// counter and a leaderboard by each replica cancelling its own part, so
+/// erasing on both at once ends at 0, not below), others' data stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn erasing_a_user_on_every_replica_at_once_leaves_nothing_of_theirs() {
+    use keel_sync::UserCrdtValue;
+    let bus: Arc<dyn Bus> = Arc::new(LocalBus::new());
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, _) = open(da.path(), "a", bus.clone());
+    let (b, _) = open(db.path(), "b", bus.clone());
+    let app = ns("app");
+    let personal = [(app.clone(), vec!["user/alice/".to_string()])];
+    let g = Scope::Global;
+    for (replica, by) in [(&a, 3), (&b, 4)] {
+        replica
+            .counter_inc(&app, g, "user/alice/sent", by)
+            .await
+            .unwrap();
+        replica
+            .counter_inc(&app, g, "user/bob/sent", 1)
+            .await
+            .unwrap();
+        replica
+            .leaderboard_update(
+                &app,
+                Scope::Region,
+                "top",
+                vec![("alice".into(), by as i64), ("bob".into(), 1)],
+            )
+            .await
+            .unwrap();
+    }
+    a.set_add(&app, g, "user/alice/rooms", "lobby".into())
+        .await
+        .unwrap();
+    a.set_add(&app, g, "online", "alice".into()).await.unwrap();
+    a.set_add(&app, g, "online", "bob".into()).await.unwrap();
+    b.map_set(
+        &app,
+        g,
+        "user/alice/prefs",
+        "theme".into(),
+        b"dark".to_vec(),
+    )
+    .await
+    .unwrap();
+    b.map_set(&app, g, "names", "alice".into(), b"Alice".to_vec())
+        .await
+        .unwrap();
+    b.register_set(&app, g, "user/alice/bio", b"hi".to_vec())
+        .await
+        .unwrap();
+    eventually("both replicas hold everything", || {
+        [&a, &b].iter().all(|r| {
+            r.counter_value(&app, g, "user/alice/sent").unwrap() == 7
+                && r.leaderboard_top(&app, Scope::Region, "top", 1).unwrap()[0].2 == 7
+                && r.register_get(&app, g, "user/alice/bio").unwrap().is_some()
+                && r.map_get(&app, g, "names", "alice").unwrap().is_some()
+                && r.export_user("alice", &personal).unwrap().len() == 7
+        })
+    })
+    .await;
+    let exported = a.export_user("alice", &personal).unwrap();
+    let sent = exported
+        .iter()
+        .find(|e| e.name == "user/alice/sent")
+        .unwrap();
+    assert_eq!(sent.entry, UserCrdtValue::Count(7));
+    let rooms = exported
+        .iter()
+        .find(|e| e.name == "user/alice/rooms")
+        .unwrap();
+    assert_eq!(rooms.entry, UserCrdtValue::Members(vec!["lobby".into()]));
+    let online = exported.iter().find(|e| e.name == "online").unwrap();
+    assert_eq!(online.entry, UserCrdtValue::Member);
+    assert!(
+        exported.iter().all(|e| !e.name.contains("bob")),
+        "{exported:?}"
+    );
+
+    // Both erase before seeing each other's erasure.
+    let (ea, eb) = tokio::join!(
+        a.erase_user("alice", &personal),
+        b.erase_user("alice", &personal)
+    );
+    assert!(ea.unwrap() >= 4 && eb.unwrap() >= 3);
+    eventually("nothing of alice is left anywhere", || {
+        [&a, &b]
+            .iter()
+            .all(|r| r.export_user("alice", &personal).unwrap().is_empty())
+    })
+    .await;
+    for r in [&a, &b] {
+        assert_eq!(
+            r.counter_value(&app, g, "user/alice/sent").unwrap(),
+            0,
+            "not below 0"
+        );
+        assert_eq!(r.counter_value(&app, g, "user/bob/sent").unwrap(), 2);
+        let top = r.leaderboard_top(&app, Scope::Region, "top", 10).unwrap();
+        assert!(top.contains(&(1, "bob".to_string(), 2)), "{top:?}");
+        assert!(
+            top.iter().all(|(_, m, s)| m != "alice" || *s == 0),
+            "{top:?}"
+        );
+        assert!(r.set_contains(&app, g, "online", "bob").unwrap());
+        assert_eq!(r.map_get(&app, g, "names", "alice").unwrap(), None);
+        assert_eq!(
+            r.register_get(&app, g, "user/alice/bio").unwrap(),
+            Some(Vec::new())
+        );
+    }
+    // Idempotent.
+    assert_eq!(a.erase_user("alice", &personal).await.unwrap(), 0);
+}
