@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-mod malloc;
+mod memory;
 
 #[derive(Parser)]
 #[command(
@@ -251,7 +251,7 @@ fn up(
     if let Some(l) = listen {
         config.server.listen = l;
     }
-    malloc::limit_arenas();
+    memory::limit_arenas();
     let metrics = Arc::new(Metrics::new());
     let services = match keel_runtime::Services::open(&config, &metrics) {
         Ok(s) => s,
@@ -278,10 +278,14 @@ fn up(
     }
     let server = keel_http::Server::bind(&config.server, runtime, metrics)
         .with_context(|| format!("binding {}", config.server.listen))?;
-    // Compiling the components freed a lot (see `malloc`); from here on the
-    // heap is what serving needs.
-    malloc::trim();
-    malloc::start_periodic_trim().context("starting the malloc trim thread")?;
+    // Starting freed a lot of heap and ran a lot of code serving never
+    // runs again (see `memory`): from here on, keep what serving needs.
+    memory::trim();
+    memory::start_periodic_trim().context("starting the malloc trim thread")?;
+    match memory::release_startup_code() {
+        Ok(bytes) => tracing::debug!(bytes, "released the start's code pages"),
+        Err(e) => tracing::debug!(error = %e, "cannot release the start's code pages"),
+    }
     let addr = server.local_addr();
     let shutdown = server.shutdown_handle();
     spawn_signal_handler(shutdown.clone())?;

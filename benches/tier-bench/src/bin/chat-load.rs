@@ -28,8 +28,8 @@
 //!    receiver's stream (messages are matched by their text, `load <seq>`),
 //!    per class. Live delivery is best effort: events that never arrive
 //!    are counted, not failed.
-//! 5. RSS of every keel process (VmRSS and VmHWM from /proc) right after
-//!    the load.
+//! 5. RSS of every keel process (VmRSS, split into anonymous and
+//!    file-backed pages, and VmHWM from /proc) right after the load.
 //! 6. Check: for every (recipient, sender) pair with acknowledged direct
 //!    messages, the recipient reads the conversation on its own edge
 //!    (`GET /chat/dm/<sender>/messages?after=..&limit=200`, paged), and
@@ -426,7 +426,7 @@ async fn run(nodes: &[Node], config: &Config) -> anyhow::Result<()> {
     check_interrupted()?;
 
     // 5. RSS right after the load.
-    let rss: Vec<(u64, u64)> = nodes.iter().map(|n| memory(n.pid())).collect();
+    let rss: Vec<Memory> = nodes.iter().map(|n| memory(n.pid())).collect();
 
     let mut acked = Vec::new();
     let mut ack_latency: [Samples; 3] = Default::default();
@@ -546,23 +546,25 @@ async fn run(nodes: &[Node], config: &Config) -> anyhow::Result<()> {
         stats(&room_ack_latency)
     );
     println!(
-        "\n| edge | region | acknowledged sends | messages/s | failed sends | RSS after the load (MB) | peak RSS (MB) |"
+        "\n| edge | region | acknowledged sends | messages/s | failed sends | RSS after the load (MB) | of it anonymous / file (MB) | peak RSS (MB) |"
     );
-    println!("|---|---|---:|---:|---:|---:|---:|");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|");
     for (e, node) in nodes.iter().enumerate() {
         let sent = acked.iter().filter(|a| a.sender_edge == e).count();
         let region = DEMO_REGIONS[region_of(e)].0;
         println!(
-            "| {} | {region} | {sent} | {:.0} | {} | {:.1} | {:.1} |",
+            "| {} | {region} | {sent} | {:.0} | {} | {:.1} | {:.1} / {:.1} | {:.1} |",
             node.edge,
             sent as f64 / secs,
             failures_by_edge[e],
-            rss[e].0 as f64 / 1024.0,
-            rss[e].1 as f64 / 1024.0
+            mb(rss[e].rss),
+            mb(rss[e].anonymous),
+            mb(rss[e].file),
+            mb(rss[e].peak)
         );
     }
     println!(
-        "| all | | {} | {:.0} | {failures} | | |",
+        "| all | | {} | {:.0} | {failures} | | | |",
         acked.len(),
         acked.len() as f64 / secs
     );
@@ -590,8 +592,15 @@ async fn run(nodes: &[Node], config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// (VmRSS, VmHWM) of a process, in kB (0 if unreadable).
-fn memory(pid: u32) -> (u64, u64) {
+/// A process's memory from /proc, in kB (0 if unreadable).
+struct Memory {
+    rss: u64,
+    anonymous: u64,
+    file: u64,
+    peak: u64,
+}
+
+fn memory(pid: u32) -> Memory {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let field = |name: &str| {
         status
@@ -600,7 +609,16 @@ fn memory(pid: u32) -> (u64, u64) {
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             .unwrap_or(0)
     };
-    (field("VmRSS:"), field("VmHWM:"))
+    Memory {
+        rss: field("VmRSS:"),
+        anonymous: field("RssAnon:"),
+        file: field("RssFile:"),
+        peak: field("VmHWM:"),
+    }
+}
+
+fn mb(kb: u64) -> f64 {
+    kb as f64 / 1024.0
 }
 
 /// The outcome of the check.
