@@ -6,7 +6,10 @@
 #    (group commit) vs one fsync per event. Same run, same machine.
 # 2. wrk: p50/p99 latency of one edge operation per HTTP request through the
 #    edge-probe component (read: get-local-state; durable write:
-#    record-local-event, fsynced before the response).
+#    record-local-event, fsynced before the response; baseline: the probe's
+#    /edge/node, no store call), with one request in flight (the operation's
+#    latency) and with 8 (the box saturated: wrk shares its 2 cores, so
+#    that p99 is mostly queueing).
 #
 # Usage: benches/edge.sh [SECONDS]   (default 3)
 set -euo pipefail
@@ -33,7 +36,7 @@ PROBE=$PWD/components/target/wasm/edge-probe.wasm
 echo "== store calls through a guest vs native (${SECS}s each)" >&2
 "$TARGET_DIR/release/edge-bench" "$KEEL" "$PROBE" "$SECS"
 
-echo "== one edge operation per HTTP request (wrk, 1 thread, 8 connections)" >&2
+echo "== one edge operation per HTTP request (wrk, 1 thread, 1 and 8 connections)" >&2
 cat >"$WORK/keel.toml" <<TOML
 [server]
 listen = "127.0.0.1:0"
@@ -50,16 +53,19 @@ for _ in $(seq 1 500); do grep -q "keel listening" "$WORK/out" && break; sleep 0
 BASE=$(sed -n 's/^keel listening on //p' "$WORK/out")/probe
 curl -fsS -X PUT --data-binary 'hello' "$BASE/edge/state/k" >/dev/null
 printf 'wrk.method = "POST"\nwrk.body = "{\\"kind\\":\\"bench\\",\\"key\\":\\"k\\",\\"payload\\":\\"0123456789abcdef\\"}"\n' >"$WORK/post.lua"
-echo "| operation (HTTP, loopback) | req/s | p50 | p99 |"
-echo "|---|---|---|---|"
-lat() { # name url [script]
-  wrk -t1 -c8 -d1s ${3:+-s "$3"} "$2" >/dev/null
-  wrk -t1 -c8 -d"${SECS}s" --latency ${3:+-s "$3"} "$2" >"$WORK/wrk"
+echo "| operation (HTTP, loopback) | connections | req/s | p50 | p99 |"
+echo "|---|---:|---|---|---|"
+lat() { # name connections url [script]
+  wrk -t1 -c"$2" -d1s ${4:+-s "$4"} "$3" >/dev/null
+  wrk -t1 -c"$2" -d"${SECS}s" --latency ${4:+-s "$4"} "$3" >"$WORK/wrk"
   local rps p50 p99
   rps=$(awk '/Requests\/sec/ {print $2}' "$WORK/wrk")
   p50=$(awk '$1=="50%" {print $2}' "$WORK/wrk")
   p99=$(awk '$1=="99%" {print $2}' "$WORK/wrk")
-  echo "| $1 | $rps | $p50 | $p99 |"
+  echo "| $1 | $2 | $rps | $p50 | $p99 |"
 }
-lat "get-local-state" "$BASE/edge/state/k"
-lat "record-local-event (fsynced)" "$BASE/edge/event" "$WORK/post.lua"
+for c in 1 8; do
+  lat "no store call (/edge/node)" "$c" "$BASE/edge/node"
+  lat "get-local-state" "$c" "$BASE/edge/state/k"
+  lat "record-local-event (fsynced)" "$c" "$BASE/edge/event" "$WORK/post.lua"
+done

@@ -251,7 +251,7 @@ fn up(
     if let Some(l) = listen {
         config.server.listen = l;
     }
-    memory::limit_arenas();
+    memory::configure_malloc();
     let metrics = Arc::new(Metrics::new());
     let services = match keel_runtime::Services::open(&config, &metrics) {
         Ok(s) => s,

@@ -29,7 +29,9 @@
 //!    per class. Live delivery is best effort: events that never arrive
 //!    are counted, not failed.
 //! 5. RSS of every keel process (VmRSS, split into anonymous and
-//!    file-backed pages, and VmHWM from /proc) right after the load.
+//!    file-backed pages, and VmHWM from /proc) with every user signed in
+//!    before the load, right after the load, and settled (after the check
+//!    and a 6 s pause, past the node's 5 s malloc trim).
 //! 6. Check: for every (recipient, sender) pair with acknowledged direct
 //!    messages, the recipient reads the conversation on its own edge
 //!    (`GET /chat/dm/<sender>/messages?after=..&limit=200`, paged), and
@@ -307,6 +309,9 @@ async fn run(nodes: &[Node], config: &Config) -> anyhow::Result<()> {
         }
     }
 
+    // The chat loaded, every user signed in, nothing sent yet.
+    let rss_before: Vec<Memory> = nodes.iter().map(|n| memory(n.pid())).collect();
+
     // 3. Load.
     eprintln!(
         "== load: {} senders for {:?} (1 in 10 to room {ROOM:?}, the rest direct messages in 3 classes)",
@@ -462,6 +467,9 @@ async fn run(nodes: &[Node], config: &Config) -> anyhow::Result<()> {
         config.check_deadline
     );
     let check = Check::run(nodes, &users, &acked, config.check_deadline).await?;
+    // Settled: the backlog delivered and read, the periodic malloc trim run.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let rss_settled: Vec<Memory> = nodes.iter().map(|n| memory(n.pid())).collect();
 
     // Stop the streams only now: late live events still count.
     for s in &streams {
@@ -546,25 +554,27 @@ async fn run(nodes: &[Node], config: &Config) -> anyhow::Result<()> {
         stats(&room_ack_latency)
     );
     println!(
-        "\n| edge | region | acknowledged sends | messages/s | failed sends | RSS after the load (MB) | of it anonymous / file (MB) | peak RSS (MB) |"
+        "\n| edge | region | acknowledged sends | messages/s | failed sends | RSS before the load (MB) | RSS after the load (MB) | of it anonymous / file (MB) | RSS settled (MB) | peak RSS (MB) |"
     );
-    println!("|---|---|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for (e, node) in nodes.iter().enumerate() {
         let sent = acked.iter().filter(|a| a.sender_edge == e).count();
         let region = DEMO_REGIONS[region_of(e)].0;
         println!(
-            "| {} | {region} | {sent} | {:.0} | {} | {:.1} | {:.1} / {:.1} | {:.1} |",
+            "| {} | {region} | {sent} | {:.0} | {} | {:.1} | {:.1} | {:.1} / {:.1} | {:.1} | {:.1} |",
             node.edge,
             sent as f64 / secs,
             failures_by_edge[e],
+            mb(rss_before[e].rss),
             mb(rss[e].rss),
             mb(rss[e].anonymous),
             mb(rss[e].file),
-            mb(rss[e].peak)
+            mb(rss_settled[e].rss),
+            mb(rss_settled[e].peak)
         );
     }
     println!(
-        "| all | | {} | {:.0} | {failures} | | | |",
+        "| all | | {} | {:.0} | {failures} | | | | | |",
         acked.len(),
         acked.len() as f64 / secs
     );
