@@ -223,10 +223,12 @@ pub trait Bus: Send + Sync + 'static {
     /// sync service uses it to run anti-entropy right after a reconnect.
     fn connection_events(&self) -> tokio::sync::watch::Receiver<ConnectionState>;
 
-    /// Changes whenever the connection is lost or re-established, before the
-    /// state says `Connected` again. Whoever caches what it heard over the
-    /// bus compares epochs to know that it may have missed messages (core
-    /// NATS delivers at most once). Always 0 in-process.
+    /// Changes whenever the connection is lost or re-established (before
+    /// the state says `Connected` again) and whenever a subscription dropped
+    /// a message because its queue was full (a slow consumer). Whoever
+    /// caches what it heard over the bus compares epochs to know that it may
+    /// have missed messages (core NATS delivers at most once). Always 0
+    /// in-process.
     fn connection_epoch(&self) -> u64 {
         0
     }

@@ -44,10 +44,13 @@
 //! bound is what keeps a lagging subscriber from holding the node's memory:
 //! under the chat load (BENCHMARKS.md) the feeds' wake-up subscriptions,
 //! which carry every event of the stream, held ~65,000 messages (~75 MB)
-//! per node with the default, and still 10-20 MB with 4096. Every core NATS
+//! per node with the default, and still 10-20 MB with 4096 (feeds now take
+//! their wake-ups off the subscription at once). Every core NATS
 //! subscriber of keel tolerates drops (wake-ups, CRDT deltas repaired by
-//! anti-entropy, snapshots, requests retried after their timeout, best-effort
-//! cache invalidation). JetStream fetches queue in a subscription too, so no
+//! anti-entropy, snapshots, requests retried after their timeout), and a
+//! drop changes [`Bus::connection_epoch`], so the cache forgets the L1
+//! entries it may have missed an invalidation of, as after a reconnect.
+//! JetStream fetches queue in a subscription too, so no
 //! fetch asks for as many (`list_keys` pages by 512; feeds read 256, the
 //! ledger 512).
 //!
@@ -210,6 +213,10 @@ struct StateCell {
     /// Messages dropped by slow consumers since the last warning, and when
     /// that was.
     slow_consumer: Mutex<(u64, Option<std::time::Instant>)>,
+    /// Messages dropped by slow consumers, ever: part of
+    /// [`Bus::connection_epoch`], since whoever lost one may have missed
+    /// something (the bus cannot tell which subscription it was).
+    dropped: std::sync::atomic::AtomicU64,
 }
 
 impl StateCell {
@@ -259,6 +266,8 @@ impl StateCell {
             Event::LameDuckMode => tracing::warn!("nats: server entered lame duck mode"),
             Event::SlowConsumer(sid) => {
                 // One event per dropped message: count them, warn now and then.
+                self.dropped
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let mut slow = lock(&self.slow_consumer);
                 slow.0 += 1;
                 if slow
@@ -331,6 +340,7 @@ impl NatsBus {
             client: Mutex::new(None),
             round_trip_timeout: opts.request_timeout,
             slow_consumer: Mutex::new((0, None)),
+            dropped: Default::default(),
         });
         let (min, max) = (opts.min_reconnect_delay, opts.max_reconnect_delay);
         let cell = state.clone();
@@ -1093,7 +1103,13 @@ impl Bus for NatsBus {
     }
 
     fn connection_epoch(&self) -> u64 {
-        *lock(&self.inner.state.generation)
+        // Both only grow, so the sum changes whenever either does.
+        let dropped = self
+            .inner
+            .state
+            .dropped
+            .load(std::sync::atomic::Ordering::Relaxed);
+        lock(&self.inner.state.generation).wrapping_add(dropped)
     }
 
     async fn publish(&self, subject: &str, headers: Headers, payload: Bytes) -> BusResult<()> {

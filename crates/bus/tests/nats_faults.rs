@@ -309,3 +309,57 @@ async fn dropping_the_bus_closes_its_connection() {
     drop(sub);
     assert!(wait_until_async(WAIT, || async { connections(&server) == Some(0) }).await);
 }
+
+/// A subscription that falls more than `SUBSCRIPTION_CAPACITY` messages
+/// behind loses the newest (a slow consumer), and the connection epoch
+/// changes, so caches know they may have missed something; a subscriber that
+/// keeps up changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_consumer_drop_changes_the_connection_epoch() {
+    let server = tokio::task::spawn_blocking(NatsServer::start)
+        .await
+        .unwrap();
+    let bus = NatsBus::connect(options(vec![server.url()])).await.unwrap();
+    bus.wait_connected(WAIT).await.unwrap();
+    let raw = raw_client(&server.url()).await;
+    let mut kept_up = bus.subscribe("fast", None).await.unwrap();
+    bus.round_trip(WAIT).await.unwrap();
+    let epoch = bus.connection_epoch();
+    for i in 0..100 {
+        raw.publish("fast", i.to_string().into()).await.unwrap();
+    }
+    receive(&mut kept_up, "99").await;
+    assert_eq!(bus.connection_epoch(), epoch, "nothing was dropped");
+
+    let mut slow = bus.subscribe("slow", None).await.unwrap();
+    bus.round_trip(WAIT).await.unwrap();
+    let sent = keel_bus::nats::SUBSCRIPTION_CAPACITY + 100;
+    for i in 0..sent {
+        raw.publish("slow", i.to_string().into()).await.unwrap();
+    }
+    raw_round_trip(&raw).await;
+    assert!(
+        wait_until_async(WAIT, || async { bus.connection_epoch() != epoch }).await,
+        "no drop was noticed"
+    );
+    assert_eq!(bus.connection_state(), ConnectionState::Connected);
+    // What was queued (a full queue) is still delivered, in order; the
+    // newest were dropped: the next message after them is a new one.
+    for i in 0..keel_bus::nats::SUBSCRIPTION_CAPACITY {
+        let m = tokio::time::timeout(WAIT, slow.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(m.payload, i.to_string().as_bytes());
+    }
+    raw.publish("slow", "after".into()).await.unwrap();
+    let m = tokio::time::timeout(WAIT, slow.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        m.payload,
+        "after".as_bytes(),
+        "the rest of the {sent} were dropped"
+    );
+}

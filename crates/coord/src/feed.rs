@@ -34,7 +34,12 @@
 //! same on every start.
 //!
 //! **Wake-ups.** A core subscription to the filter (a stream append is also
-//! delivered to core subscribers) wakes the feed for new messages; it then
+//! delivered to core subscribers) wakes the feed for new messages: a task of
+//! its own takes every message off the subscription at once and leaves one
+//! wake-up permit, so notifications that arrive while the feed reads
+//! coalesce instead of queueing in the subscription (a queue that a long
+//! read could overflow, making the bus drop messages as a slow consumer);
+//! the feed then
 //! reads `stream_read(stream, filter, cursor + 1, batch)` until a read comes
 //! back empty. Subscriptions are at most once, so the feed also reads every
 //! [`FeedOptions::poll_interval`], right after each reconnect, and again
@@ -50,6 +55,7 @@ use keel_bus::{Bus, BusError, ConnectionState, StreamMessage, Subscription};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
+use tokio::sync::Notify;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -67,8 +73,6 @@ const RECHECK_MIN: Duration = Duration::from_millis(1);
 const RECHECK_MAX: Duration = Duration::from_millis(32);
 /// Undecodable messages are logged on the 1st, 101st, 201st, ...
 const UNDECODABLE_LOG_EVERY: u64 = 100;
-/// Queued notifications swallowed per wake-up (one read covers them all).
-const NOTIFICATIONS_PER_WAKE: usize = 4096;
 
 /// What a feed follows.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -302,7 +306,7 @@ impl Feed {
         let poll = self.opts.poll_interval.max(Duration::from_millis(1));
         let mut connection = self.bus.connection_events();
         let mut connection_open = true;
-        let mut subscription: Option<Subscription> = None;
+        let mut subscription: Option<Wakeups> = None;
         let mut subscribe_at = Instant::now();
         let mut read_backoff = READ_RETRY_MIN;
         let mut failing = false;
@@ -315,7 +319,7 @@ impl Feed {
             // goes unnoticed.
             if connected && subscription.is_none() && Instant::now() >= subscribe_at {
                 match self.bus.subscribe(&self.opts.filter, None).await {
-                    Ok(s) => subscription = Some(s),
+                    Ok(s) => subscription = Some(Wakeups::start(s)),
                     Err(e) => {
                         tracing::debug!(error = %e, filter = %self.opts.filter, "feed: cannot subscribe; polling");
                         subscribe_at = Instant::now() + poll;
@@ -366,13 +370,13 @@ impl Feed {
             notified = false;
             let wake = {
                 let next = async {
-                    match subscription.as_mut() {
-                        Some(s) => s.next().await,
+                    match subscription.as_ref() {
+                        Some(w) => w.next().await,
                         None => std::future::pending().await,
                     }
                 };
                 tokio::select! {
-                    m = next => if m.is_some() { Wake::Notification } else { Wake::SubscriptionClosed },
+                    open = next => if open { Wake::Notification } else { Wake::SubscriptionClosed },
                     changed = connection.changed(), if connection_open => match changed {
                         Ok(()) => Wake::Connection(*connection.borrow_and_update()),
                         Err(_) => Wake::ConnectionEventsClosed,
@@ -381,13 +385,7 @@ impl Feed {
                 }
             };
             match wake {
-                Wake::Notification => {
-                    notified = true;
-                    if !swallow_queued(&mut subscription).await {
-                        subscription = None;
-                        subscribe_at = Instant::now() + poll;
-                    }
-                }
+                Wake::Notification => notified = true,
                 Wake::SubscriptionClosed => {
                     subscription = None;
                     subscribe_at = Instant::now() + poll;
@@ -592,18 +590,43 @@ impl Batch {
     }
 }
 
-/// Takes the notifications already queued (the read that follows covers
-/// them all) without waiting; `false` if the subscription closed.
-async fn swallow_queued(subscription: &mut Option<Subscription>) -> bool {
-    let Some(s) = subscription.as_mut() else {
-        return true;
-    };
-    for _ in 0..NOTIFICATIONS_PER_WAKE {
-        tokio::select! {
-            biased;
-            m = s.next() => if m.is_none() { return false },
-            () = std::future::ready(()) => return true,
+/// A feed's wake-up subscription, consumed by a task of its own (see the
+/// module docs). Dropping it stops the task and the subscription.
+struct Wakeups {
+    notify: Arc<Notify>,
+    closed: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Wakeups {
+    fn start(mut subscription: Subscription) -> Wakeups {
+        let notify = Arc::new(Notify::new());
+        let closed = Arc::new(AtomicBool::new(false));
+        let (n, c) = (notify.clone(), closed.clone());
+        let task = tokio::spawn(async move {
+            while subscription.next().await.is_some() {
+                // At most one permit is kept: a burst is one wake-up.
+                n.notify_one();
+            }
+            c.store(true, Ordering::Release);
+            n.notify_one();
+        });
+        Wakeups {
+            notify,
+            closed,
+            task,
         }
     }
-    true
+
+    /// Waits for a notification; `false` once the subscription closed.
+    async fn next(&self) -> bool {
+        self.notify.notified().await;
+        !self.closed.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for Wakeups {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
