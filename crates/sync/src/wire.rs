@@ -203,35 +203,88 @@ pub(crate) async fn receiver(weak: Weak<Inner>, buses: Buses) {
     }
 }
 
+/// Most messages [`receive`] takes off its subscription at once.
+const RECEIVE_BATCH: usize = 256;
+
+/// Merges what arrives on one sync subscription. It takes every message
+/// already queued (up to [`RECEIVE_BATCH`]) at once and merges the states
+/// for the same CRDT before applying them, so a burst of deltas to one CRDT
+/// (a global counter every node increments) costs one merge into the
+/// replica and one save instead of one each; a receiver that fell behind
+/// catches up instead of letting the subscription's queue overflow. States
+/// are applied before the batch's digests and needs are answered (all are
+/// merges, so order does not matter for the result; this way a digest is
+/// compared with the freshest state).
 async fn receive(weak: Weak<Inner>, mut sub: Subscription, scope: Scope) {
-    while let Some(msg) = sub.next().await {
+    let mut batch = Vec::with_capacity(RECEIVE_BATCH);
+    while let Some(first) = sub.next().await {
+        batch.push(first);
+        let mut open = true;
+        while batch.len() < RECEIVE_BATCH {
+            tokio::select! {
+                biased;
+                m = sub.next() => match m {
+                    Some(m) => batch.push(m),
+                    None => {
+                        open = false;
+                        break;
+                    }
+                },
+                () = std::future::ready(()) => break,
+            }
+        }
         let Some(inner) = weak.upgrade() else { return };
         let sync = Sync { inner };
         let me = &sync.inner.replica.0;
-        let ns = msg.subject.rsplit('.').next().and_then(Namespace::new);
-        let wire = keel_crdt::decode::<Wire>(&msg.payload);
-        let (Some(ns), Ok(wire)) = (ns, wire) else {
-            sync.inner.metrics.rejected.inc();
-            continue;
-        };
-        match wire {
-            Wire::State { origin, .. }
-            | Wire::Digest { origin, .. }
-            | Wire::Need { origin, .. }
-                if &origin == me => {}
-            Wire::State { id, value, .. } => {
-                if id.scope == scope {
-                    sync.apply_remote(ns, id, value);
-                } else {
-                    sync.inner.metrics.rejected.inc();
+        let mut states: HashMap<(Namespace, Id), Value> = HashMap::new();
+        let mut others = Vec::new();
+        for msg in batch.drain(..) {
+            let ns = msg.subject.rsplit('.').next().and_then(Namespace::new);
+            let wire = keel_crdt::decode::<Wire>(&msg.payload);
+            let (Some(ns), Ok(wire)) = (ns, wire) else {
+                sync.inner.metrics.rejected.inc();
+                continue;
+            };
+            match wire {
+                Wire::State { origin, .. }
+                | Wire::Digest { origin, .. }
+                | Wire::Need { origin, .. }
+                    if &origin == me => {}
+                Wire::State { id, value, .. } => {
+                    if id.scope != scope || value.kind() != id.kind {
+                        sync.inner.metrics.rejected.inc();
+                        continue;
+                    }
+                    match states.entry((ns, id)) {
+                        std::collections::hash_map::Entry::Occupied(mut e) => {
+                            e.get_mut().merge(&value);
+                        }
+                        std::collections::hash_map::Entry::Vacant(e) => {
+                            e.insert(value);
+                        }
+                    }
                 }
+                other => others.push((ns, other)),
             }
-            Wire::Digest { entries, range, .. } => sync.compare_digest(ns, scope, entries, &range),
-            Wire::Need { ids, .. } => {
-                for id in ids.into_iter().filter(|id| id.scope == scope) {
-                    sync.enqueue(Outgoing::Full { ns: ns.clone(), id });
+        }
+        for ((ns, id), value) in states {
+            sync.apply_remote(ns, id, value);
+        }
+        for (ns, wire) in others {
+            match wire {
+                Wire::Digest { entries, range, .. } => {
+                    sync.compare_digest(ns, scope, entries, &range)
                 }
+                Wire::Need { ids, .. } => {
+                    for id in ids.into_iter().filter(|id| id.scope == scope) {
+                        sync.enqueue(Outgoing::Full { ns: ns.clone(), id });
+                    }
+                }
+                Wire::State { .. } => {}
             }
+        }
+        if !open {
+            return;
         }
     }
 }
