@@ -71,6 +71,37 @@ pub(crate) enum Wire {
     Need { origin: String, ids: Vec<Id> },
 }
 
+/// States of several CRDTs, merged per CRDT (a delta group each), in the
+/// order each CRDT first appeared: what the publisher sends and the
+/// receiver applies once per round instead of once per state.
+#[derive(Default)]
+struct DeltaGroups {
+    states: HashMap<(Namespace, Id), Value>,
+    order: Vec<(Namespace, Id)>,
+}
+
+impl DeltaGroups {
+    fn add(&mut self, ns: Namespace, id: Id, value: Value) {
+        let key = (ns, id);
+        match self.states.get_mut(&key) {
+            Some(acc) => {
+                acc.merge(&value);
+            }
+            None => {
+                self.order.push(key.clone());
+                self.states.insert(key, value);
+            }
+        }
+    }
+
+    fn into_groups(mut self) -> impl Iterator<Item = (Namespace, Id, Value)> {
+        self.order.into_iter().filter_map(move |key| {
+            let value = self.states.remove(&key)?;
+            Some((key.0, key.1, value))
+        })
+    }
+}
+
 /// Most queued messages coalesced into one publishing round.
 const BATCH: usize = 1024;
 
@@ -84,26 +115,15 @@ pub(crate) async fn publisher(weak: Weak<Inner>, buses: Buses, mut rx: mpsc::Rec
         let sync = Sync { inner };
         let me = sync.inner.replica.0.clone();
         let region = sync.inner.region.clone();
-        let mut states: HashMap<(Namespace, Id), Value> = HashMap::new();
-        let mut order = Vec::new();
-        let mut add =
-            |ns: Namespace, id: Id, v: Value| match states.get_mut(&(ns.clone(), id.clone())) {
-                Some(acc) => {
-                    acc.merge(&v);
-                }
-                None => {
-                    order.push((ns.clone(), id.clone()));
-                    states.insert((ns, id), v);
-                }
-            };
+        let mut states = DeltaGroups::default();
         let mut control = Vec::new();
         for m in batch.drain(..) {
             match m {
-                Outgoing::Delta { ns, id, delta } => add(ns, id, delta),
+                Outgoing::Delta { ns, id, delta } => states.add(ns, id, delta),
                 Outgoing::Full { ns, id } => {
                     if let Some(v) = sync.full_state(&ns, &id) {
                         sync.inner.metrics.repairs_sent.inc();
-                        add(ns, id, v);
+                        states.add(ns, id, v);
                     }
                 }
                 Outgoing::Digest => {
@@ -138,10 +158,7 @@ pub(crate) async fn publisher(weak: Weak<Inner>, buses: Buses, mut rx: mpsc::Rec
                 )),
             }
         }
-        for (ns, id) in order {
-            let Some(value) = states.remove(&(ns.clone(), id.clone())) else {
-                continue;
-            };
+        for (ns, id, value) in states.into_groups() {
             let scope = id.scope;
             let w = Wire::State {
                 origin: me.clone(),
@@ -236,7 +253,7 @@ async fn receive(weak: Weak<Inner>, mut sub: Subscription, scope: Scope) {
         let Some(inner) = weak.upgrade() else { return };
         let sync = Sync { inner };
         let me = &sync.inner.replica.0;
-        let mut states: HashMap<(Namespace, Id), Value> = HashMap::new();
+        let mut states = DeltaGroups::default();
         let mut others = Vec::new();
         for msg in batch.drain(..) {
             let ns = msg.subject.rsplit('.').next().and_then(Namespace::new);
@@ -255,19 +272,12 @@ async fn receive(weak: Weak<Inner>, mut sub: Subscription, scope: Scope) {
                         sync.inner.metrics.rejected.inc();
                         continue;
                     }
-                    match states.entry((ns, id)) {
-                        std::collections::hash_map::Entry::Occupied(mut e) => {
-                            e.get_mut().merge(&value);
-                        }
-                        std::collections::hash_map::Entry::Vacant(e) => {
-                            e.insert(value);
-                        }
-                    }
+                    states.add(ns, id, value);
                 }
                 other => others.push((ns, other)),
             }
         }
-        for ((ns, id), value) in states {
+        for (ns, id, value) in states.into_groups() {
             sync.apply_remote(ns, id, value);
         }
         for (ns, wire) in others {
