@@ -1,10 +1,12 @@
-//! Group commit: one thread owns all writes.
+//! Group commit: two threads own all writes.
 //!
-//! Callers queue jobs; the thread takes every job queued while the previous
-//! sync ran, runs them in order against a [`Txn`] (each job sees the writes
-//! of the jobs before it), writes the union as one `WriteBatch` with
-//! `sync = true`, and only then completes each caller. N concurrent writers
-//! share one fsync.
+//! Callers queue jobs; the stager thread takes every job queued while the
+//! previous group was staged, runs them in order against a [`Txn`] (each job
+//! sees the writes of the jobs before it, and of earlier groups not yet
+//! written), and hands the group to the syncer thread, which writes it as
+//! one `WriteBatch` with `sync = true` and only then completes each caller.
+//! N concurrent writers share one fsync, and the next group is staged while
+//! this one is written.
 
 use crate::{Cf, map_err};
 use keel_store::{StoreError, StoreResult, WriteFuture};
@@ -16,16 +18,45 @@ use tokio::sync::{mpsc, oneshot};
 
 /// Most jobs in one group: bounds the latency of the first job in a group.
 const MAX_GROUP: usize = 1024;
-/// Queue depth before writers wait (backpressure).
-const QUEUE: usize = 8192;
 
-type Completion = Box<dyn FnOnce(StoreResult<()>) + Send>;
-type Job = Box<dyn FnOnce(&mut Txn) -> Completion + Send>;
+/// One queued write: runs on the committer thread against the group's
+/// [`Txn`], then learns whether the group committed. One allocation per
+/// write.
+trait Job: Send {
+    fn run(&mut self, tx: &mut Txn);
+    fn complete(self: Box<Self>, commit: StoreResult<()>);
+}
+
+struct Write<F, R> {
+    f: Option<F>,
+    result: Option<StoreResult<R>>,
+    done: oneshot::Sender<StoreResult<R>>,
+}
+
+impl<F, R> Job for Write<F, R>
+where
+    R: Send + 'static,
+    F: FnOnce(&mut Txn) -> StoreResult<R> + Send + 'static,
+{
+    fn run(&mut self, tx: &mut Txn) {
+        if let Some(f) = self.f.take() {
+            self.result = Some(tx.stage(f));
+        }
+    }
+
+    fn complete(self: Box<Self>, commit: StoreResult<()>) {
+        let r = match self.result {
+            Some(r) => commit.and(r),
+            None => Err(StoreError::Internal("store job never ran".into())),
+        };
+        let _ = self.done.send(r);
+    }
+}
 
 /// A queued job; an `alone` job runs in a group of its own (see
 /// [`Committer::write_alone`]).
 struct Queued {
-    job: Job,
+    job: Box<dyn Job>,
     alone: bool,
 }
 
@@ -35,8 +66,12 @@ pub(crate) fn handle(db: &DB, cf: Cf) -> StoreResult<&ColumnFamily> {
 }
 
 pub(crate) struct Committer {
-    /// `None` only while dropping.
-    queue: Option<mpsc::Sender<Queued>>,
+    /// `None` only while dropping. Unbounded: every writer awaits its write,
+    /// so the queue never holds more than the writers in flight (requests,
+    /// sync and coordination tasks), and queuing never waits — a write is
+    /// queued when it is called, which is what orders writes (see
+    /// [`Committer::write`]).
+    queue: Option<mpsc::UnboundedSender<Queued>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -56,7 +91,7 @@ impl Committer {
         for cf in Cf::ALL {
             handle(&db, cf)?;
         }
-        let (queue, rx) = mpsc::channel(QUEUE);
+        let (queue, rx) = mpsc::unbounded_channel();
         let thread = std::thread::Builder::new()
             .name("keel-store-commit".into())
             .spawn(move || run(db, rx))
@@ -67,9 +102,11 @@ impl Committer {
         })
     }
 
-    /// Runs `f` on the committer thread; resolves after its writes are
-    /// synced. If `f` fails, its writes are discarded and the others of the
-    /// group still commit.
+    /// Queues `f` for the committer thread *now* (not when the future is
+    /// first polled): writes run in the order of these calls, whichever of
+    /// their futures is awaited first. The future resolves after `f`'s
+    /// writes are synced. If `f` fails, its writes are discarded and the
+    /// others of the group still commit.
     pub fn write<R, F>(&self, f: F) -> WriteFuture<R>
     where
         R: Send + 'static,
@@ -96,19 +133,19 @@ impl Committer {
         F: FnOnce(&mut Txn) -> StoreResult<R> + Send + 'static,
     {
         let (done, result) = oneshot::channel();
-        let job: Job = Box::new(move |tx: &mut Txn| {
-            let r = tx.stage(f);
-            Box::new(move |commit: StoreResult<()>| {
-                let _ = done.send(commit.and(r));
-            })
+        let job = Box::new(Write {
+            f: Some(f),
+            result: None,
+            done,
         });
-        let queue = self.queue.clone();
+        let queued = self
+            .queue
+            .as_ref()
+            .is_some_and(|q| q.send(Queued { job, alone }).is_ok());
         Box::pin(async move {
-            queue
-                .ok_or_else(|| StoreError::Unavailable("store is shut down".into()))?
-                .send(Queued { job, alone })
-                .await
-                .map_err(|_| StoreError::Unavailable("store is shut down".into()))?;
+            if !queued {
+                return Err(StoreError::Unavailable("store is shut down".into()));
+            }
             result
                 .await
                 .map_err(|_| StoreError::Unavailable("store writer stopped".into()))?
@@ -116,10 +153,52 @@ impl Committer {
     }
 }
 
-fn run(db: Arc<DB>, mut rx: mpsc::Receiver<Queued>) {
-    let mut sync = WriteOptions::default();
-    sync.set_sync(true);
-    let mut jobs = Vec::with_capacity(MAX_GROUP);
+/// Per column family (indexed by `Cf as usize`), the last value a group
+/// wrote to each key, `None` for a delete.
+type Overlay = [HashMap<Vec<u8>, Option<Vec<u8>>>; Cf::ALL.len()];
+
+/// A staged group on its way to the syncer thread.
+struct Group {
+    id: u64,
+    overlay: Arc<Overlay>,
+    jobs: Vec<Box<dyn Job>>,
+    /// Staged while an earlier group was still being written: its jobs read
+    /// that group's writes, so if that group fails, this one must too.
+    on_top: bool,
+}
+
+/// The stager: takes every queued job (up to [`MAX_GROUP`]), runs them in
+/// order against one [`Txn`] and hands the group to the syncer, then stages
+/// the next group while the syncer writes and fsyncs this one. Staging
+/// (encoding, sequence numbers, reads) and writing (WAL, fsync, memtable,
+/// waking callers) thus run on two threads. A job reads the writes of the
+/// groups still in flight, so results are as if groups ran one at a time.
+fn run(db: Arc<DB>, mut rx: mpsc::UnboundedReceiver<Queued>) {
+    // Rendezvous: at most one group waits while another is written, so a
+    // caller never waits behind more than two fsyncs, and jobs queued
+    // meanwhile form the next, bigger group.
+    let (to_syncer, groups) = std::sync::mpsc::sync_channel::<Group>(0);
+    let (acks, synced) = std::sync::mpsc::channel::<u64>();
+    let syncer = {
+        let db = db.clone();
+        std::thread::Builder::new()
+            .name("keel-store-sync".into())
+            .spawn(move || sync_groups(&db, groups, acks))
+    };
+    let syncer = match syncer {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the store's sync thread; writes fail");
+            while let Some(q) = rx.blocking_recv() {
+                q.job
+                    .complete(Err(StoreError::Unavailable("store writer stopped".into())));
+            }
+            return;
+        }
+    };
+    let mut in_flight: std::collections::VecDeque<(u64, Arc<Overlay>)> = Default::default();
+    let mut next_id = 0u64;
+    let mut jobs: Vec<Box<dyn Job>> = Vec::new();
     // A job that must run alone, taken off the queue while a group formed:
     // it starts the next group.
     let mut held: Option<Queued> = None;
@@ -136,27 +215,108 @@ fn run(db: Arc<DB>, mut rx: mpsc::Receiver<Queued>) {
                 Err(_) => break,
             }
         }
-        let mut tx = Txn::new(&db);
-        let completions: Vec<Completion> = jobs.drain(..).map(|job| job(&mut tx)).collect();
-        let result = tx.commit(&sync);
-        if let Err(e) = &result {
-            tracing::error!(error = %e, jobs = completions.len(), "store write failed; callers get `unavailable`");
+        // Forget groups the syncer finished; a job running alone reads the
+        // database directly, so it waits until none is in flight.
+        for id in synced.try_iter() {
+            in_flight.retain(|(g, _)| *g > id);
         }
-        for c in completions {
-            c(result.clone());
+        while alone && !in_flight.is_empty() {
+            let Ok(id) = synced.recv() else { break };
+            in_flight.retain(|(g, _)| *g > id);
+        }
+        let on_top = !in_flight.is_empty();
+        let mut tx = Txn::new(&db, &in_flight);
+        for job in jobs.iter_mut() {
+            job.run(&mut tx);
+        }
+        next_id += 1;
+        let overlay = Arc::new(tx.overlay);
+        in_flight.push_back((next_id, overlay.clone()));
+        let group = Group {
+            id: next_id,
+            overlay,
+            jobs: std::mem::take(&mut jobs),
+            on_top,
+        };
+        if let Err(std::sync::mpsc::SendError(group)) = to_syncer.send(group) {
+            for job in group.jobs {
+                job.complete(Err(StoreError::Unavailable("store writer stopped".into())));
+            }
         }
     }
+    drop(to_syncer);
+    let _ = syncer.join();
+}
+
+/// The syncer: writes each staged group as one batch with `sync = true`,
+/// then completes its callers and tells the stager.
+fn sync_groups(
+    db: &DB,
+    groups: std::sync::mpsc::Receiver<Group>,
+    acks: std::sync::mpsc::Sender<u64>,
+) {
+    let mut sync = WriteOptions::default();
+    sync.set_sync(true);
+    let mut previous_failed = false;
+    for group in groups {
+        let result = if group.on_top && previous_failed {
+            Err(StoreError::Unavailable(
+                "an earlier write this one depends on failed".into(),
+            ))
+        } else {
+            commit(db, &group.overlay, &sync)
+        };
+        if let Err(e) = &result {
+            tracing::error!(error = %e, jobs = group.jobs.len(), "store write failed; callers get `unavailable`");
+        }
+        previous_failed = result.is_err();
+        // Acknowledged before the callers learn of it, so the stager (which
+        // a caller may queue its next write to at once) drops the overlay.
+        let _ = acks.send(group.id);
+        for job in group.jobs {
+            job.complete(result.clone());
+        }
+    }
+}
+
+/// Writes `overlay` as one batch.
+fn commit(db: &DB, overlay: &Overlay, sync: &WriteOptions) -> StoreResult<()> {
+    let bytes: usize = overlay
+        .iter()
+        .flat_map(|m| m.iter())
+        .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len) + 24)
+        .sum();
+    if bytes == 0 {
+        return Ok(());
+    }
+    let mut batch = WriteBatch::with_capacity_bytes(bytes);
+    for (cf, writes) in Cf::ALL.into_iter().zip(overlay) {
+        if writes.is_empty() {
+            continue;
+        }
+        let h = handle(db, cf)?;
+        for (k, v) in writes {
+            match v {
+                Some(v) => batch.put_cf(h, k, v),
+                None => batch.delete_cf(h, k),
+            }
+        }
+    }
+    db.write_opt(batch, sync).map_err(map_err)
 }
 
 /// The writes of one group, readable before they are committed.
 pub(crate) struct Txn<'a> {
     db: &'a DB,
-    batch: WriteBatch,
-    /// Committed-to-batch writes of earlier jobs in this group.
-    overlay: HashMap<(Cf, Vec<u8>), Option<Vec<u8>>>,
+    /// Groups staged before this one and not yet known to be written,
+    /// oldest first.
+    in_flight: &'a std::collections::VecDeque<(u64, Arc<Overlay>)>,
+    /// The group's writes so far. Written as one batch, so a key the group
+    /// writes many times (a sequence counter, a CRDT saved after each of
+    /// many increments) costs one write.
+    overlay: Overlay,
     /// Writes of the job now running; merged on success, dropped on error.
     staged: Vec<Op>,
-    broken: Option<StoreError>,
 }
 
 enum Op {
@@ -165,13 +325,12 @@ enum Op {
 }
 
 impl<'a> Txn<'a> {
-    fn new(db: &'a DB) -> Self {
+    fn new(db: &'a DB, in_flight: &'a std::collections::VecDeque<(u64, Arc<Overlay>)>) -> Self {
         Txn {
             db,
-            batch: WriteBatch::default(),
-            overlay: HashMap::new(),
+            in_flight,
+            overlay: Default::default(),
             staged: Vec::new(),
-            broken: None,
         }
     }
 
@@ -184,66 +343,65 @@ impl<'a> Txn<'a> {
             Err(_) => Err(StoreError::Internal("store job panicked".into())),
         };
         if r.is_ok() {
-            for op in std::mem::take(&mut self.staged) {
-                let res = match op {
-                    Op::Put(cf, k, v) => handle(self.db, cf).map(|h| {
-                        self.batch.put_cf(h, &k, &v);
-                        self.overlay.insert((cf, k), Some(v));
-                    }),
-                    Op::Delete(cf, k) => handle(self.db, cf).map(|h| {
-                        self.batch.delete_cf(h, &k);
-                        self.overlay.insert((cf, k), None);
-                    }),
+            for op in self.staged.drain(..) {
+                match op {
+                    Op::Put(cf, k, v) => self.overlay[cf as usize].insert(k, Some(v)),
+                    Op::Delete(cf, k) => self.overlay[cf as usize].insert(k, None),
                 };
-                if let Err(e) = res {
-                    self.broken = Some(e);
-                }
             }
         }
         r
     }
 
-    fn commit(self, sync: &WriteOptions) -> StoreResult<()> {
-        if let Some(e) = self.broken {
-            return Err(e);
-        }
-        if self.batch.is_empty() {
-            return Ok(());
-        }
-        self.db.write_opt(self.batch, sync).map_err(map_err)
-    }
-
     /// Current value: this job's writes, then the group's, then the database.
     pub fn get(&self, cf: Cf, key: &[u8]) -> StoreResult<Option<Vec<u8>>> {
+        self.with_value(cf, key, |v| v.map(<[u8]>::to_vec))
+    }
+
+    /// Calls `f` with the current value (as [`Txn::get`]) without copying
+    /// it: this job's writes, this group's, the groups in flight (newest
+    /// first), then the database.
+    fn with_value<T>(
+        &self,
+        cf: Cf,
+        key: &[u8],
+        f: impl FnOnce(Option<&[u8]>) -> T,
+    ) -> StoreResult<T> {
         for op in self.staged.iter().rev() {
             match op {
-                Op::Put(c, k, v) if *c == cf && k == key => return Ok(Some(v.clone())),
-                Op::Delete(c, k) if *c == cf && k == key => return Ok(None),
+                Op::Put(c, k, v) if *c == cf && k == key => return Ok(f(Some(v))),
+                Op::Delete(c, k) if *c == cf && k == key => return Ok(f(None)),
                 _ => {}
             }
         }
-        if let Some(v) = self.overlay.get(&(cf, key.to_vec())) {
-            return Ok(v.clone());
+        let earlier = self.in_flight.iter().rev().map(|(_, o)| &**o);
+        for overlay in std::iter::once(&self.overlay).chain(earlier) {
+            if let Some(v) = overlay[cf as usize].get(key) {
+                return Ok(f(v.as_deref()));
+            }
         }
-        self.db.get_cf(handle(self.db, cf)?, key).map_err(map_err)
+        let v = self
+            .db
+            .get_pinned_cf(handle(self.db, cf)?, key)
+            .map_err(map_err)?;
+        Ok(f(v.as_deref()))
     }
 
-    /// The database as committed before this group. Inside a
-    /// [`Committer::write_alone`] job that is the current state, apart from
-    /// the job's own writes.
+    /// The database as committed, which may lack the writes of the groups
+    /// still in flight. Inside a [`Committer::write_alone`] job (none is in
+    /// flight then) that is the current state, apart from the job's own
+    /// writes.
     pub fn db(&self) -> &'a DB {
         self.db
     }
 
     pub fn get_u64(&self, cf: Cf, key: &[u8]) -> StoreResult<u64> {
-        match self.get(cf, key)? {
-            Some(b) => crate::keys::decode_u64(&b),
-            None => Ok(0),
-        }
+        self.with_value(cf, key, |v| v.map_or(Ok(0), crate::keys::decode_u64))?
     }
 
     /// Up to `max` keys starting with `prefix`, ascending, as committed
-    /// before this group (this group's own writes are not seen).
+    /// (neither this group's writes nor those of groups in flight are
+    /// seen: check each key with [`Txn::get`] before acting on it).
     pub fn committed_keys(&self, cf: Cf, prefix: &[u8], max: usize) -> StoreResult<Vec<Vec<u8>>> {
         let mut it = self.db.raw_iterator_cf(handle(self.db, cf)?);
         it.seek(prefix);

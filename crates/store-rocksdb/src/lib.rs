@@ -122,8 +122,47 @@ pub(crate) struct Inner {
 const FORMAT_V1: u8 = 1;
 
 pub(crate) fn encode<T: Serialize>(v: &T) -> StoreResult<Vec<u8>> {
-    postcard::to_extend(v, vec![FORMAT_V1])
-        .map_err(|e| StoreError::Internal(format!("encode: {e}")))
+    thread_local! {
+        /// Serialization scratch: postcard grows its output a byte at a
+        /// time, so encoding straight into a fresh `Vec` reallocates it
+        /// several times per record; here it grows once per thread and each
+        /// record is copied out in one allocation of its exact size.
+        static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    SCRATCH.with_borrow_mut(|scratch| {
+        let mut buf = std::mem::take(scratch);
+        buf.clear();
+        buf.push(FORMAT_V1);
+        let buf = postcard::to_extend(v, buf)
+            .map_err(|e| StoreError::Internal(format!("encode: {e}")))?;
+        let out = buf.clone();
+        // A rare huge record must not pin its size for the thread's life.
+        if buf.capacity() <= 64 << 10 {
+            *scratch = buf;
+        }
+        Ok(out)
+    })
+}
+
+/// The encoding of `OutboxEntry::Event { component, event }`, given
+/// `event`'s own encoding: postcard writes a struct variant as its index
+/// followed by its fields, so the entry is a short head followed by the
+/// event's bytes, and the event is serialized once for both records.
+fn encode_outbox_event(component: &str, encoded_event: &[u8]) -> StoreResult<Vec<u8>> {
+    #[derive(Serialize)]
+    enum Head<'a> {
+        Event { component: &'a str },
+    }
+    let event = encoded_event
+        .strip_prefix(&[FORMAT_V1])
+        .ok_or_else(|| StoreError::Internal("event encoding without its version".into()))?;
+    // Version, variant index, length (varints of at most 1 and 10 bytes).
+    let mut out = Vec::with_capacity(12 + component.len() + event.len());
+    out.push(FORMAT_V1);
+    let mut out = postcard::to_extend(&Head::Event { component }, out)
+        .map_err(|e| StoreError::Internal(format!("encode: {e}")))?;
+    out.extend_from_slice(event);
+    Ok(out)
 }
 
 pub(crate) fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> StoreResult<T> {
@@ -263,11 +302,11 @@ fn next_node_seq(tx: &mut Txn) -> StoreResult<u64> {
 
 /// Appends `entry` to the outbox under the next outbox sequence, in the
 /// caller's batch; returns that sequence.
-fn enqueue_outbox(tx: &mut Txn, entry: &OutboxEntry) -> StoreResult<u64> {
+fn enqueue_outbox(tx: &mut Txn, encoded_entry: Vec<u8>) -> StoreResult<u64> {
     let key = keys::meta_outbox_seq();
     let seq = tx.get_u64(Cf::Meta, &key)? + 1;
     tx.put(Cf::Meta, key, seq.to_be_bytes().to_vec());
-    tx.put(Cf::Outbox, keys::u64_key(seq), encode(entry)?);
+    tx.put(Cf::Outbox, keys::u64_key(seq), encoded_entry);
     Ok(seq)
 }
 
@@ -673,14 +712,12 @@ impl EventLog for RocksStore {
                     at,
                     data: event,
                 };
-                tx.put(Cf::Events, keys::event_key(&ns, sequence), encode(&stored)?);
+                let encoded = encode(&stored)?;
                 if forward {
-                    let entry = OutboxEntry::Event {
-                        component: ns.to_string(),
-                        event: stored.clone(),
-                    };
-                    last_outbox_seq = Some(enqueue_outbox(tx, &entry)?);
+                    let entry = encode_outbox_event(ns.as_str(), &encoded)?;
+                    last_outbox_seq = Some(enqueue_outbox(tx, entry)?);
                 }
+                tx.put(Cf::Events, keys::event_key(&ns, sequence), encoded);
                 stored_events.push(stored);
             }
             tx.put(Cf::Meta, seq_key, sequence.to_be_bytes().to_vec());
@@ -833,7 +870,7 @@ impl EdgeStore for RocksStore {
                 edge: inner.node.edge.clone(),
                 at: stamp(&inner)?,
             };
-            enqueue_outbox(tx, &entry)?;
+            enqueue_outbox(tx, encode(&entry)?)?;
             Ok(())
         });
         signal_outbox(&self.inner, write)
@@ -883,7 +920,7 @@ impl EdgeStore for RocksStore {
                 edge: inner.node.edge.clone(),
                 at: stamp(&inner)?,
             };
-            enqueue_outbox(tx, &entry)?;
+            enqueue_outbox(tx, encode(&entry)?)?;
             Ok(())
         });
         signal_outbox(&self.inner, write)
@@ -922,7 +959,7 @@ impl EdgeStore for RocksStore {
                     user,
                     record,
                 };
-                enqueue_outbox(tx, &entry)?;
+                enqueue_outbox(tx, encode(&entry)?)?;
             }
             Ok(())
         });

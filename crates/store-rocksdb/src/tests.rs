@@ -169,6 +169,54 @@ async fn events_are_gapless_per_component_and_survive_reopen() {
     assert_eq!(next.sequence, 65);
 }
 
+/// Many writers on many threads keep the committer's two threads busy: each
+/// group is staged while the one before is still being written, and its
+/// sequence numbers must continue that group's (read from its writes, not
+/// yet in the database), gapless in the log and in the outbox.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn groups_staged_while_others_are_written_continue_their_sequences() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = RocksStore::open(dir.path(), options(true)).unwrap();
+    let a = ns("a");
+    let mut tasks = Vec::new();
+    for w in 0..32u32 {
+        let (s, a) = (s.clone(), a.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut out = Vec::new();
+            for i in 0..100u32 {
+                let e = event("e", &(w * 1000 + i).to_be_bytes());
+                out.push(s.append(&a, e, true).await.unwrap());
+            }
+            out
+        }));
+    }
+    let mut stored = Vec::new();
+    for t in tasks {
+        stored.extend(t.await.unwrap());
+    }
+    let seqs: BTreeSet<u64> = stored.iter().map(|e| e.sequence).collect();
+    assert_eq!(seqs, (1..=3200).collect(), "gapless, no duplicate");
+    let ids: BTreeSet<&str> = stored.iter().map(|e| e.id.as_str()).collect();
+    assert_eq!(ids.len(), 3200);
+    let log = s.read(&a, 1, 5000).unwrap();
+    assert_eq!(log.len(), 3200);
+    let outbox = s.outbox_peek(0, 5000).unwrap();
+    assert_eq!(
+        outbox.iter().map(|(q, _)| *q).collect::<Vec<_>>(),
+        (1..=3200).collect::<Vec<_>>()
+    );
+    // The outbox holds the log's events, in log order.
+    for ((_, entry), e) in outbox.iter().zip(&log) {
+        match entry {
+            OutboxEntry::Event { component, event } => {
+                assert_eq!(component, "a");
+                assert_eq!(event, e);
+            }
+            other => panic!("unexpected outbox entry {other:?}"),
+        }
+    }
+}
+
 #[tokio::test]
 async fn forwarded_writes_land_in_the_outbox_in_the_same_batch() {
     let dir = tempfile::tempdir().unwrap();
@@ -358,6 +406,50 @@ fn is_not_root() -> bool {
         .arg("-u")
         .output()
         .is_ok_and(|o| o.stdout != b"0\n")
+}
+
+/// Writes run in the order they were called, not the order their futures
+/// are first awaited: `keel-sync` stages CRDT saves under its lock and
+/// awaits them after releasing it, so two saves of one CRDT can be awaited
+/// in the other order. The one called last must win.
+#[tokio::test]
+async fn writes_commit_in_call_order_whichever_future_is_awaited_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = RocksStore::open(dir.path(), options(false)).unwrap();
+    let a = ns("a");
+    for round in 0..50u32 {
+        let older = s.save_crdt(&a, b"c/x".to_vec(), format!("{round}-older").into_bytes());
+        let newer = s.save_crdt(&a, b"c/x".to_vec(), format!("{round}-newer").into_bytes());
+        let kv_older = s.set(&a, "k".into(), format!("{round}-older").into_bytes());
+        let kv_newer = s.set(&a, "k".into(), format!("{round}-newer").into_bytes());
+        kv_newer.await.unwrap();
+        newer.await.unwrap();
+        older.await.unwrap();
+        kv_older.await.unwrap();
+        let want = format!("{round}-newer").into_bytes();
+        assert_eq!(s.load_crdt(&a, b"c/x").unwrap(), Some(want.clone()));
+        assert_eq!(s.get(&a, "k").unwrap(), Some(want));
+    }
+}
+
+/// A key written many times in one group (here: by 200 writes queued before
+/// the committer runs) ends at the last value, and every write before it
+/// resolves as committed.
+#[tokio::test]
+async fn a_group_writing_one_key_many_times_keeps_the_last_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = RocksStore::open(dir.path(), options(false)).unwrap();
+    let a = ns("a");
+    let writes: Vec<_> = (0..200u32)
+        .map(|i| s.set(&a, "k".into(), i.to_be_bytes().to_vec()))
+        .collect();
+    for w in writes {
+        w.await.unwrap();
+    }
+    assert_eq!(s.get(&a, "k").unwrap(), Some(199u32.to_be_bytes().to_vec()));
+    drop(s);
+    let s = RocksStore::open(dir.path(), options(false)).unwrap();
+    assert_eq!(s.get(&a, "k").unwrap(), Some(199u32.to_be_bytes().to_vec()));
 }
 
 #[tokio::test]
@@ -1081,4 +1173,42 @@ async fn erase_user_leaves_no_byte_of_the_user_in_any_file() {
     ] {
         assert!(!files_with(dir.path(), m).is_empty(), "{m} vanished");
     }
+}
+
+/// The forwarder decodes outbox entries as `OutboxEntry`; events are written
+/// with a head plus the event's own encoding, which must decode the same.
+#[test]
+fn an_event_outbox_record_decodes_as_the_outbox_entry() {
+    let stored = StoredEvent {
+        id: "fra:7".into(),
+        sequence: 3,
+        origin: "fra".into(),
+        region: "eu".into(),
+        at: keel_core::Hlc {
+            physical_ms: 1_700_000_000_000,
+            logical: 2,
+            node: "fra".into(),
+        },
+        data: EventData {
+            content_type: Some("application/json".into()),
+            user: Some("alice".into()),
+            ..event("signup", b"{\"a\":1}")
+        },
+    };
+    let bytes = encode_outbox_event("billing", &encode(&stored).unwrap()).unwrap();
+    assert_eq!(
+        decode::<OutboxEntry>(&bytes).unwrap(),
+        OutboxEntry::Event {
+            component: "billing".into(),
+            event: stored.clone(),
+        }
+    );
+    assert_eq!(
+        bytes,
+        encode(&OutboxEntry::Event {
+            component: "billing".into(),
+            event: stored,
+        })
+        .unwrap()
+    );
 }

@@ -24,6 +24,9 @@ use std::pin::Pin;
 pub type StoreResult<T> = Result<T, StoreError>;
 
 /// A durable write in flight: resolves once the write is fsynced (or failed).
+/// The write is queued when the method returning it is called, so writes
+/// take effect in call order whichever future is awaited first (user
+/// erasure, which first searches on a thread, is the one exception).
 pub type WriteFuture<T> = Pin<Box<dyn Future<Output = StoreResult<T>> + Send + 'static>>;
 
 /// Why a store call failed. Maps one-to-one onto the WIT `error` variant.
