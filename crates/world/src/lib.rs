@@ -17,13 +17,34 @@
 /// Generated code. Imports are `async` (host calls do I/O on tokio) and
 /// `trappable` (every host function returns `wasmtime::Result<_>`; `Err`
 /// traps the guest, so it is reserved for host bugs and cancelled requests;
-/// expected failures are the WIT `error` inside the `Ok`). Exports are `async`
-/// so the runtime calls them with `call_async` on async stores.
+/// expected failures are the WIT `error` inside the `Ok`), except the reads
+/// that never wait (a RocksDB or SQLite read, an in-memory CRDT): those are
+/// plain functions, which spares each call a boxed future and a poll on the
+/// fiber (they are the hottest calls: a guest loop of reads). Exports are
+/// `async` so the runtime calls them with `call_async` on async stores.
 pub mod bindings {
     wasmtime::component::bindgen!({
         path: "../../wit",
         world: "keel:platform/platform-host",
-        imports: { default: async | trappable },
+        imports: {
+            "keel:platform/kv.get": trappable,
+            "keel:platform/kv.exists": trappable,
+            "keel:platform/kv.list-keys": trappable,
+            "keel:platform/sql.query": trappable,
+            "keel:platform/events.read": trappable,
+            "keel:platform/events.last-sequence": trappable,
+            "keel:platform/edge-operations.local-node": trappable,
+            "keel:platform/edge-operations.get-local-state": trappable,
+            "keel:platform/edge-operations.get-user-preferences": trappable,
+            "keel:platform/state.counter-value": trappable,
+            "keel:platform/state.set-contains": trappable,
+            "keel:platform/state.set-members": trappable,
+            "keel:platform/state.register-get": trappable,
+            "keel:platform/state.map-get": trappable,
+            "keel:platform/state.map-keys": trappable,
+            "keel:platform/state.map-entries": trappable,
+            default: async | trappable,
+        },
         exports: { default: async },
         // Lets tests and adapters compare results (`assert_eq!`); `Eq` is
         // impossible because some records carry `f64`.

@@ -21,7 +21,7 @@ fn auth_error(e: keel_auth::AuthError) -> types::AuthError {
 }
 
 impl edge::Host for HostState {
-    async fn local_node(&mut self) -> wasmtime::Result<edge::NodeLocation> {
+    fn local_node(&mut self) -> wasmtime::Result<edge::NodeLocation> {
         let c = self.component();
         Ok(edge::NodeLocation {
             edge: c.services.node.edge.clone(),
@@ -45,7 +45,7 @@ impl edge::Host for HostState {
             .map_err(wit_error))
     }
 
-    async fn get_local_state(
+    fn get_local_state(
         &mut self,
         key: String,
     ) -> wasmtime::Result<Result<edge::StateValue, WitError>> {
@@ -167,7 +167,7 @@ impl edge::Host for HostState {
         })
     }
 
-    async fn get_user_preferences(
+    fn get_user_preferences(
         &mut self,
         user: String,
     ) -> wasmtime::Result<Result<Vec<(String, String)>, WitError>> {

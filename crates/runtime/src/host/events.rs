@@ -19,7 +19,7 @@ impl events::Host for HostState {
             .map_err(wit_error))
     }
 
-    async fn read(
+    fn read(
         &mut self,
         from_sequence: u64,
         limit: u32,
@@ -32,7 +32,7 @@ impl events::Host for HostState {
             .map_err(wit_error))
     }
 
-    async fn last_sequence(&mut self) -> wasmtime::Result<Result<Option<u64>, WitError>> {
+    fn last_sequence(&mut self) -> wasmtime::Result<Result<Option<u64>, WitError>> {
         let c = self.component();
         Ok(c.services.events.last_sequence(&c.ns).map_err(wit_error))
     }

@@ -3,7 +3,7 @@ use crate::state::HostState;
 use keel_world::bindings::keel::platform::kv;
 
 impl kv::Host for HostState {
-    async fn get(&mut self, key: String) -> wasmtime::Result<Result<Option<Vec<u8>>, WitError>> {
+    fn get(&mut self, key: String) -> wasmtime::Result<Result<Option<Vec<u8>>, WitError>> {
         let c = self.component();
         Ok(c.services.kv.get(&c.ns, &key).map_err(wit_error))
     }
@@ -22,12 +22,12 @@ impl kv::Host for HostState {
         Ok(c.services.kv.delete(&c.ns, key).await.map_err(wit_error))
     }
 
-    async fn exists(&mut self, key: String) -> wasmtime::Result<Result<bool, WitError>> {
+    fn exists(&mut self, key: String) -> wasmtime::Result<Result<bool, WitError>> {
         let c = self.component();
         Ok(c.services.kv.exists(&c.ns, &key).map_err(wit_error))
     }
 
-    async fn list_keys(
+    fn list_keys(
         &mut self,
         prefix: String,
         cursor: Option<String>,

@@ -46,7 +46,7 @@ impl sql::Host for HostState {
             .map_err(wit_error))
     }
 
-    async fn query(
+    fn query(
         &mut self,
         sql: String,
         params: Vec<sql::Value>,

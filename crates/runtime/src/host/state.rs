@@ -26,7 +26,7 @@ impl state::Host for HostState {
         Ok(f.await.map_err(wit_error))
     }
 
-    async fn counter_value(&mut self, name: String, s: types::Scope) -> R<i64> {
+    fn counter_value(&mut self, name: String, s: types::Scope) -> R<i64> {
         let c = self.component();
         Ok(c.services
             .sync
@@ -46,7 +46,7 @@ impl state::Host for HostState {
         Ok(f.await.map_err(wit_error))
     }
 
-    async fn set_contains(&mut self, name: String, s: types::Scope, member: String) -> R<bool> {
+    fn set_contains(&mut self, name: String, s: types::Scope, member: String) -> R<bool> {
         let c = self.component();
         Ok(c.services
             .sync
@@ -54,7 +54,7 @@ impl state::Host for HostState {
             .map_err(wit_error))
     }
 
-    async fn set_members(&mut self, name: String, s: types::Scope) -> R<Vec<String>> {
+    fn set_members(&mut self, name: String, s: types::Scope) -> R<Vec<String>> {
         let c = self.component();
         Ok(c.services
             .sync
@@ -68,7 +68,7 @@ impl state::Host for HostState {
         Ok(f.await.map_err(wit_error))
     }
 
-    async fn register_get(&mut self, name: String, s: types::Scope) -> R<Option<Vec<u8>>> {
+    fn register_get(&mut self, name: String, s: types::Scope) -> R<Option<Vec<u8>>> {
         let c = self.component();
         Ok(c.services
             .sync
@@ -88,7 +88,7 @@ impl state::Host for HostState {
         Ok(f.await.map_err(wit_error))
     }
 
-    async fn map_get(&mut self, name: String, s: types::Scope, key: String) -> R<Option<Vec<u8>>> {
+    fn map_get(&mut self, name: String, s: types::Scope, key: String) -> R<Option<Vec<u8>>> {
         let c = self.component();
         Ok(c.services
             .sync
@@ -102,7 +102,7 @@ impl state::Host for HostState {
         Ok(f.await.map_err(wit_error))
     }
 
-    async fn map_keys(&mut self, name: String, s: types::Scope) -> R<Vec<String>> {
+    fn map_keys(&mut self, name: String, s: types::Scope) -> R<Vec<String>> {
         let c = self.component();
         Ok(c.services
             .sync
@@ -110,7 +110,7 @@ impl state::Host for HostState {
             .map_err(wit_error))
     }
 
-    async fn map_entries(&mut self, name: String, s: types::Scope) -> R<Vec<(String, Vec<u8>)>> {
+    fn map_entries(&mut self, name: String, s: types::Scope) -> R<Vec<(String, Vec<u8>)>> {
         let c = self.component();
         Ok(c.services
             .sync
