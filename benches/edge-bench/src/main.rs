@@ -52,6 +52,14 @@ fn main() -> anyhow::Result<()> {
     let native_sql = native_sql_query(dir.path(), window)?;
     let guest_sql = rt.block_on(guest_ops(&base, "sql-query", 1000, window))?;
     row("sql.query by primary key (ops/s)", guest_sql, native_sql);
+    // Where the guest's difference is: the store layer (limits, reader
+    // pool, typed values) alone, called natively.
+    let store_sql = rt.block_on(store_sql_query(dir.path(), window))?;
+    row(
+        "sql.query by primary key, SqliteStore called natively (no guest) (ops/s)",
+        store_sql,
+        native_sql,
+    );
     drop(keel);
 
     let per_event = native_fsync_per_event(dir.path(), window)?;
@@ -178,6 +186,46 @@ fn native_sql_query(dir: &Path, window: Duration) -> anyhow::Result<f64> {
                 .query_map([i % 100], |r| Ok((r.get(0)?, r.get(1)?)))?
                 .collect::<Result<_, _>>()?;
             std::hint::black_box(rows);
+        }
+        ops += 1000;
+    }
+    Ok(ops as f64 / started.elapsed().as_secs_f64())
+}
+
+/// The same query through `keel-store-sqlite` (what the host calls for a
+/// guest), without the guest.
+async fn store_sql_query(dir: &Path, window: Duration) -> anyhow::Result<f64> {
+    use keel_store::{SqlStatement, SqlStore, SqlValue};
+    let store =
+        keel_store_sqlite::SqliteStore::open(&dir.join("store-sql"), StoreLimits::default())
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let ns = Namespace::new("bench").expect("valid namespace");
+    let mut statements = vec![SqlStatement {
+        sql: "CREATE TABLE IF NOT EXISTS bench (id INTEGER PRIMARY KEY, v BLOB NOT NULL)".into(),
+        params: vec![],
+    }];
+    for i in 0..100 {
+        statements.push(SqlStatement {
+            sql: "INSERT OR REPLACE INTO bench (id, v) VALUES (?1, ?2)".into(),
+            params: vec![SqlValue::Integer(i), SqlValue::Blob(vec![7; 16])],
+        });
+    }
+    store
+        .execute_batch(&ns, statements)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let started = Instant::now();
+    let mut ops = 0u64;
+    while started.elapsed() < window {
+        for i in 0..1000i64 {
+            let r = store
+                .query(
+                    &ns,
+                    "SELECT v FROM bench WHERE id = ?1",
+                    vec![SqlValue::Integer(i % 100)],
+                )
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            std::hint::black_box(r);
         }
         ops += 1000;
     }
