@@ -8,7 +8,9 @@
 //! - `record-local-event` durable appends with 64 concurrent writers (group
 //!   commit) vs one fsync per event.
 //!
-//! Usage: edge-bench <keel-binary> <edge-probe.wasm> [seconds]
+//! Each row alternates keel and its baseline for [`ROUNDS`] rounds.
+//!
+//! Usage: edge-bench <keel-binary> <edge-probe.wasm> [seconds per side per round, default 1]
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -24,65 +26,95 @@ type Client = hyper_util::client::legacy::Client<
     Full<Bytes>,
 >;
 
+/// Rounds per row: keel and its baseline alternate, so each round's ratio
+/// compares measurements taken next to each other (this box's speed drifts
+/// by 30 % and more between runs).
+const ROUNDS: usize = 5;
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     anyhow::ensure!(
         args.len() >= 3,
-        "usage: edge-bench <keel-binary> <edge-probe.wasm> [seconds]"
+        "usage: edge-bench <keel-binary> <edge-probe.wasm> [seconds per side per round]"
     );
-    let secs: f64 = args.get(3).map(|s| s.parse()).transpose()?.unwrap_or(3.0);
+    let secs: f64 = args.get(3).map(|s| s.parse()).transpose()?.unwrap_or(1.0);
     let window = Duration::from_secs_f64(secs);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     let dir = tempfile::tempdir()?;
-    let (keel, base) = start_keel(Path::new(&args[1]), Path::new(&args[2]), dir.path())?;
-    println!("| measurement | keel (guest) | native | ratio |");
-    println!("|---|---|---|---|");
+    let d = dir.path();
+    let (keel, base) = start_keel(Path::new(&args[1]), Path::new(&args[2]), d)?;
+    println!(
+        "| measurement | keel (guest), median | native, median | ratio, median | ratio of each round |"
+    );
+    println!("|---|---:|---:|---:|---|");
 
-    let native_get = native_kv_get(dir.path(), window)?;
-    let guest_get = rt.block_on(guest_ops(&base, "kv-get", 1000, window))?;
-    row("kv.get 16 B (ops/s)", guest_get, native_get);
-
-    let native_set = native_kv_set(dir.path(), window)?;
-    let guest_set = rt.block_on(guest_ops(&base, "kv-set", 100, window))?;
-    row("kv.set 16 B, fsynced (ops/s)", guest_set, native_set);
-
-    let native_sql = native_sql_query(dir.path(), window)?;
-    let guest_sql = rt.block_on(guest_ops(&base, "sql-query", 1000, window))?;
-    row("sql.query by primary key (ops/s)", guest_sql, native_sql);
+    paired(
+        "kv.get 16 B (ops/s)",
+        || rt.block_on(guest_ops(&base, "kv-get", 1000, window)),
+        || native_kv_get(d, window),
+    )?;
+    paired(
+        "kv.set 16 B, fsynced (ops/s)",
+        || rt.block_on(guest_ops(&base, "kv-set", 100, window)),
+        || native_kv_set(d, window),
+    )?;
+    paired(
+        "sql.query by primary key (ops/s)",
+        || rt.block_on(guest_ops(&base, "sql-query", 1000, window)),
+        || native_sql_query(d, window),
+    )?;
     // Where the guest's difference is: the store layer (limits, reader
     // pool, typed values) alone, called natively.
-    let store_sql = rt.block_on(store_sql_query(dir.path(), window))?;
-    row(
-        "sql.query by primary key, SqliteStore called natively (no guest) (ops/s)",
-        store_sql,
-        native_sql,
-    );
+    paired(
+        "sql.query by primary key, SqliteStore called natively, no guest (ops/s)",
+        || rt.block_on(store_sql_query(d, window)),
+        || native_sql_query(d, window),
+    )?;
     drop(keel);
 
-    let per_event = native_fsync_per_event(dir.path(), window)?;
-    let grouped = rt.block_on(group_commit(dir.path(), 64, window))?;
-    row(
+    paired(
         "durable event appends, 64 writers: group commit vs fsync per event (events/s)",
-        grouped,
-        per_event,
-    );
-    let single = rt.block_on(group_commit(&dir.path().join("single"), 1, window))?;
-    row(
+        || rt.block_on(group_commit(&d.join("grouped"), 64, window)),
+        || native_fsync_per_event(d, window),
+    )?;
+    paired(
         "durable event appends, 1 writer vs fsync per event (events/s)",
-        single,
-        per_event,
+        || rt.block_on(group_commit(&d.join("single"), 1, window)),
+        || native_fsync_per_event(d, window),
+    )?;
+    Ok(())
+}
+
+fn paired(
+    name: &str,
+    mut keel: impl FnMut() -> anyhow::Result<f64>,
+    mut native: impl FnMut() -> anyhow::Result<f64>,
+) -> anyhow::Result<()> {
+    let (mut k, mut n, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        let (a, b) = (keel()?, native()?);
+        k.push(a);
+        n.push(b);
+        ratios.push(a / b);
+    }
+    let each: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
+    println!(
+        "| {name} | {:.0} | {:.0} | {:.2} | {} |",
+        median(&k),
+        median(&n),
+        median(&ratios),
+        each.join(", ")
     );
     Ok(())
 }
 
-fn row(name: &str, keel: f64, native: f64) {
-    println!(
-        "| {name} | {keel:.0} | {native:.0} | {:.2} |",
-        keel / native
-    );
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }
 
 /// Starts keel on a fresh config in `dir`; `base` is the component's URL prefix.
@@ -247,7 +279,7 @@ fn native_fsync_per_event(dir: &Path, window: Duration) -> anyhow::Result<f64> {
 
 async fn group_commit(dir: &Path, writers: usize, window: Duration) -> anyhow::Result<f64> {
     let store = keel_store_rocksdb::RocksStore::open(
-        &dir.join("grouped"),
+        dir,
         keel_store_rocksdb::RocksOptions {
             limits: StoreLimits::default(),
             node: keel_store_rocksdb::NodeIdentity {

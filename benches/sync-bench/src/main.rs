@@ -4,7 +4,9 @@
 //!
 //! 1. `state.counter-inc` through a guest (state-probe, N calls per request,
 //!    64 concurrent requests) vs `keel_sync::Sync::counter_inc` called
-//!    in-process with the same store (the host's own cost);
+//!    in-process with the same store (the host's own cost); and one
+//!    increment's latency (p50/p99): one per HTTP request, one in flight, vs
+//!    one in-process call at a time;
 //! 2. delta bytes per op vs the full state's bytes (keel-crdt encodings);
 //! 3. propagation: acknowledged write on node A until visible on node B,
 //!    both on one real nats-server, vs raw async-nats publish -> receive
@@ -64,6 +66,20 @@ fn main() -> anyhow::Result<()> {
                 ),
                 guest,
                 native,
+            );
+        }
+        // One operation's latency: one counter-inc per HTTP request (one in
+        // flight) vs one in-process `Sync::counter_inc` at a time; both wait
+        // for the fsync.
+        let guest = rt.block_on(guest_op_latency(&base, 5000))?;
+        let native = rt.block_on(native_op_latency(&dir.path().join("native-lat"), 5000))?;
+        for (q, name) in [(0.5, "p50"), (0.99, "p99")] {
+            let (g, n) = (quantile(&guest, q), quantile(&native, q));
+            println!(
+                "| counter-inc {name}, one per HTTP request through a guest vs one in-process Sync call (µs) | {:.0} | {:.0} | {:.2} |",
+                g * 1e6,
+                n * 1e6,
+                g / n
             );
         }
         drop(keel);
@@ -217,6 +233,42 @@ async fn native_increments(dir: &Path, writers: usize, window: Duration) -> anyh
         ops += t.await??;
     }
     Ok(ops as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Seconds per `POST /counter/lat/inc`, one request at a time.
+async fn guest_op_latency(base: &str, samples: usize) -> anyhow::Result<Vec<f64>> {
+    let client: Client =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+    let url: hyper::Uri = format!("{base}/counter/lat/inc").parse()?;
+    let mut out = Vec::with_capacity(samples);
+    for i in 0..samples + 100 {
+        let started = Instant::now();
+        let req = hyper::Request::post(url.clone()).body(Full::new(Bytes::new()))?;
+        let res = client.request(req).await?;
+        let status = res.status();
+        let body = res.into_body().collect().await?.to_bytes();
+        anyhow::ensure!(status.is_success(), "counter inc: {status} {body:?}");
+        // The first 100 warm up the connection and the instance pool.
+        if i >= 100 {
+            out.push(started.elapsed().as_secs_f64());
+        }
+    }
+    Ok(out)
+}
+
+/// Seconds per in-process `Sync::counter_inc`, one at a time.
+async fn native_op_latency(dir: &Path, samples: usize) -> anyhow::Result<Vec<f64>> {
+    let sync = open_sync(dir, "native", Arc::new(keel_bus::local::LocalBus::new()))?;
+    let mut out = Vec::with_capacity(samples);
+    for i in 0..samples + 100 {
+        let started = Instant::now();
+        sync.counter_inc(&ns(), Scope::Region, "lat", 1).await?;
+        if i >= 100 {
+            out.push(started.elapsed().as_secs_f64());
+        }
+    }
+    Ok(out)
 }
 
 /// Encoded delta of one op vs the encoded full state it changed.
