@@ -1,12 +1,10 @@
-//! Group commit: two threads own all writes.
+//! Group commit: one thread owns all writes.
 //!
-//! Callers queue jobs; the stager thread takes every job queued while the
-//! previous group was staged, runs them in order against a [`Txn`] (each job
-//! sees the writes of the jobs before it, and of earlier groups not yet
-//! written), and hands the group to the syncer thread, which writes it as
-//! one `WriteBatch` with `sync = true` and only then completes each caller.
-//! N concurrent writers share one fsync, and the next group is staged while
-//! this one is written.
+//! Callers queue jobs; the thread takes every job queued while the previous
+//! group was written, runs them in order against a [`Txn`] (each job sees
+//! the writes of the jobs before it), writes the group as one `WriteBatch`
+//! with `sync = true` (each key once, with its last value), and only then
+//! completes each caller. N concurrent writers share one fsync.
 
 use crate::{Cf, map_err};
 use keel_store::{StoreError, StoreResult, WriteFuture};
@@ -157,47 +155,19 @@ impl Committer {
 /// wrote to each key, `None` for a delete.
 type Overlay = [HashMap<Vec<u8>, Option<Vec<u8>>>; Cf::ALL.len()];
 
-/// A staged group on its way to the syncer thread.
-struct Group {
-    id: u64,
-    overlay: Arc<Overlay>,
-    jobs: Vec<Box<dyn Job>>,
-    /// Staged while an earlier group was still being written: its jobs read
-    /// that group's writes, so if that group fails, this one must too.
-    on_top: bool,
-}
-
-/// The stager: takes every queued job (up to [`MAX_GROUP`]), runs them in
-/// order against one [`Txn`] and hands the group to the syncer, then stages
-/// the next group while the syncer writes and fsyncs this one. Staging
-/// (encoding, sequence numbers, reads) and writing (WAL, fsync, memtable,
-/// waking callers) thus run on two threads. A job reads the writes of the
-/// groups still in flight, so results are as if groups ran one at a time.
+/// Takes every job queued while the previous group was written (up to
+/// [`MAX_GROUP`]), runs them in order against one [`Txn`], writes the group
+/// as one batch with `sync = true` and only then completes each caller.
+///
+/// One thread on purpose: a second one that staged the next group while
+/// this one was written (tried in session 12) doubled in-process event
+/// appends with 64 writers (heavy staging: encoding, three counters per
+/// event) but cut guest counter increments by a third: it split the
+/// waiting writers into two half-size groups, each with its own fsync and
+/// thread hand-offs, and a guest's write path is latency-bound.
 fn run(db: Arc<DB>, mut rx: mpsc::UnboundedReceiver<Queued>) {
-    // Rendezvous: at most one group waits while another is written, so a
-    // caller never waits behind more than two fsyncs, and jobs queued
-    // meanwhile form the next, bigger group.
-    let (to_syncer, groups) = std::sync::mpsc::sync_channel::<Group>(0);
-    let (acks, synced) = std::sync::mpsc::channel::<u64>();
-    let syncer = {
-        let db = db.clone();
-        std::thread::Builder::new()
-            .name("keel-store-sync".into())
-            .spawn(move || sync_groups(&db, groups, acks))
-    };
-    let syncer = match syncer {
-        Ok(t) => t,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot start the store's sync thread; writes fail");
-            while let Some(q) = rx.blocking_recv() {
-                q.job
-                    .complete(Err(StoreError::Unavailable("store writer stopped".into())));
-            }
-            return;
-        }
-    };
-    let mut in_flight: std::collections::VecDeque<(u64, Arc<Overlay>)> = Default::default();
-    let mut next_id = 0u64;
+    let mut sync = WriteOptions::default();
+    sync.set_sync(true);
     let mut jobs: Vec<Box<dyn Job>> = Vec::new();
     // A job that must run alone, taken off the queue while a group formed:
     // it starts the next group.
@@ -215,65 +185,15 @@ fn run(db: Arc<DB>, mut rx: mpsc::UnboundedReceiver<Queued>) {
                 Err(_) => break,
             }
         }
-        // Forget groups the syncer finished; a job running alone reads the
-        // database directly, so it waits until none is in flight.
-        for id in synced.try_iter() {
-            in_flight.retain(|(g, _)| *g > id);
-        }
-        while alone && !in_flight.is_empty() {
-            let Ok(id) = synced.recv() else { break };
-            in_flight.retain(|(g, _)| *g > id);
-        }
-        let on_top = !in_flight.is_empty();
-        let mut tx = Txn::new(&db, &in_flight);
+        let mut tx = Txn::new(&db);
         for job in jobs.iter_mut() {
             job.run(&mut tx);
         }
-        next_id += 1;
-        let overlay = Arc::new(tx.overlay);
-        in_flight.push_back((next_id, overlay.clone()));
-        let group = Group {
-            id: next_id,
-            overlay,
-            jobs: std::mem::take(&mut jobs),
-            on_top,
-        };
-        if let Err(std::sync::mpsc::SendError(group)) = to_syncer.send(group) {
-            for job in group.jobs {
-                job.complete(Err(StoreError::Unavailable("store writer stopped".into())));
-            }
-        }
-    }
-    drop(to_syncer);
-    let _ = syncer.join();
-}
-
-/// The syncer: writes each staged group as one batch with `sync = true`,
-/// then completes its callers and tells the stager.
-fn sync_groups(
-    db: &DB,
-    groups: std::sync::mpsc::Receiver<Group>,
-    acks: std::sync::mpsc::Sender<u64>,
-) {
-    let mut sync = WriteOptions::default();
-    sync.set_sync(true);
-    let mut previous_failed = false;
-    for group in groups {
-        let result = if group.on_top && previous_failed {
-            Err(StoreError::Unavailable(
-                "an earlier write this one depends on failed".into(),
-            ))
-        } else {
-            commit(db, &group.overlay, &sync)
-        };
+        let result = commit(&db, &tx.overlay, &sync);
         if let Err(e) = &result {
-            tracing::error!(error = %e, jobs = group.jobs.len(), "store write failed; callers get `unavailable`");
+            tracing::error!(error = %e, jobs = jobs.len(), "store write failed; callers get `unavailable`");
         }
-        previous_failed = result.is_err();
-        // Acknowledged before the callers learn of it, so the stager (which
-        // a caller may queue its next write to at once) drops the overlay.
-        let _ = acks.send(group.id);
-        for job in group.jobs {
+        for job in jobs.drain(..) {
             job.complete(result.clone());
         }
     }
@@ -308,9 +228,6 @@ fn commit(db: &DB, overlay: &Overlay, sync: &WriteOptions) -> StoreResult<()> {
 /// The writes of one group, readable before they are committed.
 pub(crate) struct Txn<'a> {
     db: &'a DB,
-    /// Groups staged before this one and not yet known to be written,
-    /// oldest first.
-    in_flight: &'a std::collections::VecDeque<(u64, Arc<Overlay>)>,
     /// The group's writes so far. Written as one batch, so a key the group
     /// writes many times (a sequence counter, a CRDT saved after each of
     /// many increments) costs one write.
@@ -325,10 +242,9 @@ enum Op {
 }
 
 impl<'a> Txn<'a> {
-    fn new(db: &'a DB, in_flight: &'a std::collections::VecDeque<(u64, Arc<Overlay>)>) -> Self {
+    fn new(db: &'a DB) -> Self {
         Txn {
             db,
-            in_flight,
             overlay: Default::default(),
             staged: Vec::new(),
         }
@@ -359,8 +275,7 @@ impl<'a> Txn<'a> {
     }
 
     /// Calls `f` with the current value (as [`Txn::get`]) without copying
-    /// it: this job's writes, this group's, the groups in flight (newest
-    /// first), then the database.
+    /// it.
     fn with_value<T>(
         &self,
         cf: Cf,
@@ -374,11 +289,8 @@ impl<'a> Txn<'a> {
                 _ => {}
             }
         }
-        let earlier = self.in_flight.iter().rev().map(|(_, o)| &**o);
-        for overlay in std::iter::once(&self.overlay).chain(earlier) {
-            if let Some(v) = overlay[cf as usize].get(key) {
-                return Ok(f(v.as_deref()));
-            }
+        if let Some(v) = self.overlay[cf as usize].get(key) {
+            return Ok(f(v.as_deref()));
         }
         let v = self
             .db
@@ -387,10 +299,9 @@ impl<'a> Txn<'a> {
         Ok(f(v.as_deref()))
     }
 
-    /// The database as committed, which may lack the writes of the groups
-    /// still in flight. Inside a [`Committer::write_alone`] job (none is in
-    /// flight then) that is the current state, apart from the job's own
-    /// writes.
+    /// The database as committed before this group. Inside a
+    /// [`Committer::write_alone`] job that is the current state, apart from
+    /// the job's own writes.
     pub fn db(&self) -> &'a DB {
         self.db
     }
@@ -400,8 +311,8 @@ impl<'a> Txn<'a> {
     }
 
     /// Up to `max` keys starting with `prefix`, ascending, as committed
-    /// (neither this group's writes nor those of groups in flight are
-    /// seen: check each key with [`Txn::get`] before acting on it).
+    /// before this group (this group's own writes are not seen: check each
+    /// key with [`Txn::get`] before acting on it).
     pub fn committed_keys(&self, cf: Cf, prefix: &[u8], max: usize) -> StoreResult<Vec<Vec<u8>>> {
         let mut it = self.db.raw_iterator_cf(handle(self.db, cf)?);
         it.seek(prefix);

@@ -169,12 +169,11 @@ async fn events_are_gapless_per_component_and_survive_reopen() {
     assert_eq!(next.sequence, 65);
 }
 
-/// Many writers on many threads keep the committer's two threads busy: each
-/// group is staged while the one before is still being written, and its
-/// sequence numbers must continue that group's (read from its writes, not
-/// yet in the database), gapless in the log and in the outbox.
+/// Many writers on many threads form many groups, each reading the
+/// sequence counters the groups before it wrote (and a group keeps only a
+/// counter's last value): gapless in the log and in the outbox.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn groups_staged_while_others_are_written_continue_their_sequences() {
+async fn many_writers_on_many_threads_get_gapless_sequences_in_log_and_outbox() {
     let dir = tempfile::tempdir().unwrap();
     let s = RocksStore::open(dir.path(), options(true)).unwrap();
     let a = ns("a");
