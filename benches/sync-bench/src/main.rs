@@ -73,15 +73,11 @@ fn main() -> anyhow::Result<()> {
         // for the fsync.
         let guest = rt.block_on(guest_op_latency(&base, 5000))?;
         let native = rt.block_on(native_op_latency(&dir.path().join("native-lat"), 5000))?;
-        for (q, name) in [(0.5, "p50"), (0.99, "p99")] {
-            let (g, n) = (quantile(&guest, q), quantile(&native, q));
-            println!(
-                "| counter-inc {name}, one per HTTP request through a guest vs one in-process Sync call (µs) | {:.0} | {:.0} | {:.2} |",
-                g * 1e6,
-                n * 1e6,
-                g / n
-            );
-        }
+        latency_rows(
+            "counter-inc {q}, one per HTTP request through a guest vs one in-process Sync call",
+            &guest,
+            &native,
+        );
         drop(keel);
     }
 
@@ -89,15 +85,11 @@ fn main() -> anyhow::Result<()> {
 
     let nats = NatsServer::start();
     let (sync_p, raw_p) = rt.block_on(propagation(&nats, dir.path(), 2000))?;
-    for (q, name) in [(0.5, "p50"), (0.99, "p99")] {
-        let (s, r) = (quantile(&sync_p, q), quantile(&raw_p, q));
-        println!(
-            "| propagation {name}: acked write on A -> visible on B vs raw async-nats publish -> receive (µs) | {:.0} | {:.0} | {:.2} |",
-            s * 1e6,
-            r * 1e6,
-            s / r
-        );
-    }
+    latency_rows(
+        "propagation {q}: acked write on A -> visible on B vs raw async-nats publish -> receive",
+        &sync_p,
+        &raw_p,
+    );
 
     let heal = rt.block_on(convergence_after_heal(&nats, dir.path(), heal_runs))?;
     println!(
@@ -114,6 +106,21 @@ fn row(name: &str, keel: f64, baseline: f64) {
         "| {name} | {keel:.0} | {baseline:.0} | {:.2} |",
         keel / baseline
     );
+}
+
+/// p50 and p99 rows (µs) of two latency samples in seconds; `{q}` in
+/// `what` becomes the quantile's name.
+fn latency_rows(what: &str, keel: &[f64], baseline: &[f64]) {
+    for (q, name) in [(0.5, "p50"), (0.99, "p99")] {
+        let (k, b) = (quantile(keel, q), quantile(baseline, q));
+        println!(
+            "| {} (µs) | {:.0} | {:.0} | {:.2} |",
+            what.replace("{q}", name),
+            k * 1e6,
+            b * 1e6,
+            k / b
+        );
+    }
 }
 
 fn quantile(v: &[f64], q: f64) -> f64 {
