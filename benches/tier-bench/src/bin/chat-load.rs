@@ -468,6 +468,9 @@ async fn run(nodes: &[Node], config: &Config) -> anyhow::Result<()> {
     );
     let check = Check::run(nodes, &users, &acked, config.check_deadline).await?;
     // Settled: the backlog delivered and read, the periodic malloc trim run.
+    // A measurement point, not synchronisation: the node trims every 5 s on
+    // its own timer and exposes no signal to wait for, so the reading is
+    // taken once a full trim interval (plus a second) has surely passed.
     tokio::time::sleep(Duration::from_secs(6)).await;
     let rss_settled: Vec<Memory> = nodes.iter().map(|n| memory(n.pid())).collect();
 
