@@ -2,7 +2,9 @@
 # Side-by-side HTTP benchmark (numbers go to BENCHMARKS.md; nothing here is asserted).
 #
 # Same component, same run, same load generator (wrk, HTTP/1.1 keep-alive):
-#   keel (defaults)  vs  `wasmtime serve` 48.0.x  vs  a native hyper hello,
+#   keel (defaults)  vs  `wasmtime serve` 48.0.x  vs  a native hyper hello
+#   vs  bare-host (the smallest per-request wasmtime host on keel's pool
+#   settings: what keel's own per-request work costs),
 # plus keel with guard pages, keel with limits off (the cost of limits), a
 # compute-heavy component, cold start, idle RSS and binary size.
 #
@@ -30,6 +32,7 @@ echo "== building release binaries" >&2
 cargo build --release --workspace --bins >&2
 KEEL=$TARGET_DIR/release/keel
 NATIVE=$TARGET_DIR/release/native-hello
+BARE=$TARGET_DIR/release/bare-host
 
 if [ ! -x "$WASMTIME" ] || ! "$WASMTIME" --version | grep -q "$WASMTIME_VERSION"; then
   echo "== installing wasmtime-cli $WASMTIME_VERSION into $TOOLS/wasmtime (once)" >&2
@@ -107,6 +110,15 @@ run_serve() { # label component path [body]
   stop "$pid"
 }
 
+run_bare() { # label component path
+  PORT=$(free_port)
+  "$BARE" "127.0.0.1:$PORT" "$WASM/$2.wasm" >/dev/null &
+  local pid=$!; PIDS+=("$pid")
+  wait_http "http://127.0.0.1:$PORT$3"
+  echo "$1 $(load "http://127.0.0.1:$PORT$3")"
+  stop "$pid"
+}
+
 run_native() {
   PORT=$(free_port)
   "$NATIVE" "127.0.0.1:$PORT" >/dev/null &
@@ -126,6 +138,7 @@ for round in $(seq 1 "$ROUNDS"); do
   {
     run_native
     run_serve serve hello /
+    run_bare bare-host hello /
     run_keel keel hello / "" ""
     run_keel keel-guard-pages hello / "guard-pages = true" ""
     run_keel keel-limits-off hello / "" "" KEEL_BENCH_DISABLE_LIMITS=1
@@ -155,6 +168,7 @@ for name, (rps, p50, p99) in rows.items():
     print(f"| {name} | {rps:.0f} | {p50:.3f} | {p99:.3f} | {vs_serve} | {vs_native} | {each} |")
 print()
 print(f"keel/serve req/s: {ratio('keel', 'serve'):.2f}x; keel p99 / serve p99: {rows['keel'][2] / rows['serve'][2]:.2f}")
+print(f"keel/bare-host req/s: {ratio('keel', 'bare-host'):.2f}; bare-host/serve req/s: {ratio('bare-host', 'serve'):.2f}x")
 print(f"cost of limits (limits-off req/s over keel req/s - 1): {100 * (ratio('keel-limits-off', 'keel') - 1):.1f}%")
 print(f"guard pages on compute (req/s vs default): {100 * (ratio('keel-compute-guard-pages', 'keel-compute') - 1):+.1f}%")
 PY
