@@ -10,7 +10,9 @@
 
 use std::net::SocketAddr;
 use wasmtime::component::{Component, Linker, ResourceTable};
-use wasmtime::{Config, Engine, Enabled, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
+use wasmtime::{
+    Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store,
+};
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
@@ -41,7 +43,9 @@ impl wasmtime_wasi_io::IoView for State {
 fn main() -> wasmtime::Result<()> {
     let mut args = std::env::args().skip(1);
     let (Some(addr), Some(wasm)) = (args.next(), args.next()) else {
-        return Err(wasmtime::format_err!("usage: bare-host ADDR COMPONENT.wasm"));
+        return Err(wasmtime::format_err!(
+            "usage: bare-host ADDR COMPONENT.wasm"
+        ));
     };
     let addr: SocketAddr = addr.parse()?;
 
@@ -126,7 +130,10 @@ async fn handle(
         },
     );
     let (sender, receiver) = tokio::sync::oneshot::channel();
-    let req = store.data_mut().http().new_incoming_request(Scheme::Http, req)?;
+    let req = store
+        .data_mut()
+        .http()
+        .new_incoming_request(Scheme::Http, req)?;
     let out = store.data_mut().http().new_response_outparam(sender)?;
     let guest = tokio::spawn(async move {
         let proxy = pre.instantiate_async(&mut store).await?;

@@ -229,6 +229,10 @@ impl RocksStore {
         db_opts.set_max_total_wal_size(64 << 20);
         db_opts.set_max_open_files(512);
         db_opts.set_keep_log_file_num(4);
+        // No WAL recycling (`recycle_log_file_num`): it made group syncs
+        // ~25 % cheaper (fdatasync need not journal the file's growth), but
+        // a recycled WAL keeps old records past its new end, so an erased
+        // user's bytes would survive erasure.
         let cfs = Cf::ALL
             .iter()
             .map(|cf| ColumnFamilyDescriptor::new(cf.name(), cf_opts.clone()));
