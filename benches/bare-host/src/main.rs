@@ -8,6 +8,9 @@
 //!
 //! Usage: bare-host 127.0.0.1:PORT component.wasm
 
+#[path = "../../native-hello/src/listener.rs"]
+mod listener;
+
 use std::net::SocketAddr;
 use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{
@@ -72,7 +75,7 @@ fn main() -> wasmtime::Result<()> {
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut threads = Vec::new();
     for _ in 0..workers {
-        let listener = listener(addr)?;
+        let listener = listener::reuseport(addr)?;
         let pre = pre.clone();
         threads.push(std::thread::spawn(move || serve(listener, pre)));
     }
@@ -82,17 +85,6 @@ fn main() -> wasmtime::Result<()> {
             .map_err(|_| wasmtime::format_err!("worker panicked"))??;
     }
     Ok(())
-}
-
-fn listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    s.set_reuse_address(true)?;
-    s.set_reuse_port(true)?;
-    s.set_nonblocking(true)?;
-    s.bind(&addr.into())?;
-    s.listen(1024)?;
-    Ok(s.into())
 }
 
 fn serve(listener: std::net::TcpListener, pre: ProxyPre<State>) -> wasmtime::Result<()> {

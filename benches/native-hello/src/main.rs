@@ -4,6 +4,8 @@
 //!
 //! Usage: native-hello 127.0.0.1:PORT
 
+mod listener;
+
 use bytes::Bytes;
 use http_body_util::Full;
 use std::convert::Infallible;
@@ -18,7 +20,7 @@ fn main() -> std::io::Result<()> {
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut threads = Vec::new();
     for _ in 0..workers {
-        let listener = listener(addr)?;
+        let listener = listener::reuseport(addr)?;
         threads.push(std::thread::spawn(move || serve(listener)));
     }
     println!("native-hello listening on http://{addr}");
@@ -27,17 +29,6 @@ fn main() -> std::io::Result<()> {
             .map_err(|_| std::io::Error::other("worker panicked"))??;
     }
     Ok(())
-}
-
-fn listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    s.set_reuse_address(true)?;
-    s.set_reuse_port(true)?;
-    s.set_nonblocking(true)?;
-    s.bind(&addr.into())?;
-    s.listen(1024)?;
-    Ok(s.into())
 }
 
 fn serve(listener: std::net::TcpListener) -> std::io::Result<()> {
