@@ -153,6 +153,7 @@ impl Committer {
 
 /// Per column family (indexed by `Cf as usize`), the last value a group
 /// wrote to each key, `None` for a delete.
+///
 /// foldhash, not SipHash: several lookups and inserts per write on the
 /// committer's hot path; foldhash is seeded per process.
 type Overlay = [HashMap<Vec<u8>, Option<Vec<u8>>, foldhash::fast::RandomState>; Cf::ALL.len()];
@@ -162,11 +163,12 @@ type Overlay = [HashMap<Vec<u8>, Option<Vec<u8>>, foldhash::fast::RandomState>; 
 /// as one batch with `sync = true` and only then completes each caller.
 ///
 /// One thread on purpose: a second one that staged the next group while
-/// this one was written (tried in session 12) doubled in-process event
-/// appends with 64 writers (heavy staging: encoding, three counters per
-/// event) but cut guest counter increments by a third: it split the
-/// waiting writers into two half-size groups, each with its own fsync and
-/// thread hand-offs, and a guest's write path is latency-bound.
+/// this one was written (tried in session 12) raised in-process event
+/// appends with 64 writers from 95-102k to 135-145k events/s (heavy
+/// staging: encoding, three counters per event) but cut guest counter
+/// increments by about a quarter (111-160k to 88-119k ops/s): smaller
+/// groups, more fsyncs and two more thread hand-offs on a guest's
+/// latency-bound write path.
 fn run(db: Arc<DB>, mut rx: mpsc::UnboundedReceiver<Queued>) {
     let mut sync = WriteOptions::default();
     sync.set_sync(true);
@@ -219,7 +221,8 @@ fn commit(db: &DB, overlay: &Overlay, sync: &WriteOptions) -> StoreResult<()> {
         let h = handle(db, cf)?;
         // In key order: RocksDB's memtable skiplist remembers where its
         // last insert went, so ascending keys (event and outbox sequences)
-        // insert without a search from the top (~10 % per group measured).
+        // insert without a search from the top (~19 % more groups per
+        // second with 64 writers, BENCHMARKS.md).
         let mut writes: Vec<_> = writes.iter().collect();
         writes.sort_unstable_by(|a, b| a.0.cmp(b.0));
         for (k, v) in writes {
