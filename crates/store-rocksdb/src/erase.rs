@@ -301,7 +301,7 @@ fn erase(
     }
     let acked_key = keys::meta_outbox_acked();
     let acked = tx.get_u64(Cf::Meta, &acked_key)?;
-    let last = tx.get_u64(Cf::Meta, &keys::meta_outbox_seq())?;
+    let last = tx.get_u64(Cf::Meta, keys::meta_outbox_seq())?;
     let moved = crate::skip_outbox_gap(tx, acked, last)?;
     if moved > acked {
         tx.put(Cf::Meta, acked_key, moved.to_be_bytes().to_vec());

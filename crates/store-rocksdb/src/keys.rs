@@ -164,13 +164,13 @@ pub fn meta_incarnation() -> Vec<u8> {
     b"incarnation".to_vec()
 }
 
-pub fn meta_node_seq() -> Vec<u8> {
-    b"nodeseq".to_vec()
+pub fn meta_node_seq() -> &'static [u8] {
+    b"nodeseq"
 }
 
 /// Last outbox sequence handed out (gapless, forwarded writes only).
-pub fn meta_outbox_seq() -> Vec<u8> {
-    b"outboxseq".to_vec()
+pub fn meta_outbox_seq() -> &'static [u8] {
+    b"outboxseq"
 }
 
 /// Highest outbox sequence the region acknowledged.

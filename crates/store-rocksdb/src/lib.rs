@@ -144,6 +144,49 @@ pub(crate) fn encode<T: Serialize>(v: &T) -> StoreResult<Vec<u8>> {
     })
 }
 
+/// The encoding of a [`StoredEvent`] (as [`encode`]), given the encoding of
+/// its `data` (`encoded_data`, from [`encode`]): postcard writes a struct as
+/// its fields in order and `data` is the last field, so the record is its
+/// head followed by the data's bytes, and the data, encoded on the caller's
+/// thread, is only copied on the committer.
+fn encode_event_record(
+    id: &str,
+    sequence: u64,
+    node: &NodeIdentity,
+    at: &Hlc,
+    encoded_data: &[u8],
+) -> StoreResult<Vec<u8>> {
+    /// `StoredEvent` up to `data`, field for field.
+    #[derive(Serialize)]
+    struct Head<'a> {
+        id: &'a str,
+        sequence: u64,
+        origin: &'a str,
+        region: &'a str,
+        at: &'a Hlc,
+    }
+    let data = encoded_data
+        .strip_prefix(&[FORMAT_V1])
+        .ok_or_else(|| StoreError::Internal("event data encoding without its version".into()))?;
+    let head = Head {
+        id,
+        sequence,
+        origin: &node.edge,
+        region: &node.region,
+        at,
+    };
+    // Version, then four string lengths and three integers, each a varint
+    // of at most 10 bytes.
+    let mut out = Vec::with_capacity(
+        71 + id.len() + node.edge.len() + node.region.len() + at.node.len() + data.len(),
+    );
+    out.push(FORMAT_V1);
+    let mut out = postcard::to_extend(&head, out)
+        .map_err(|e| StoreError::Internal(format!("encode: {e}")))?;
+    out.extend_from_slice(data);
+    Ok(out)
+}
+
 /// The encoding of `OutboxEntry::Event { component, event }`, given
 /// `event`'s own encoding: postcard writes a struct variant as its index
 /// followed by its fields, so the entry is a short head followed by the
@@ -299,7 +342,7 @@ fn ready<T: Send + 'static>(r: StoreResult<T>) -> WriteFuture<T> {
 /// Allocates the next node-wide sequence (event ids).
 fn next_node_seq(tx: &mut Txn) -> StoreResult<u64> {
     let key = keys::meta_node_seq();
-    let n = tx.get_u64(Cf::Meta, &key)? + 1;
+    let n = tx.get_u64(Cf::Meta, key)? + 1;
     tx.put(Cf::Meta, key, n.to_be_bytes().to_vec());
     Ok(n)
 }
@@ -308,7 +351,7 @@ fn next_node_seq(tx: &mut Txn) -> StoreResult<u64> {
 /// caller's batch; returns that sequence.
 fn enqueue_outbox(tx: &mut Txn, encoded_entry: Vec<u8>) -> StoreResult<u64> {
     let key = keys::meta_outbox_seq();
-    let seq = tx.get_u64(Cf::Meta, &key)? + 1;
+    let seq = tx.get_u64(Cf::Meta, key)? + 1;
     tx.put(Cf::Meta, key, seq.to_be_bytes().to_vec());
     tx.put(Cf::Outbox, keys::u64_key(seq), encoded_entry);
     Ok(seq)
@@ -358,7 +401,7 @@ impl Outbox for RocksStore {
         self.inner.committer.write(move |tx: &mut Txn| {
             let acked_key = keys::meta_outbox_acked();
             let acked = tx.get_u64(Cf::Meta, &acked_key)?;
-            let last = tx.get_u64(Cf::Meta, &keys::meta_outbox_seq())?;
+            let last = tx.get_u64(Cf::Meta, keys::meta_outbox_seq())?;
             let through = through.min(last);
             if through <= acked {
                 return Ok(());
@@ -383,7 +426,7 @@ impl Outbox for RocksStore {
     fn outbox_positions(&self) -> StoreResult<(u64, u64)> {
         let db = &self.inner.db;
         let meta = committer::handle(db, Cf::Meta)?;
-        let read = |k: Vec<u8>| -> StoreResult<u64> {
+        let read = |k: &[u8]| -> StoreResult<u64> {
             match db.get_cf(meta, k).map_err(map_err)? {
                 Some(v) => keys::decode_u64(&v),
                 None => Ok(0),
@@ -391,7 +434,7 @@ impl Outbox for RocksStore {
         };
         // Acked first: a concurrent ack can then only make `last` look
         // further ahead, never `acked` beyond `last`.
-        let acked = read(keys::meta_outbox_acked())?;
+        let acked = read(&keys::meta_outbox_acked())?;
         Ok((read(keys::meta_outbox_seq())?, acked))
     }
 
@@ -695,46 +738,64 @@ impl EventLog for RocksStore {
                 return ready(Err(StoreError::Invalid(msg)));
             }
         }
+        // Only what must be ordered runs on the committer (sequences, the
+        // HLC stamp, the record's head); each event's data is encoded here,
+        // on the caller's thread, and the returned events are assembled
+        // back here too.
+        let bodies = match events.iter().map(encode).collect::<StoreResult<Vec<_>>>() {
+            Ok(b) => b,
+            Err(e) => return ready(Err(e)),
+        };
         let forward = forward && self.inner.forwarding;
         let inner = self.inner.clone();
         let ns = ns.clone();
+        let seq_key = keys::meta_event_seq(&ns);
         let write = self.inner.committer.write(move |tx| {
-            let seq_key = keys::meta_event_seq(&ns);
             let mut sequence = tx.get_u64(Cf::Meta, &seq_key)?;
-            let mut stored_events = Vec::with_capacity(events.len());
+            let mut stamped = Vec::with_capacity(bodies.len());
             let mut last_outbox_seq = None;
-            for event in events {
+            for body in &bodies {
                 sequence += 1;
                 let node_seq = next_node_seq(tx)?;
                 // Stamped on the committer: HLC order equals log order.
                 let at = stamp(&inner)?;
-                let stored = StoredEvent {
-                    id: node_write_id(&inner.node.edge, node_seq),
-                    sequence,
-                    origin: inner.node.edge.clone(),
-                    region: inner.node.region.clone(),
-                    at,
-                    data: event,
-                };
-                let encoded = encode(&stored)?;
+                let id = node_write_id(&inner.node.edge, node_seq);
+                let encoded = encode_event_record(&id, sequence, &inner.node, &at, body)?;
                 if forward {
                     let entry = encode_outbox_event(ns.as_str(), &encoded)?;
                     last_outbox_seq = Some(enqueue_outbox(tx, entry)?);
                 }
                 tx.put(Cf::Events, keys::event_key(&ns, sequence), encoded);
-                stored_events.push(stored);
+                stamped.push((id, sequence, at));
             }
             tx.put(Cf::Meta, seq_key, sequence.to_be_bytes().to_vec());
-            Ok(AppendedBatch {
-                events: stored_events,
-                last_outbox_seq,
-            })
+            Ok((stamped, last_outbox_seq))
         });
-        if forward {
+        let write = if forward {
             signal_outbox(&self.inner, write)
         } else {
             write
-        }
+        };
+        let store = self.inner.clone();
+        Box::pin(async move {
+            let (stamped, last_outbox_seq) = write.await?;
+            let events = events
+                .into_iter()
+                .zip(stamped)
+                .map(|(data, (id, sequence, at))| StoredEvent {
+                    id,
+                    sequence,
+                    origin: store.node.edge.clone(),
+                    region: store.node.region.clone(),
+                    at,
+                    data,
+                })
+                .collect();
+            Ok(AppendedBatch {
+                events,
+                last_outbox_seq,
+            })
+        })
     }
 
     fn read(&self, ns: &Namespace, from: u64, limit: usize) -> StoreResult<Vec<StoredEvent>> {
