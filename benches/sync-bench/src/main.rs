@@ -129,13 +129,17 @@ fn quantile(v: &[f64], q: f64) -> f64 {
     s[((s.len() as f64 - 1.0) * q).round() as usize]
 }
 
-/// Starts keel on a fresh config in `dir`; `base` is the component's URL prefix.
+/// Starts keel on a fresh config in `dir`; `base` is the component's URL
+/// prefix. Instances are capped well above the 256 concurrent requests:
+/// at exactly 256 (the default), a client that sends its next request as
+/// soon as it has read a response can find the previous instance not yet
+/// released and get a 503, which this benchmark is not about.
 fn start_keel(bin: &Path, wasm: &Path, dir: &Path) -> anyhow::Result<(KeelProcess, String)> {
     let config = dir.join("keel.toml");
     std::fs::write(
         &config,
         format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\ndata-dir = \"keel-data\"\n\n[components.state]\nwasm = {:?}\nroute = \"/state/...\"\ngrants = [\"state\"]\n",
+            "[server]\nlisten = \"127.0.0.1:0\"\ndata-dir = \"keel-data\"\n\n[components.state]\nwasm = {:?}\nroute = \"/state/...\"\ngrants = [\"state\"]\n[components.state.limits]\nmax-instances = 512\n",
             wasm.display().to_string()
         ),
     )?;
