@@ -144,11 +144,29 @@ pub(crate) fn encode<T: Serialize>(v: &T) -> StoreResult<Vec<u8>> {
     })
 }
 
+/// The encoding of a struct (or struct variant) whose last field is already
+/// encoded (`encoded_tail`, from [`encode`]): postcard writes fields in
+/// order, with nothing after the last one, so it is `head` (the fields
+/// before, encoded within `head_bytes`) followed by the tail's bytes.
+fn encode_with_tail(
+    head: &impl Serialize,
+    head_bytes: usize,
+    encoded_tail: &[u8],
+) -> StoreResult<Vec<u8>> {
+    let tail = encoded_tail
+        .strip_prefix(&[FORMAT_V1])
+        .ok_or_else(|| StoreError::Internal("encoding without its version".into()))?;
+    let mut out = Vec::with_capacity(1 + head_bytes + tail.len());
+    out.push(FORMAT_V1);
+    let mut out =
+        postcard::to_extend(head, out).map_err(|e| StoreError::Internal(format!("encode: {e}")))?;
+    out.extend_from_slice(tail);
+    Ok(out)
+}
+
 /// The encoding of a [`StoredEvent`] (as [`encode`]), given the encoding of
-/// its `data` (`encoded_data`, from [`encode`]): postcard writes a struct as
-/// its fields in order and `data` is the last field, so the record is its
-/// head followed by the data's bytes, and the data, encoded on the caller's
-/// thread, is only copied on the committer.
+/// its `data`, its last field: the data is encoded on the caller's thread
+/// and only copied on the committer.
 fn encode_event_record(
     id: &str,
     sequence: u64,
@@ -165,9 +183,6 @@ fn encode_event_record(
         region: &'a str,
         at: &'a Hlc,
     }
-    let data = encoded_data
-        .strip_prefix(&[FORMAT_V1])
-        .ok_or_else(|| StoreError::Internal("event data encoding without its version".into()))?;
     let head = Head {
         id,
         sequence,
@@ -175,37 +190,22 @@ fn encode_event_record(
         region: &node.region,
         at,
     };
-    // Version, then four string lengths and three integers, each a varint
-    // of at most 10 bytes.
-    let mut out = Vec::with_capacity(
-        71 + id.len() + node.edge.len() + node.region.len() + at.node.len() + data.len(),
-    );
-    out.push(FORMAT_V1);
-    let mut out = postcard::to_extend(&head, out)
-        .map_err(|e| StoreError::Internal(format!("encode: {e}")))?;
-    out.extend_from_slice(data);
-    Ok(out)
+    // Four string lengths and three integers, each a varint of at most 10
+    // bytes.
+    let head_bytes = 70 + id.len() + node.edge.len() + node.region.len() + at.node.len();
+    encode_with_tail(&head, head_bytes, encoded_data)
 }
 
 /// The encoding of `OutboxEntry::Event { component, event }`, given
-/// `event`'s own encoding: postcard writes a struct variant as its index
-/// followed by its fields, so the entry is a short head followed by the
-/// event's bytes, and the event is serialized once for both records.
+/// `event`'s own encoding: the event is serialized once for both records.
 fn encode_outbox_event(component: &str, encoded_event: &[u8]) -> StoreResult<Vec<u8>> {
     #[derive(Serialize)]
     enum Head<'a> {
         Event { component: &'a str },
     }
-    let event = encoded_event
-        .strip_prefix(&[FORMAT_V1])
-        .ok_or_else(|| StoreError::Internal("event encoding without its version".into()))?;
-    // Version, variant index, length (varints of at most 1 and 10 bytes).
-    let mut out = Vec::with_capacity(12 + component.len() + event.len());
-    out.push(FORMAT_V1);
-    let mut out = postcard::to_extend(&Head::Event { component }, out)
-        .map_err(|e| StoreError::Internal(format!("encode: {e}")))?;
-    out.extend_from_slice(event);
-    Ok(out)
+    // Variant index and length (varints of at most 1 and 10 bytes).
+    let head_bytes = 11 + component.len();
+    encode_with_tail(&Head::Event { component }, head_bytes, encoded_event)
 }
 
 pub(crate) fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> StoreResult<T> {
