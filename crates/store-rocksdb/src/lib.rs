@@ -284,7 +284,8 @@ impl RocksStore {
         })?;
         let db = Arc::new(db);
         let incarnation = load_or_create_incarnation(&db)?;
-        let committer = Committer::start(db.clone())?;
+        let outbox_signal = Arc::new(tokio::sync::Notify::new());
+        let committer = Committer::start(db.clone(), outbox_signal.clone())?;
         Ok(RocksStore {
             inner: Arc::new(Inner {
                 db,
@@ -294,7 +295,7 @@ impl RocksStore {
                 node: options.node,
                 forwarding: options.forwarding,
                 incarnation,
-                outbox_signal: Arc::new(tokio::sync::Notify::new()),
+                outbox_signal,
                 purge: Mutex::new(()),
             }),
         })
@@ -355,18 +356,6 @@ fn enqueue_outbox(tx: &mut Txn, encoded_entry: Vec<u8>) -> StoreResult<u64> {
     tx.put(Cf::Meta, key, seq.to_be_bytes().to_vec());
     tx.put(Cf::Outbox, keys::u64_key(seq), encoded_entry);
     Ok(seq)
-}
-
-/// Wakes the forwarder once `write` (which queued outbox entries) is durable.
-fn signal_outbox<T: Send + 'static>(inner: &Inner, write: WriteFuture<T>) -> WriteFuture<T> {
-    let signal = inner.outbox_signal.clone();
-    Box::pin(async move {
-        let r = write.await;
-        if r.is_ok() {
-            signal.notify_one();
-        }
-        r
-    })
 }
 
 /// The highest `p >= from` (and `<= last`) such that no outbox entry
@@ -771,11 +760,6 @@ impl EventLog for RocksStore {
             tx.put(Cf::Meta, seq_key, sequence.to_be_bytes().to_vec());
             Ok((stamped, last_outbox_seq))
         });
-        let write = if forward {
-            signal_outbox(&self.inner, write)
-        } else {
-            write
-        };
         let store = self.inner.clone();
         Box::pin(async move {
             let (stamped, last_outbox_seq) = write.await?;
@@ -927,7 +911,7 @@ impl EdgeStore for RocksStore {
         }
         let inner = self.inner.clone();
         let ns = ns.clone();
-        let write = self.inner.committer.write(move |tx| {
+        self.inner.committer.write(move |tx| {
             let entry = OutboxEntry::Metric {
                 component: ns.to_string(),
                 metric,
@@ -937,8 +921,7 @@ impl EdgeStore for RocksStore {
             };
             enqueue_outbox(tx, encode(&entry)?)?;
             Ok(())
-        });
-        signal_outbox(&self.inner, write)
+        })
     }
 
     fn queue_global_event(&self, ns: &Namespace, event: GlobalEvent) -> WriteFuture<()> {
@@ -959,7 +942,7 @@ impl EdgeStore for RocksStore {
         }
         let inner = self.inner.clone();
         let ns = ns.clone();
-        let write = self.inner.committer.write(move |tx| {
+        self.inner.committer.write(move |tx| {
             // Publishing an id again is a no-op on this node for as long as
             // the global stream keeps the event (JetStream's own dedup only
             // spans its window).
@@ -987,8 +970,7 @@ impl EdgeStore for RocksStore {
             };
             enqueue_outbox(tx, encode(&entry)?)?;
             Ok(())
-        });
-        signal_outbox(&self.inner, write)
+        })
     }
 
     fn record_activity(&self, ns: &Namespace, user: String, activity: Activity) -> WriteFuture<()> {
@@ -1011,7 +993,7 @@ impl EdgeStore for RocksStore {
         let k = keys::activity_key(ns, &user);
         let inner = self.inner.clone();
         let ns = ns.clone();
-        let write = self.inner.committer.write(move |tx| {
+        self.inner.committer.write(move |tx| {
             let record = ActivityRecord {
                 activity,
                 edge: inner.node.edge.clone(),
@@ -1027,12 +1009,7 @@ impl EdgeStore for RocksStore {
                 enqueue_outbox(tx, encode(&entry)?)?;
             }
             Ok(())
-        });
-        if self.inner.forwarding {
-            signal_outbox(&self.inner, write)
-        } else {
-            write
-        }
+        })
     }
 
     fn last_activity(&self, ns: &Namespace, user: &str) -> StoreResult<Option<ActivityRecord>> {

@@ -269,6 +269,20 @@ async fn forwarded_writes_land_in_the_outbox_in_the_same_batch() {
 }
 
 #[tokio::test]
+async fn a_forwarded_write_wakes_the_forwarder_even_if_its_caller_stopped_waiting() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = RocksStore::open(dir.path(), options(true)).unwrap();
+    let signal = s.outbox_signal();
+    // Queued when called; the caller (a cancelled request) never awaits it.
+    drop(s.append(&ns("a"), event("e", b"1"), true));
+    tokio::time::timeout(std::time::Duration::from_secs(5), signal.notified())
+        .await
+        .expect("outbox signal after a forwarded write nobody awaited");
+    let out = s.outbox_peek(0, 10).unwrap();
+    assert_eq!(out.len(), 1, "the signal comes after the entry is written");
+}
+
+#[tokio::test]
 async fn oversized_event_is_invalid() {
     let dir = tempfile::tempdir().unwrap();
     let mut o = options(false);
