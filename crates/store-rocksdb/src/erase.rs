@@ -18,7 +18,7 @@
 //!    (keys in the MANIFEST).
 
 use crate::committer::{self, Txn};
-use crate::{Cf, Inner, RocksStore, decode, encode, keys, map_err, ready};
+use crate::{Cf, Inner, RocksStore, decode, encode, keys, map_err, outbox_event_ref, ready};
 use keel_store::{
     ERASED_EVENT_KIND, ErasedUser, EventData, Namespace, OutboxEntry, StoreError, StoreLimits,
     StoreResult, StoredEvent, UserDataStore, UserRecords, WriteFuture,
@@ -131,6 +131,21 @@ fn is_about(entry: &OutboxEntry, user: &str) -> bool {
     }
 }
 
+/// Whether the outbox value `v` (an encoded entry, or a reference to an
+/// event in the log) is about the user.
+fn stored_entry_is_about(db: &DB, v: &[u8], user: &str) -> StoreResult<bool> {
+    let Some(event_key) = outbox_event_ref(v) else {
+        return Ok(contains(v, user.as_bytes()) && is_about(&decode(v)?, user));
+    };
+    let events = committer::handle(db, Cf::Events)?;
+    Ok(
+        match db.get_pinned_cf(events, event_key).map_err(map_err)? {
+            Some(e) => contains(&e, user.as_bytes()) && is_users_event(&decode(&e)?, user),
+            None => false,
+        },
+    )
+}
+
 /// Whether `haystack` contains `needle`: a record without the user id's
 /// bytes cannot be the user's, so most records are never decoded.
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
@@ -168,18 +183,35 @@ fn find(db: &DB, user: &str) -> StoreResult<Found> {
         it.next();
     }
     it.status().map_err(map_err)?;
+    // Most outbox entries refer to events the scan above already judged;
+    // only those appended since are read.
+    let users_events: HashSet<&[u8]> = found.events.iter().map(Vec::as_slice).collect();
     let mut it = db.raw_iterator_cf(committer::handle(db, Cf::Outbox)?);
     it.seek_to_first();
     while let (Some(k), Some(v)) = (it.key(), it.value()) {
         let seq = keys::decode_u64(k)?;
         found.outbox_scanned = seq;
-        if contains(v, user.as_bytes()) && is_about(&decode(v)?, user) {
+        let about = match outbox_event_ref(v) {
+            Some(event_key) if scanned(&found.events_scanned, event_key)? => {
+                users_events.contains(event_key)
+            }
+            _ => stored_entry_is_about(db, v, user)?,
+        };
+        if about {
             found.outbox.push(seq);
         }
         it.next();
     }
     it.status().map_err(map_err)?;
     Ok(found)
+}
+
+/// Whether the event scan of step 1 covered the event under `event_key`.
+fn scanned(events_scanned: &HashMap<Vec<u8>, u64>, event_key: &[u8]) -> StoreResult<bool> {
+    let (ns, seq) = split_event_key(event_key)?;
+    Ok(events_scanned
+        .get(ns)
+        .is_some_and(|&through| seq <= through))
 }
 
 /// `(<ns>\0, sequence)` of an event key.
@@ -281,7 +313,7 @@ fn erase(
     for seq in found.outbox {
         let k = keys::u64_key(seq);
         if let Some(v) = db.get_cf(outbox, &k).map_err(map_err)?
-            && is_about(&decode(&v)?, user)
+            && stored_entry_is_about(db, &v, user)?
         {
             deleted.insert(seq);
         }
@@ -289,7 +321,7 @@ fn erase(
     let mut it = db.raw_iterator_cf(outbox);
     it.seek(keys::u64_key(found.outbox_scanned.saturating_add(1)));
     while let (Some(k), Some(v)) = (it.key(), it.value()) {
-        if contains(v, user.as_bytes()) && is_about(&decode(v)?, user) {
+        if stored_entry_is_about(db, v, user)? {
             deleted.insert(keys::decode_u64(k)?);
         }
         it.next();

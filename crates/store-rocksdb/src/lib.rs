@@ -196,16 +196,47 @@ fn encode_event_record(
     encode_with_tail(&head, head_bytes, encoded_data)
 }
 
-/// The encoding of `OutboxEntry::Event { component, event }`, given
-/// `event`'s own encoding: the event is serialized once for both records.
-fn encode_outbox_event(component: &str, encoded_event: &[u8]) -> StoreResult<Vec<u8>> {
-    #[derive(Serialize)]
-    enum Head<'a> {
-        Event { component: &'a str },
+/// First byte of an outbox value that refers to an event in the log
+/// (followed by the event's key) instead of holding an encoded
+/// [`OutboxEntry`] (which starts with [`FORMAT_V1`]). An event is written
+/// once: its outbox entry is this reference, resolved when the forwarder
+/// reads it, which halves the bytes a forwarded event costs the WAL, the
+/// memtables and compaction.
+const OUTBOX_EVENT_REF: u8 = 0xE1;
+
+/// The outbox value of the event stored under `event_key`.
+fn encode_outbox_event_ref(event_key: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(1 + event_key.len());
+    v.push(OUTBOX_EVENT_REF);
+    v.extend_from_slice(event_key);
+    v
+}
+
+/// The event key an outbox value refers to, if it is a reference.
+pub(crate) fn outbox_event_ref(value: &[u8]) -> Option<&[u8]> {
+    match value.split_first() {
+        Some((&OUTBOX_EVENT_REF, key)) => Some(key),
+        _ => None,
     }
-    // Variant index and length (varints of at most 1 and 10 bytes).
-    let head_bytes = 11 + component.len();
-    encode_with_tail(&Head::Event { component }, head_bytes, encoded_event)
+}
+
+/// An outbox value as the entry it stands for, reading the log for a
+/// reference.
+pub(crate) fn decode_outbox_entry(db: &DB, value: &[u8]) -> StoreResult<OutboxEntry> {
+    let Some(key) = outbox_event_ref(value) else {
+        return decode(value);
+    };
+    let (ns, _) = keys::split_ns_key(key)?;
+    let event = db
+        .get_pinned_cf(committer::handle(db, Cf::Events)?, key)
+        .map_err(map_err)?
+        .ok_or_else(|| {
+            StoreError::Internal(format!("outbox entry of {ns} refers to a missing event"))
+        })?;
+    Ok(OutboxEntry::Event {
+        component: ns.to_string(),
+        event: decode(&event)?,
+    })
 }
 
 pub(crate) fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> StoreResult<T> {
@@ -379,7 +410,7 @@ impl Outbox for RocksStore {
             let (Some(k), Some(v)) = (it.key(), it.value()) else {
                 break;
             };
-            out.push((keys::decode_u64(k)?, decode(v)?));
+            out.push((keys::decode_u64(k)?, decode_outbox_entry(db, v)?));
             it.next();
         }
         it.status().map_err(map_err)?;
@@ -750,11 +781,12 @@ impl EventLog for RocksStore {
                 let at = stamp(&inner)?;
                 let id = node_write_id(&inner.node.edge, node_seq);
                 let encoded = encode_event_record(&id, sequence, &inner.node, &at, body)?;
+                let key = keys::event_key(&ns, sequence);
                 if forward {
-                    let entry = encode_outbox_event(ns.as_str(), &encoded)?;
+                    let entry = encode_outbox_event_ref(&key);
                     last_outbox_seq = Some(enqueue_outbox(tx, entry)?);
                 }
-                tx.put(Cf::Events, keys::event_key(&ns, sequence), encoded);
+                tx.put(Cf::Events, key, encoded);
                 stamped.push((id, sequence, at));
             }
             tx.put(Cf::Meta, seq_key, sequence.to_be_bytes().to_vec());

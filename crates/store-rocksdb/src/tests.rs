@@ -1238,41 +1238,44 @@ async fn erase_user_leaves_no_byte_of_the_user_in_any_file() {
     }
 }
 
-/// The forwarder decodes outbox entries as `OutboxEntry`; events are written
-/// with a head plus the event's own encoding, which must decode the same.
-#[test]
-fn an_event_outbox_record_decodes_as_the_outbox_entry() {
-    let stored = StoredEvent {
-        id: "fra:7".into(),
-        sequence: 3,
-        origin: "fra".into(),
-        region: "eu".into(),
-        at: keel_core::Hlc {
-            physical_ms: 1_700_000_000_000,
-            logical: 2,
-            node: "fra".into(),
-        },
-        data: EventData {
-            content_type: Some("application/json".into()),
-            user: Some("alice".into()),
-            ..event("signup", b"{\"a\":1}")
-        },
-    };
-    let bytes = encode_outbox_event("billing", &encode(&stored).unwrap()).unwrap();
+/// A forwarded event's outbox entry refers to the event in the log; the
+/// forwarder still reads an `OutboxEntry::Event`, and entries written whole
+/// (by earlier versions) still read as before.
+#[tokio::test]
+async fn an_event_outbox_entry_refers_to_the_log_and_whole_entries_still_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = RocksStore::open(dir.path(), options(true)).unwrap();
+    let billing = ns("billing");
+    let stored = s
+        .append(
+            &billing,
+            EventData {
+                content_type: Some("application/json".into()),
+                user: Some("alice".into()),
+                ..event("signup", b"{\"a\":1}")
+            },
+            true,
+        )
+        .await
+        .unwrap();
+    let db = &s.inner.db;
+    let outbox = committer::handle(db, Cf::Outbox).unwrap();
+    let raw = db.get_cf(outbox, keys::u64_key(1)).unwrap().unwrap();
     assert_eq!(
-        decode::<OutboxEntry>(&bytes).unwrap(),
-        OutboxEntry::Event {
-            component: "billing".into(),
-            event: stored.clone(),
-        }
+        outbox_event_ref(&raw),
+        Some(keys::event_key(&billing, stored.sequence).as_slice()),
+        "the entry is a reference, not a second copy of the event"
     );
+    // An entry as earlier versions wrote it, under the next sequence.
+    let whole = OutboxEntry::Event {
+        component: "billing".into(),
+        event: stored.clone(),
+    };
+    db.put_cf(outbox, keys::u64_key(2), encode(&whole).unwrap())
+        .unwrap();
     assert_eq!(
-        bytes,
-        encode(&OutboxEntry::Event {
-            component: "billing".into(),
-            event: stored,
-        })
-        .unwrap()
+        s.outbox_peek(0, 10).unwrap(),
+        vec![(1, whole.clone()), (2, whole)]
     );
 }
 
