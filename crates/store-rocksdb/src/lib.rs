@@ -24,7 +24,10 @@ use keel_store::{
     OutboxEntry, StateValue, StoreError, StoreLimits, StoreResult, StoredCrdt, StoredEvent,
     WriteFuture,
 };
-use rocksdb::{BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, Options, WriteBufferManager};
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, DBRawIterator, Options,
+    WriteBufferManager,
+};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -220,23 +223,33 @@ pub(crate) fn outbox_event_ref(value: &[u8]) -> Option<&[u8]> {
     }
 }
 
-/// An outbox value as the entry it stands for, reading the log for a
-/// reference.
-pub(crate) fn decode_outbox_entry(db: &DB, value: &[u8]) -> StoreResult<OutboxEntry> {
+/// An outbox value as the entry it stands for; a reference is read from
+/// the log through `events`, an iterator over [`Cf::Events`] that a peek
+/// moves forward: consecutive entries usually refer to consecutive events,
+/// which are then read in order instead of looked up one by one.
+fn decode_outbox_entry(events: &mut DBRawIterator<'_>, value: &[u8]) -> StoreResult<OutboxEntry> {
     let Some(key) = outbox_event_ref(value) else {
         return decode(value);
     };
+    if events.valid() {
+        events.next();
+    }
+    if events.key() != Some(key) {
+        events.seek(key);
+    }
     let (ns, _) = keys::split_ns_key(key)?;
-    let event = db
-        .get_pinned_cf(committer::handle(db, Cf::Events)?, key)
-        .map_err(map_err)?
-        .ok_or_else(|| {
-            StoreError::Internal(format!("outbox entry of {ns} refers to a missing event"))
-        })?;
-    Ok(OutboxEntry::Event {
-        component: ns.to_string(),
-        event: decode(&event)?,
-    })
+    match (events.key(), events.value()) {
+        (Some(k), Some(event)) if k == key => Ok(OutboxEntry::Event {
+            component: ns.to_string(),
+            event: decode(event)?,
+        }),
+        _ => {
+            events.status().map_err(map_err)?;
+            Err(StoreError::Internal(format!(
+                "outbox entry of {ns} refers to a missing event"
+            )))
+        }
+    }
 }
 
 pub(crate) fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> StoreResult<T> {
@@ -404,13 +417,16 @@ impl Outbox for RocksStore {
     fn outbox_peek(&self, after: u64, limit: usize) -> StoreResult<Vec<(u64, OutboxEntry)>> {
         let db = &self.inner.db;
         let mut it = db.raw_iterator_cf(committer::handle(db, Cf::Outbox)?);
+        // Created after the outbox's: its snapshot holds every event the
+        // outbox's refers to (an event and its entry commit together).
+        let mut events = db.raw_iterator_cf(committer::handle(db, Cf::Events)?);
         it.seek(keys::u64_key(after.saturating_add(1)));
         let mut out = Vec::new();
         while out.len() < limit {
             let (Some(k), Some(v)) = (it.key(), it.value()) else {
                 break;
             };
-            out.push((keys::decode_u64(k)?, decode_outbox_entry(db, v)?));
+            out.push((keys::decode_u64(k)?, decode_outbox_entry(&mut events, v)?));
             it.next();
         }
         it.status().map_err(map_err)?;

@@ -1266,16 +1266,33 @@ async fn an_event_outbox_entry_refers_to_the_log_and_whole_entries_still_read() 
         Some(keys::event_key(&billing, stored.sequence).as_slice()),
         "the entry is a reference, not a second copy of the event"
     );
-    // An entry as earlier versions wrote it, under the next sequence.
-    let whole = OutboxEntry::Event {
-        component: "billing".into(),
-        event: stored.clone(),
+    // Entries of two components interleaved: each is read from its own log.
+    let shop = ns("shop");
+    let other = s.append(&shop, event("order", b"o"), true).await.unwrap();
+    let again = s.append(&billing, event("paid", b"p"), true).await.unwrap();
+    let entry = |component: &str, event: &StoredEvent| OutboxEntry::Event {
+        component: component.into(),
+        event: event.clone(),
     };
-    db.put_cf(outbox, keys::u64_key(2), encode(&whole).unwrap())
-        .unwrap();
+    // An entry as earlier versions wrote it, under the next sequence.
+    db.put_cf(
+        outbox,
+        keys::u64_key(4),
+        encode(&entry("billing", &stored)).unwrap(),
+    )
+    .unwrap();
     assert_eq!(
         s.outbox_peek(0, 10).unwrap(),
-        vec![(1, whole.clone()), (2, whole)]
+        vec![
+            (1, entry("billing", &stored)),
+            (2, entry("shop", &other)),
+            (3, entry("billing", &again)),
+            (4, entry("billing", &stored)),
+        ]
+    );
+    assert_eq!(
+        s.outbox_peek(2, 1).unwrap(),
+        vec![(3, entry("billing", &again))]
     );
 }
 
