@@ -3,7 +3,8 @@
 //! Callers queue jobs; the thread takes every job queued while the previous
 //! group was written, runs them in order against a [`Txn`] (each job sees
 //! the writes of the jobs before it), writes the group as one `WriteBatch`
-//! with `sync = true` (each key once, with its last value), and only then
+//! with `sync = true` (each key once, with its last value; only a group of
+//! [`Committer::write_unsynced`] jobs skips the fsync), and only then
 //! completes each caller. N concurrent writers share one fsync. A group
 //! that added outbox entries wakes the forwarder once it is durable, whether
 //! or not its callers still wait.
@@ -55,10 +56,12 @@ where
 }
 
 /// A queued job; an `alone` job runs in a group of its own (see
-/// [`Committer::write_alone`]).
+/// [`Committer::write_alone`]); a `synced` one needs its group fsynced
+/// before it completes (all but [`Committer::write_unsynced`]).
 struct Queued {
     job: Box<dyn Job>,
     alone: bool,
+    synced: bool,
 }
 
 pub(crate) fn handle(db: &DB, cf: Cf) -> StoreResult<&ColumnFamily> {
@@ -115,7 +118,22 @@ impl Committer {
         R: Send + 'static,
         F: FnOnce(&mut Txn) -> StoreResult<R> + Send + 'static,
     {
-        self.enqueue(f, false)
+        self.enqueue(f, false, true)
+    }
+
+    /// Like [`Committer::write`], but the future resolves once `f`'s writes
+    /// are applied (readable, and in the WAL in the OS's cache, so they
+    /// survive the process being killed); they reach the disk with the next
+    /// synced group. A group made only of these skips the fsync. For writes
+    /// whose loss in a machine crash is harmless because they are redone
+    /// (removing outbox entries the region already has: they are sent
+    /// again and dropped as duplicates).
+    pub fn write_unsynced<R, F>(&self, f: F) -> WriteFuture<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut Txn) -> StoreResult<R> + Send + 'static,
+    {
+        self.enqueue(f, false, false)
     }
 
     /// Like [`Committer::write`], but `f` runs in a group of its own: every
@@ -127,10 +145,10 @@ impl Committer {
         R: Send + 'static,
         F: FnOnce(&mut Txn) -> StoreResult<R> + Send + 'static,
     {
-        self.enqueue(f, true)
+        self.enqueue(f, true, true)
     }
 
-    fn enqueue<R, F>(&self, f: F, alone: bool) -> WriteFuture<R>
+    fn enqueue<R, F>(&self, f: F, alone: bool, synced: bool) -> WriteFuture<R>
     where
         R: Send + 'static,
         F: FnOnce(&mut Txn) -> StoreResult<R> + Send + 'static,
@@ -144,7 +162,7 @@ impl Committer {
         let queued = self
             .queue
             .as_ref()
-            .is_some_and(|q| q.send(Queued { job, alone }).is_ok());
+            .is_some_and(|q| q.send(Queued { job, alone, synced }).is_ok());
         Box::pin(async move {
             if !queued {
                 return Err(StoreError::Unavailable("store is shut down".into()));
@@ -180,8 +198,9 @@ type Overlay = [HashMap<Vec<u8>, Option<Vec<u8>>, foldhash::fast::RandomState>; 
 /// was handed off, 8.6-8.9x when only groups staged for 50 µs or more were,
 /// and 9.8-10.0x when none was (same binary, interleaved).
 fn run(db: Arc<DB>, mut rx: mpsc::UnboundedReceiver<Queued>, outbox_signal: Arc<Notify>) {
-    let mut sync = WriteOptions::default();
-    sync.set_sync(true);
+    let mut synced = WriteOptions::default();
+    synced.set_sync(true);
+    let unsynced = WriteOptions::default();
     let mut jobs: Vec<Box<dyn Job>> = Vec::new();
     // A job that must run alone, taken off the queue while a group formed:
     // it starts the next group.
@@ -191,6 +210,7 @@ fn run(db: Arc<DB>, mut rx: mpsc::UnboundedReceiver<Queued>, outbox_signal: Arc<
     let mut tx = Txn::new(&db);
     while let Some(first) = held.take().or_else(|| rx.blocking_recv()) {
         let alone = first.alone;
+        let mut sync = first.synced;
         jobs.push(first.job);
         while !alone && jobs.len() < MAX_GROUP {
             match rx.try_recv() {
@@ -198,7 +218,10 @@ fn run(db: Arc<DB>, mut rx: mpsc::UnboundedReceiver<Queued>, outbox_signal: Arc<
                     held = Some(q);
                     break;
                 }
-                Ok(q) => jobs.push(q.job),
+                Ok(q) => {
+                    sync |= q.synced;
+                    jobs.push(q.job);
+                }
                 Err(_) => break,
             }
         }
@@ -206,7 +229,7 @@ fn run(db: Arc<DB>, mut rx: mpsc::UnboundedReceiver<Queued>, outbox_signal: Arc<
         for job in jobs.iter_mut() {
             job.run(&mut tx);
         }
-        let result = commit(&db, &tx.overlay, &sync);
+        let result = commit(&db, &tx.overlay, if sync { &synced } else { &unsynced });
         match &result {
             // Here, not in each writer's future: one wake-up per group, and
             // also for writes whose callers stopped waiting.
@@ -223,7 +246,7 @@ fn run(db: Arc<DB>, mut rx: mpsc::UnboundedReceiver<Queued>, outbox_signal: Arc<
 }
 
 /// Writes `overlay` as one batch.
-fn commit(db: &DB, overlay: &Overlay, sync: &WriteOptions) -> StoreResult<()> {
+fn commit(db: &DB, overlay: &Overlay, options: &WriteOptions) -> StoreResult<()> {
     let bytes: usize = overlay
         .iter()
         .flat_map(|m| m.iter())
@@ -251,7 +274,7 @@ fn commit(db: &DB, overlay: &Overlay, sync: &WriteOptions) -> StoreResult<()> {
             }
         }
     }
-    db.write_opt(batch, sync).map_err(map_err)
+    db.write_opt(batch, options).map_err(map_err)
 }
 
 /// The writes of one group, readable before they are committed.

@@ -434,7 +434,10 @@ impl Outbox for RocksStore {
     }
 
     fn outbox_ack(&self, through: u64) -> WriteFuture<()> {
-        self.inner.committer.write(move |tx: &mut Txn| {
+        // Unsynced: a removal lost in a machine crash resends entries the
+        // region drops as duplicates, and an ack alone in a group no longer
+        // holds the next writes up for an fsync of its own.
+        self.inner.committer.write_unsynced(move |tx: &mut Txn| {
             let acked_key = keys::meta_outbox_acked();
             let acked = tx.get_u64(Cf::Meta, &acked_key)?;
             let last = tx.get_u64(Cf::Meta, keys::meta_outbox_seq())?;

@@ -182,7 +182,11 @@ pub trait Outbox: Send + Sync + 'static {
     /// Up to `limit` entries with sequence > `after`, oldest first.
     fn outbox_peek(&self, after: u64, limit: usize) -> StoreResult<Vec<(u64, OutboxEntry)>>;
     /// Removes entries up to and including `through` (acknowledged by the
-    /// region). Durable when the future resolves.
+    /// region). Applied when the future resolves, and survives the process
+    /// being killed; it may not survive a machine crash until the next
+    /// durable write, in which case the entries are sent again (the region
+    /// drops them as duplicates by message id, consumers by origin and
+    /// outbox sequence).
     fn outbox_ack(&self, through: u64) -> WriteFuture<()>;
     /// Entries waiting (appended and not yet acknowledged); see the gaps
     /// note above.
