@@ -233,7 +233,7 @@ fn run(db: Arc<DB>, mut rx: mpsc::UnboundedReceiver<Queued>, outbox_signal: Arc<
         match &result {
             // Here, not in each writer's future: one wake-up per group, and
             // also for writes whose callers stopped waiting.
-            Ok(()) if tx.added_outbox_entries => outbox_signal.notify_one(),
+            Ok(()) if tx.adds_outbox_entries() => outbox_signal.notify_one(),
             Ok(()) => {}
             Err(e) => {
                 tracing::error!(error = %e, jobs = jobs.len(), "store write failed; callers get `unavailable`")
@@ -286,9 +286,6 @@ pub(crate) struct Txn<'a> {
     overlay: Overlay,
     /// Writes of the job now running; merged on success, dropped on error.
     staged: Vec<Op>,
-    /// Whether the group put a key in [`Cf::Outbox`] (acknowledgements only
-    /// delete there).
-    added_outbox_entries: bool,
 }
 
 /// A staged write. Keys are often constants (the node's counters), which
@@ -304,7 +301,6 @@ impl<'a> Txn<'a> {
             db,
             overlay: Default::default(),
             staged: Vec::new(),
-            added_outbox_entries: false,
         }
     }
 
@@ -312,7 +308,14 @@ impl<'a> Txn<'a> {
     fn clear(&mut self) {
         self.overlay.iter_mut().for_each(HashMap::clear);
         self.staged.clear();
-        self.added_outbox_entries = false;
+    }
+
+    /// Whether the group puts a key in [`Cf::Outbox`] (acknowledgements only
+    /// delete there).
+    fn adds_outbox_entries(&self) -> bool {
+        self.overlay[Cf::Outbox as usize]
+            .values()
+            .any(Option::is_some)
     }
 
     fn stage<R>(&mut self, f: impl FnOnce(&mut Txn) -> StoreResult<R>) -> StoreResult<R> {
@@ -326,10 +329,7 @@ impl<'a> Txn<'a> {
         if r.is_ok() {
             for op in self.staged.drain(..) {
                 let (cf, k, v) = match op {
-                    Op::Put(cf, k, v) => {
-                        self.added_outbox_entries |= cf == Cf::Outbox;
-                        (cf, k, Some(v))
-                    }
+                    Op::Put(cf, k, v) => (cf, k, Some(v)),
                     Op::Delete(cf, k) => (cf, k, None),
                 };
                 // A key the group wrote before (a counter) keeps its entry.
