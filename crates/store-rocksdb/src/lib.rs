@@ -147,29 +147,11 @@ pub(crate) fn encode<T: Serialize>(v: &T) -> StoreResult<Vec<u8>> {
     })
 }
 
-/// The encoding of a struct (or struct variant) whose last field is already
-/// encoded (`encoded_tail`, from [`encode`]): postcard writes fields in
-/// order, with nothing after the last one, so it is `head` (the fields
-/// before, encoded within `head_bytes`) followed by the tail's bytes.
-fn encode_with_tail(
-    head: &impl Serialize,
-    head_bytes: usize,
-    encoded_tail: &[u8],
-) -> StoreResult<Vec<u8>> {
-    let tail = encoded_tail
-        .strip_prefix(&[FORMAT_V1])
-        .ok_or_else(|| StoreError::Internal("encoding without its version".into()))?;
-    let mut out = Vec::with_capacity(1 + head_bytes + tail.len());
-    out.push(FORMAT_V1);
-    let mut out =
-        postcard::to_extend(head, out).map_err(|e| StoreError::Internal(format!("encode: {e}")))?;
-    out.extend_from_slice(tail);
-    Ok(out)
-}
-
 /// The encoding of a [`StoredEvent`] (as [`encode`]), given the encoding of
 /// its `data`, its last field: the data is encoded on the caller's thread
-/// and only copied on the committer.
+/// and only copied on the committer. Postcard writes fields in order, with
+/// nothing after the last one, so this is the head (the fields before)
+/// followed by the data's bytes.
 fn encode_event_record(
     id: &str,
     sequence: u64,
@@ -196,7 +178,15 @@ fn encode_event_record(
     // Four string lengths and three integers, each a varint of at most 10
     // bytes.
     let head_bytes = 70 + id.len() + node.edge.len() + node.region.len() + at.node.len();
-    encode_with_tail(&head, head_bytes, encoded_data)
+    let data = encoded_data
+        .strip_prefix(&[FORMAT_V1])
+        .ok_or_else(|| StoreError::Internal("encoding without its version".into()))?;
+    let mut out = Vec::with_capacity(1 + head_bytes + data.len());
+    out.push(FORMAT_V1);
+    let mut out = postcard::to_extend(&head, out)
+        .map_err(|e| StoreError::Internal(format!("encode: {e}")))?;
+    out.extend_from_slice(data);
+    Ok(out)
 }
 
 /// First byte of an outbox value that refers to an event in the log
