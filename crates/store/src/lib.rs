@@ -23,7 +23,8 @@ use std::pin::Pin;
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
-/// A durable write in flight: resolves once the write is fsynced (or failed).
+/// A durable write in flight: resolves once the write is fsynced (or failed;
+/// [`Outbox::outbox_ack`] says where it resolves earlier).
 /// The write is queued when the method returning it is called, so writes
 /// take effect in call order whichever future is awaited first (user
 /// erasure, which first searches on a thread, is the one exception).
