@@ -1,29 +1,37 @@
-//! Group commit: one thread owns all writes.
+//! Group commit: callers stage, one thread writes.
 //!
-//! Callers queue jobs; the thread takes every job queued while the previous
-//! group was written, runs them in order against a [`Txn`] (each job sees
-//! the writes of the jobs before it), writes the group as one `WriteBatch`
+//! A writer runs its job on its own thread, under the committer's lock,
+//! against the *open* group's [`Txn`] (each job sees the writes of every
+//! job before it, including the group being written right now). The
+//! committer thread takes the open group, writes it as one `WriteBatch`
 //! with `sync = true` (each key once, with its last value; only a group of
 //! [`Committer::write_unsynced`] jobs skips the fsync), and only then
-//! completes each caller. N concurrent writers share one fsync. A group
-//! that added outbox entries wakes the forwarder once it is durable, whether
-//! or not its callers still wait.
+//! completes each caller. N concurrent writers share one fsync, and the
+//! next group is staged while this one is fsynced. A group that added
+//! outbox entries wakes the forwarder once it is durable, whether or not
+//! its callers still wait.
+//!
+//! A job that must see the database quiet ([`Committer::write_alone`]) is
+//! queued instead, and so is every job called after it until it is
+//! written: queued jobs run on the committer thread, in call order.
 
 use crate::{Cf, map_err};
 use keel_store::{StoreError, StoreResult, WriteFuture};
 use rocksdb::{ColumnFamily, DB, WriteBatch, WriteOptions};
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
-use tokio::sync::{Notify, mpsc, oneshot};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use tokio::sync::{Notify, oneshot};
 
-/// Most jobs in one group: bounds the latency of the first job in a group.
-const MAX_GROUP: usize = 1024;
+/// Most queued jobs the committer runs in one group: bounds the latency of
+/// the first. (Groups staged by their callers are bounded by the writers in
+/// flight.)
+const MAX_QUEUED_GROUP: usize = 1024;
 
-/// One queued write: runs on the committer thread against the group's
-/// [`Txn`], then learns whether the group committed. One allocation per
-/// write.
+/// One write: runs against a group's [`Txn`] (on its caller's thread, or
+/// on the committer's if it was queued), then learns whether the group
+/// committed. One allocation per write.
 trait Job: Send {
     fn run(&mut self, tx: &mut Txn);
     fn complete(self: Box<Self>, commit: StoreResult<()>);
@@ -55,7 +63,7 @@ where
     }
 }
 
-/// A queued job; an `alone` job runs in a group of its own (see
+/// A job not run yet; an `alone` one runs in a group of its own (see
 /// [`Committer::write_alone`]); a `synced` one needs its group fsynced
 /// before it completes (all but [`Committer::write_unsynced`]).
 struct Queued {
@@ -64,26 +72,74 @@ struct Queued {
     synced: bool,
 }
 
+/// Jobs that have run, and their writes, waiting to be written together.
+#[derive(Default)]
+struct Group {
+    overlay: Overlay,
+    jobs: Vec<Box<dyn Job>>,
+    /// Whether any job needs the group fsynced.
+    synced: bool,
+}
+
+struct State {
+    /// Staged by callers, on top of `in_flight`; the committer takes it
+    /// whole once the group in flight is written.
+    open: Group,
+    /// Jobs not run yet, in call order, for the committer to run. While
+    /// any wait here or run (`running_queued`), callers queue theirs too:
+    /// staging before them would reorder writes.
+    queued: VecDeque<Queued>,
+    running_queued: bool,
+    /// The group being written: not in the database yet, so jobs staged
+    /// meanwhile read it below their own group.
+    in_flight: Option<Arc<Overlay>>,
+    /// A job's writes until it succeeds (see [`Txn::stage`]); kept for its
+    /// capacity.
+    scratch: Vec<Op>,
+    committer_waiting: bool,
+    shut_down: bool,
+}
+
+/// See `Shared::fault`.
+#[cfg(test)]
+type Fault = Box<dyn FnMut() -> StoreResult<()> + Send>;
+
+struct Shared {
+    db: Arc<DB>,
+    state: Mutex<State>,
+    /// Wakes the committer when it waits for work.
+    work: Condvar,
+    /// Runs before each group's write; an error fails the group as a
+    /// failed write would.
+    #[cfg(test)]
+    fault: Mutex<Option<Fault>>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Jobs run under the lock with their panics caught (`Txn::stage`),
+        // and nothing else under it can leave the state half-changed.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
 pub(crate) fn handle(db: &DB, cf: Cf) -> StoreResult<&ColumnFamily> {
     db.cf_handle(cf.name())
         .ok_or_else(|| StoreError::Internal(format!("column family {} missing", cf.name())))
 }
 
 pub(crate) struct Committer {
-    /// `None` only while dropping. Unbounded: every writer awaits its write,
-    /// so the queue never holds more than the writers in flight (requests,
-    /// sync and coordination tasks), and queuing never waits — a write is
-    /// queued when it is called, which is what orders writes (see
-    /// [`Committer::write`]).
-    queue: Option<mpsc::UnboundedSender<Queued>>,
+    shared: Arc<Shared>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Drop for Committer {
-    /// Closes the queue and waits for the last group, so the database is
-    /// closed (and its lock released) when the store is dropped.
+    /// Refuses new writes and waits for every write called before, so the
+    /// database is closed (and its lock released) when the store is
+    /// dropped.
     fn drop(&mut self) {
-        self.queue.take();
+        self.shared.lock().shut_down = true;
+        self.shared.work.notify_one();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -97,22 +153,39 @@ impl Committer {
         for cf in Cf::ALL {
             handle(&db, cf)?;
         }
-        let (queue, rx) = mpsc::unbounded_channel();
-        let thread = std::thread::Builder::new()
-            .name("keel-store-commit".into())
-            .spawn(move || run(db, rx, outbox_signal))
-            .map_err(|e| StoreError::Unavailable(format!("cannot start committer: {e}")))?;
+        let shared = Arc::new(Shared {
+            db,
+            state: Mutex::new(State {
+                open: Group::default(),
+                queued: VecDeque::new(),
+                running_queued: false,
+                in_flight: None,
+                scratch: Vec::new(),
+                committer_waiting: false,
+                shut_down: false,
+            }),
+            work: Condvar::new(),
+            #[cfg(test)]
+            fault: Mutex::new(None),
+        });
+        let thread = {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("keel-store-commit".into())
+                .spawn(move || run(&shared, &outbox_signal))
+                .map_err(|e| StoreError::Unavailable(format!("cannot start committer: {e}")))?
+        };
         Ok(Committer {
-            queue: Some(queue),
+            shared,
             thread: Some(thread),
         })
     }
 
-    /// Queues `f` for the committer thread *now* (not when the future is
-    /// first polled): writes run in the order of these calls, whichever of
-    /// their futures is awaited first. The future resolves after `f`'s
-    /// writes are synced. If `f` fails, its writes are discarded and the
-    /// others of the group still commit.
+    /// Runs `f` *now*, on this thread (or queues it, see the module doc):
+    /// writes run in the order of these calls, whichever of their futures
+    /// is awaited first. The future resolves after `f`'s writes are synced.
+    /// If `f` fails, its writes are discarded and the others of the group
+    /// still commit. `f` must not write through the committer itself.
     pub fn write<R, F>(&self, f: F) -> WriteFuture<R>
     where
         R: Send + 'static,
@@ -136,10 +209,11 @@ impl Committer {
         self.enqueue(f, false, false)
     }
 
-    /// Like [`Committer::write`], but `f` runs in a group of its own: every
-    /// job queued before it is committed first, so what `f` reads straight
-    /// from the database (iterators, [`Txn::db`]) is the current state, not
-    /// only the state before the group. For jobs that scan.
+    /// Like [`Committer::write`], but `f` runs on the committer thread in a
+    /// group of its own: every write called before it is committed first,
+    /// so what `f` reads straight from the database (iterators,
+    /// [`Txn::db`]) is the current state, not only the state before the
+    /// group. For jobs that scan.
     pub fn write_alone<R, F>(&self, f: F) -> WriteFuture<R>
     where
         R: Send + 'static,
@@ -148,25 +222,46 @@ impl Committer {
         self.enqueue(f, true, true)
     }
 
+    /// Runs `fault` before each group's write from now on (tests only).
+    #[cfg(test)]
+    pub fn inject_fault(&self, fault: impl FnMut() -> StoreResult<()> + Send + 'static) {
+        *self.shared.fault.lock().unwrap() = Some(Box::new(fault));
+    }
+
     fn enqueue<R, F>(&self, f: F, alone: bool, synced: bool) -> WriteFuture<R>
     where
         R: Send + 'static,
         F: FnOnce(&mut Txn) -> StoreResult<R> + Send + 'static,
     {
         let (done, result) = oneshot::channel();
-        let job = Box::new(Write {
+        let mut job: Box<dyn Job> = Box::new(Write {
             f: Some(f),
             result: None,
             done,
         });
-        let queued = self
-            .queue
-            .as_ref()
-            .is_some_and(|q| q.send(Queued { job, alone, synced }).is_ok());
+        let mut guard = self.shared.lock();
+        let st = &mut *guard;
+        if st.shut_down {
+            return crate::ready(Err(StoreError::Unavailable("store is shut down".into())));
+        }
+        if alone || st.running_queued || !st.queued.is_empty() {
+            st.queued.push_back(Queued { job, alone, synced });
+        } else {
+            let mut tx = Txn {
+                db: &self.shared.db,
+                overlay: &mut st.open.overlay,
+                below: st.in_flight.as_deref(),
+                staged: &mut st.scratch,
+            };
+            job.run(&mut tx);
+            st.open.jobs.push(job);
+            st.open.synced |= synced;
+        }
+        if std::mem::take(&mut st.committer_waiting) {
+            self.shared.work.notify_one();
+        }
+        drop(guard);
         Box::pin(async move {
-            if !queued {
-                return Err(StoreError::Unavailable("store is shut down".into()));
-            }
             result
                 .await
                 .map_err(|_| StoreError::Unavailable("store writer stopped".into()))?
@@ -178,71 +273,129 @@ impl Committer {
 /// wrote to each key, `None` for a delete.
 ///
 /// foldhash, not SipHash: several lookups and inserts per write on the
-/// committer's hot path; foldhash is seeded per process.
+/// hot path; foldhash is seeded per process.
 type Overlay = [HashMap<Vec<u8>, Option<Vec<u8>>, foldhash::fast::RandomState>; Cf::ALL.len()];
 
-/// Takes every job queued while the previous group was written (up to
-/// [`MAX_GROUP`]), runs them in order against one [`Txn`], writes the group
-/// as one batch with `sync = true` and only then completes each caller.
+/// Whether a group puts a key in [`Cf::Outbox`] (acknowledgements only
+/// delete there).
+fn adds_outbox_entries(overlay: &Overlay) -> bool {
+    overlay[Cf::Outbox as usize].values().any(Option::is_some)
+}
+
+/// The committer thread: takes the open group (or runs the queued jobs),
+/// writes it as one batch with `sync = true` and only then completes each
+/// caller; meanwhile callers stage the next group on top of it.
 ///
-/// One thread on purpose: a second one that staged the next group while
-/// this one was written (tried in session 12) raised in-process event
-/// appends with 64 writers from 95-102k to 135-145k events/s (heavy
-/// staging: encoding, three counters per event) but cut guest counter
-/// increments by about a quarter (111-160k to 88-119k ops/s): smaller
-/// groups, more fsyncs and two more thread hand-offs on a guest's
-/// latency-bound write path. Tried again in session 14, after events were
-/// encoded on the caller's thread: handing a group to a sync thread and
-/// staging the jobs that arrive meanwhile into the next one, with 64
-/// in-process writers, gave 7.8-8.0x one fsync per event when every group
-/// was handed off, 8.6-8.9x when only groups staged for 50 µs or more were,
-/// and 9.8-10.0x when none was (same binary, interleaved).
-fn run(db: Arc<DB>, mut rx: mpsc::UnboundedReceiver<Queued>, outbox_signal: Arc<Notify>) {
+/// Earlier designs, measured (BENCHMARKS.md, sessions 12-16): the
+/// committer ran every job itself, so a group's staging (~3 µs per event)
+/// and its fsync took turns; a second thread that wrote a group while the
+/// committer staged the next cost two thread hand-offs per group, which
+/// ate the overlap. Staging on the callers' threads overlaps the two
+/// without a hand-off: the committer takes the next group as soon as it is
+/// done with one.
+fn run(shared: &Shared, outbox_signal: &Notify) {
+    let db = &*shared.db;
     let mut synced = WriteOptions::default();
     synced.set_sync(true);
     let unsynced = WriteOptions::default();
-    let mut jobs: Vec<Box<dyn Job>> = Vec::new();
-    // A job that must run alone, taken off the queue while a group formed:
-    // it starts the next group.
-    let mut held: Option<Queued> = None;
-    // One for the thread's life: a group starts with the maps and buffers
-    // the last one grew, not with empty ones.
-    let mut tx = Txn::new(&db);
-    while let Some(first) = held.take().or_else(|| rx.blocking_recv()) {
-        let alone = first.alone;
-        let mut sync = first.synced;
-        jobs.push(first.job);
-        while !alone && jobs.len() < MAX_GROUP {
-            match rx.try_recv() {
-                Ok(q) if q.alone => {
-                    held = Some(q);
-                    break;
+    // The last written group's maps, so the next starts with their
+    // capacity; and the scratch writes of the queued jobs run here.
+    let mut spare = Group::default();
+    let mut scratch = Vec::new();
+    let mut st = shared.lock();
+    loop {
+        let group = if !st.open.jobs.is_empty() {
+            std::mem::replace(&mut st.open, std::mem::take(&mut spare))
+        } else if let Some(first) = st.queued.pop_front() {
+            let mut jobs = vec![first];
+            while !jobs[0].alone && jobs.len() < MAX_QUEUED_GROUP {
+                match st.queued.front() {
+                    Some(q) if !q.alone => jobs.extend(st.queued.pop_front()),
+                    _ => break,
                 }
-                Ok(q) => {
-                    sync |= q.synced;
-                    jobs.push(q.job);
-                }
-                Err(_) => break,
             }
-        }
-        tx.clear();
-        for job in jobs.iter_mut() {
-            job.run(&mut tx);
-        }
-        let result = commit(&db, &tx.overlay, if sync { &synced } else { &unsynced });
+            st.running_queued = true;
+            drop(st);
+            // Nothing is in flight and nothing staged: the database is
+            // current.
+            let mut group = std::mem::take(&mut spare);
+            let mut tx = Txn {
+                db,
+                overlay: &mut group.overlay,
+                below: None,
+                staged: &mut scratch,
+            };
+            for mut q in jobs {
+                q.job.run(&mut tx);
+                group.jobs.push(q.job);
+                group.synced |= q.synced;
+            }
+            st = shared.lock();
+            st.running_queued = false;
+            group
+        } else if st.shut_down {
+            return;
+        } else {
+            st.committer_waiting = true;
+            st = shared.work.wait(st).unwrap_or_else(PoisonError::into_inner);
+            st.committer_waiting = false;
+            continue;
+        };
+        let Group {
+            overlay,
+            mut jobs,
+            synced: sync,
+        } = group;
+        let overlay = Arc::new(overlay);
+        st.in_flight = Some(overlay.clone());
+        drop(st);
+        let result = injected_fault(shared)
+            .and_then(|()| commit(db, &overlay, if sync { &synced } else { &unsynced }));
         match &result {
             // Here, not in each writer's future: one wake-up per group, and
             // also for writes whose callers stopped waiting.
-            Ok(()) if tx.adds_outbox_entries() => outbox_signal.notify_one(),
+            Ok(()) if adds_outbox_entries(&overlay) => outbox_signal.notify_one(),
             Ok(()) => {}
             Err(e) => {
                 tracing::error!(error = %e, jobs = jobs.len(), "store write failed; callers get `unavailable`")
             }
         }
+        st = shared.lock();
+        st.in_flight = None;
+        // Jobs staged meanwhile read this group's writes: they fail with it.
+        let staged_on_failed = match result {
+            Ok(()) => None,
+            Err(_) => Some(std::mem::take(&mut st.open)),
+        };
+        drop(st);
         for job in jobs.drain(..) {
             job.complete(result.clone());
         }
+        for job in staged_on_failed.into_iter().flat_map(|g| g.jobs) {
+            job.complete(result.clone());
+        }
+        // Callers only read `in_flight` under the lock, and it is unset.
+        let mut overlay = Arc::try_unwrap(overlay).unwrap_or_default();
+        overlay.iter_mut().for_each(HashMap::clear);
+        spare = Group {
+            overlay,
+            jobs,
+            synced: false,
+        };
+        st = shared.lock();
     }
+}
+#[cfg(test)]
+fn injected_fault(shared: &Shared) -> StoreResult<()> {
+    match shared.fault.lock().unwrap().as_mut() {
+        Some(fault) => fault(),
+        None => Ok(()),
+    }
+}
+
+#[cfg(not(test))]
+fn injected_fault(_: &Shared) -> StoreResult<()> {
+    Ok(())
 }
 
 /// Writes `overlay` as one batch.
@@ -283,9 +436,11 @@ pub(crate) struct Txn<'a> {
     /// The group's writes so far. Written as one batch, so a key the group
     /// writes many times (a sequence counter, a CRDT saved after each of
     /// many increments) costs one write.
-    overlay: Overlay,
+    overlay: &'a mut Overlay,
+    /// The group being written meanwhile, if any: not in `db` yet.
+    below: Option<&'a Overlay>,
     /// Writes of the job now running; merged on success, dropped on error.
-    staged: Vec<Op>,
+    staged: &'a mut Vec<Op>,
 }
 
 /// A staged write. Keys are often constants (the node's counters), which
@@ -296,28 +451,6 @@ enum Op {
 }
 
 impl<'a> Txn<'a> {
-    fn new(db: &'a DB) -> Self {
-        Txn {
-            db,
-            overlay: Default::default(),
-            staged: Vec::new(),
-        }
-    }
-
-    /// Empties the group, keeping its capacity.
-    fn clear(&mut self) {
-        self.overlay.iter_mut().for_each(HashMap::clear);
-        self.staged.clear();
-    }
-
-    /// Whether the group puts a key in [`Cf::Outbox`] (acknowledgements only
-    /// delete there).
-    fn adds_outbox_entries(&self) -> bool {
-        self.overlay[Cf::Outbox as usize]
-            .values()
-            .any(Option::is_some)
-    }
-
     fn stage<R>(&mut self, f: impl FnOnce(&mut Txn) -> StoreResult<R>) -> StoreResult<R> {
         self.staged.clear();
         // Jobs are our own code, but they handle guest data: a bug must fail
@@ -345,7 +478,8 @@ impl<'a> Txn<'a> {
         r
     }
 
-    /// Current value: this job's writes, then the group's, then the database.
+    /// Current value: this job's writes, then the group's, then the group
+    /// being written, then the database.
     pub fn get(&self, cf: Cf, key: &[u8]) -> StoreResult<Option<Vec<u8>>> {
         self.with_value(cf, key, |v| v.map(<[u8]>::to_vec))
     }
@@ -368,6 +502,9 @@ impl<'a> Txn<'a> {
         if let Some(v) = self.overlay[cf as usize].get(key) {
             return Ok(f(v.as_deref()));
         }
+        if let Some(v) = self.below.and_then(|b| b[cf as usize].get(key)) {
+            return Ok(f(v.as_deref()));
+        }
         let v = self
             .db
             .get_pinned_cf(handle(self.db, cf)?, key)
@@ -375,9 +512,10 @@ impl<'a> Txn<'a> {
         Ok(f(v.as_deref()))
     }
 
-    /// The database as committed before this group. Inside a
-    /// [`Committer::write_alone`] job that is the current state, apart from
-    /// the job's own writes.
+    /// The database as committed so far: without this group's writes nor
+    /// those of the group being written meanwhile. Inside a
+    /// [`Committer::write_alone`] job nothing else is in flight: it is the
+    /// current state, apart from the job's own writes.
     pub fn db(&self) -> &'a DB {
         self.db
     }
@@ -386,9 +524,9 @@ impl<'a> Txn<'a> {
         self.with_value(cf, key, |v| v.map_or(Ok(0), crate::keys::decode_u64))?
     }
 
-    /// Up to `max` keys starting with `prefix`, ascending, as committed
-    /// before this group (this group's own writes are not seen: check each
-    /// key with [`Txn::get`] before acting on it).
+    /// Up to `max` keys starting with `prefix`, ascending, as committed so
+    /// far (the writes of this group and of the one being written are not
+    /// seen: check each key with [`Txn::get`] before acting on it).
     pub fn committed_keys(&self, cf: Cf, prefix: &[u8], max: usize) -> StoreResult<Vec<Vec<u8>>> {
         let mut it = self.db.raw_iterator_cf(handle(self.db, cf)?);
         it.seek(prefix);

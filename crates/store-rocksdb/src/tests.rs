@@ -1336,3 +1336,97 @@ fn an_event_record_spliced_from_its_data_is_the_events_encoding() {
         assert_eq!(decode::<StoredEvent>(&spliced).unwrap(), stored);
     }
 }
+
+/// A write staged while the group below it is being written reads that
+/// group's writes, so when that group fails it must fail too, even though
+/// its own group's write would succeed.
+#[tokio::test]
+async fn a_write_staged_on_a_group_that_fails_fails_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = RocksStore::open(dir.path(), options(false)).unwrap();
+    let committer = &s.inner.committer;
+    let (entered_tx, entered) = std::sync::mpsc::channel();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let mut first = true;
+    committer.inject_fault(move || {
+        if !std::mem::take(&mut first) {
+            return Ok(());
+        }
+        entered_tx.send(()).unwrap();
+        released.recv().unwrap();
+        Err(StoreError::Unavailable("injected write failure".into()))
+    });
+    let key = b"test/k".to_vec();
+    let below = {
+        let key = key.clone();
+        committer.write(move |tx| {
+            tx.put(Cf::Meta, key, b"1".to_vec());
+            Ok(())
+        })
+    };
+    // The committer is now writing `below`.
+    entered.recv().unwrap();
+    let on_top = {
+        let key = key.clone();
+        committer.write(move |tx| {
+            let seen = tx.get(Cf::Meta, &key)?;
+            tx.put(Cf::Meta, key, b"2".to_vec());
+            Ok(seen)
+        })
+    };
+    release.send(()).unwrap();
+    assert!(matches!(below.await, Err(StoreError::Unavailable(_))));
+    assert!(
+        matches!(on_top.await, Err(StoreError::Unavailable(_))),
+        "a write staged on a failed group is not acknowledged"
+    );
+    let after = {
+        let key = key.clone();
+        committer.write(move |tx| tx.get(Cf::Meta, &key))
+    };
+    assert_eq!(after.await.unwrap(), None, "neither write is visible");
+    drop(s);
+    let s = RocksStore::open(dir.path(), options(false)).unwrap();
+    let read = s.inner.committer.write(move |tx| tx.get(Cf::Meta, &key));
+    assert_eq!(read.await.unwrap(), None, "neither write reached the disk");
+}
+
+/// A `write_alone` job reads the database with every write called before
+/// it committed, and every write called after it runs after it, whichever
+/// future is awaited first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_around_a_write_alone_stay_in_call_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = RocksStore::open(dir.path(), options(false)).unwrap();
+    let committer = &s.inner.committer;
+    let key = b"test/k".to_vec();
+    for round in 0..200u32 {
+        let put = |value: String| {
+            let key = key.clone();
+            move |tx: &mut Txn| {
+                let seen = tx.get(Cf::Meta, &key)?;
+                tx.put(Cf::Meta, key, value.into_bytes());
+                Ok(seen)
+            }
+        };
+        let before = committer.write(put(format!("{round}-before")));
+        let alone = {
+            let key = key.clone();
+            committer.write_alone(move |tx| {
+                let db = tx.db();
+                let committed = db
+                    .get_cf(committer::handle(db, Cf::Meta)?, &key)
+                    .map_err(map_err)?;
+                tx.put(Cf::Meta, key, format!("{round}-alone").into_bytes());
+                Ok(committed)
+            })
+        };
+        let after = committer.write(put(format!("{round}-after")));
+        let want = |s: &str| Some(format!("{round}-{s}").into_bytes());
+        assert_eq!(after.await.unwrap(), want("alone"));
+        assert_eq!(alone.await.unwrap(), want("before"), "seen in the database");
+        before.await.unwrap();
+    }
+    let last = committer.write(move |tx| tx.get(Cf::Meta, &key));
+    assert_eq!(last.await.unwrap(), Some(b"199-after".to_vec()));
+}
