@@ -3,13 +3,13 @@
 //! writes to the region, and [`keel_store::UserDataStore`] (erasing and
 //! exporting one user's data, `erase.rs`).
 //!
-//! Durability: every write goes through one committer thread that drains
-//! all writes queued while the previous fsync ran, applies them as one
-//! `WriteBatch` and syncs the WAL once (group commit). A caller's future
-//! resolves only after that sync. Read-modify-write operations (CAS, event
-//! sequence numbers, state versions) run on the committer, so they are
-//! atomic without locks; they read through the uncommitted writes of their
-//! group.
+//! Durability: every write is a job staged into the committer's open group
+//! (on the caller's thread, under the committer's lock); one committer
+//! thread writes each group as one `WriteBatch` and syncs the WAL once
+//! (group commit), while the next group stages. A caller's future resolves
+//! only after that sync. Read-modify-write operations (CAS, event sequence
+//! numbers, state versions) are jobs, so they are atomic without further
+//! locks; they read through the uncommitted writes before them.
 
 mod committer;
 mod erase;
@@ -148,8 +148,8 @@ pub(crate) fn encode<T: Serialize>(v: &T) -> StoreResult<Vec<u8>> {
 }
 
 /// The encoding of a [`StoredEvent`] (as [`encode`]), given the encoding of
-/// its `data`, its last field: the data is encoded on the caller's thread
-/// and only copied on the committer. Postcard writes fields in order, with
+/// its `data`, its last field: the data is encoded before the job and only
+/// copied in it, under the committer's lock. Postcard writes fields in order, with
 /// nothing after the last one, so this is the head (the fields before)
 /// followed by the data's bytes.
 fn encode_event_record(
@@ -767,10 +767,10 @@ impl EventLog for RocksStore {
                 return ready(Err(StoreError::Invalid(msg)));
             }
         }
-        // Only what must be ordered runs on the committer (sequences, the
-        // HLC stamp, the record's head); each event's data is encoded here,
-        // on the caller's thread, and the returned events are assembled
-        // back here too.
+        // Only what must be ordered runs in the job, under the committer's
+        // lock (sequences, the HLC stamp, the record's head); each event's
+        // data is encoded before it, and the returned events are assembled
+        // after it.
         let bodies = match events.iter().map(encode).collect::<StoreResult<Vec<_>>>() {
             Ok(b) => b,
             Err(e) => return ready(Err(e)),
@@ -786,7 +786,7 @@ impl EventLog for RocksStore {
             for body in &bodies {
                 sequence += 1;
                 let node_seq = next_node_seq(tx)?;
-                // Stamped on the committer: HLC order equals log order.
+                // Stamped in the job: HLC order equals log order.
                 let at = stamp(&inner)?;
                 let id = node_write_id(&inner.node.edge, node_seq);
                 let encoded = encode_event_record(&id, sequence, &inner.node, &at, body)?;
