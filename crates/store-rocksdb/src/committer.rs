@@ -351,14 +351,8 @@ fn run(shared: &Shared, outbox_signal: &Notify) {
         drop(st);
         let result = injected_fault(shared)
             .and_then(|()| commit(db, &overlay, if sync { &synced } else { &unsynced }));
-        match &result {
-            // Here, not in each writer's future: one wake-up per group, and
-            // also for writes whose callers stopped waiting.
-            Ok(()) if adds_outbox_entries(&overlay) => outbox_signal.notify_one(),
-            Ok(()) => {}
-            Err(e) => {
-                tracing::error!(error = %e, jobs = jobs.len(), "store write failed; callers get `unavailable`")
-            }
+        if let Err(e) = &result {
+            tracing::error!(error = %e, jobs = jobs.len(), "store write failed; callers get `unavailable`");
         }
         st = shared.lock();
         st.in_flight = None;
@@ -373,6 +367,12 @@ fn run(shared: &Shared, outbox_signal: &Notify) {
         }
         for job in staged_on_failed.into_iter().flat_map(|g| g.jobs) {
             job.complete(result.clone());
+        }
+        // Here, not in each writer's future: one wake-up per group, and also
+        // for writes whose callers stopped waiting. After the callers, so
+        // their threads wake first (the forwarder's work can wait).
+        if result.is_ok() && adds_outbox_entries(&overlay) {
+            outbox_signal.notify_one();
         }
         // Callers only read `in_flight` under the lock, and it is unset.
         let mut overlay = Arc::try_unwrap(overlay).unwrap_or_default();
