@@ -9,7 +9,9 @@
 #    record-local-event, fsynced before the response; baseline: the probe's
 #    /edge/node, no store call), with one request in flight (the operation's
 #    latency) and with 8 (the box saturated: wrk shares its 2 cores, so
-#    that p99 is mostly queueing).
+#    that p99 is mostly queueing). Last row: the disk's own fdatasync
+#    latency with the idle gap of a request in flight (edge-bench
+#    fsync-latency), the floor under the durable write's p99.
 #
 # Usage: benches/edge.sh [SECONDS]   (default 3)
 set -euo pipefail
@@ -69,3 +71,4 @@ for c in 1 8; do
   lat "get-local-state" "$c" "$BASE/edge/state/k"
   lat "record-local-event (fsynced)" "$c" "$BASE/edge/event" "$WORK/post.lua"
 done
+"$TARGET_DIR/release/edge-bench" fsync-latency 3000 300

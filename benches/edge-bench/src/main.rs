@@ -11,6 +11,12 @@
 //! Each row alternates keel and its baseline for [`ROUNDS`] rounds.
 //!
 //! Usage: edge-bench <keel-binary> <edge-probe.wasm> [seconds per side per round, default 1]
+//!
+//! `edge-bench fsync-latency <appends> <gap-µs>` prints instead the baseline
+//! of a durable write's latency with one request in flight: `fdatasync` of
+//! one 300 B append at a time, `gap` apart (the time a request spends
+//! elsewhere). An idle thread waiting on the disk wakes later than a busy
+//! one, so the disk's own tail depends on that gap.
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -33,6 +39,11 @@ const ROUNDS: usize = 5;
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("fsync-latency") {
+        let appends: usize = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(3000);
+        let gap: u64 = args.get(3).map(|s| s.parse()).transpose()?.unwrap_or(300);
+        return fsync_latency(appends, Duration::from_micros(gap));
+    }
     anyhow::ensure!(
         args.len() >= 3,
         "usage: edge-bench <keel-binary> <edge-probe.wasm> [seconds per side per round]"
@@ -262,6 +273,32 @@ async fn store_sql_query(dir: &Path, window: Duration) -> anyhow::Result<f64> {
         ops += 1000;
     }
     Ok(ops as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Prints p50 / p99 of `fdatasync` after appending 300 B, one append every
+/// `gap`, as a row of `benches/edge.sh`'s latency table.
+fn fsync_latency(appends: usize, gap: Duration) -> anyhow::Result<()> {
+    use std::io::Write;
+    let dir = tempfile::tempdir()?;
+    let mut file = std::fs::File::create(dir.path().join("appends"))?;
+    let mut took = Vec::with_capacity(appends);
+    for _ in 0..appends {
+        file.write_all(&[7u8; 300])?;
+        let started = Instant::now();
+        file.sync_data()?;
+        took.push(started.elapsed());
+        // The workload's think time, not a synchronisation.
+        std::thread::sleep(gap);
+    }
+    took.sort();
+    let at = |q: f64| took[((took.len() as f64 * q) as usize).min(took.len() - 1)];
+    println!(
+        "| baseline: `fdatasync` of a 300 B append, one every {} µs | 1 | | {}us | {}us |",
+        gap.as_micros(),
+        at(0.5).as_micros(),
+        at(0.99).as_micros()
+    );
+    Ok(())
 }
 
 fn native_fsync_per_event(dir: &Path, window: Duration) -> anyhow::Result<f64> {
