@@ -84,7 +84,7 @@ pub trait EventLog: Send + Sync + 'static {
     /// Appends `events` in one atomic write (all or none), each with the
     /// next sequence. With `forward` (on a forwarding node) they are queued
     /// for the region in the same write; the result then carries the outbox
-    /// sequence of the last one (see [`Outbox::outbox_acked`]).
+    /// sequence of the last one (see [`Outbox::outbox_positions`]).
     fn append_batch(
         &self,
         ns: &Namespace,
