@@ -149,9 +149,9 @@ pub(crate) fn encode<T: Serialize>(v: &T) -> StoreResult<Vec<u8>> {
 
 /// The encoding of a [`StoredEvent`] (as [`encode`]), given the encoding of
 /// its `data`, its last field: the data is encoded before the job and only
-/// copied in it, under the committer's lock. Postcard writes fields in order, with
-/// nothing after the last one, so this is the head (the fields before)
-/// followed by the data's bytes.
+/// copied in it, under the committer's lock. Postcard writes fields in
+/// order, with nothing after the last one, so this is the head (the fields
+/// before) followed by the data's bytes.
 fn encode_event_record(
     id: &str,
     sequence: u64,
