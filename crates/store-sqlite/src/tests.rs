@@ -1298,3 +1298,20 @@ async fn guests_still_cannot_turn_secure_delete_off() {
         .unwrap();
     assert_eq!(on, 1);
 }
+
+#[tokio::test]
+async fn the_wal_index_is_shared_in_memory_between_writer_and_readers() {
+    let (dir, store) = store();
+    let a = ns("a");
+    exec(&store, &a, "CREATE TABLE t(x)").await;
+    exec(&store, &a, "INSERT INTO t VALUES (1)").await;
+    assert_eq!(count(&store, &a, "t"), 1);
+    // The pooled reader sees a commit made after it last read: the
+    // writer's WAL index is the one it reads.
+    exec(&store, &a, "INSERT INTO t VALUES (2)").await;
+    assert_eq!(count(&store, &a, "t"), 2);
+    let sql = dir.path().join("sql");
+    assert!(sql.join("a.db-wal").exists(), "WAL mode");
+    // `unix-excl`: no `-shm` file, so no `fcntl` read-mark locks per read.
+    assert!(!sql.join("a.db-shm").exists(), "WAL index on the heap");
+}
