@@ -166,6 +166,13 @@ struct Found {
 
 /// Step 1: scans the event log and the outbox without holding up writes.
 fn find(db: &DB, user: &str) -> StoreResult<Found> {
+    let mut found = find_events(db, user)?;
+    find_outbox(db, user, &mut found)?;
+    Ok(found)
+}
+
+/// Step 1's scan of the event log.
+fn find_events(db: &DB, user: &str) -> StoreResult<Found> {
     let mut found = Found {
         events: Vec::new(),
         events_scanned: HashMap::new(),
@@ -183,7 +190,12 @@ fn find(db: &DB, user: &str) -> StoreResult<Found> {
         it.next();
     }
     it.status().map_err(map_err)?;
-    // Most outbox entries refer to events the scan above already judged;
+    Ok(found)
+}
+
+/// Step 1's scan of the outbox, after [`find_events`].
+fn find_outbox(db: &DB, user: &str, found: &mut Found) -> StoreResult<()> {
+    // Most outbox entries refer to events the event scan already judged;
     // only those appended since are read.
     let users_events: HashSet<&[u8]> = found.events.iter().map(Vec::as_slice).collect();
     let mut it = db.raw_iterator_cf(committer::handle(db, Cf::Outbox)?);
@@ -202,8 +214,7 @@ fn find(db: &DB, user: &str) -> StoreResult<Found> {
         }
         it.next();
     }
-    it.status().map_err(map_err)?;
-    Ok(found)
+    it.status().map_err(map_err)
 }
 
 /// Whether the event scan of step 1 covered the event under `event_key`.
@@ -552,9 +563,7 @@ mod tests {
     use crate::{NodeIdentity, RocksOptions};
     use keel_store::{EventLog, Outbox};
 
-    #[tokio::test]
-    async fn records_appended_after_the_scan_are_erased_too() {
-        let dir = tempfile::tempdir().unwrap();
+    fn store(dir: &std::path::Path) -> RocksStore {
         let options = RocksOptions {
             limits: StoreLimits::default(),
             node: NodeIdentity {
@@ -564,15 +573,24 @@ mod tests {
             forwarding: true,
             block_cache_bytes: 1 << 20,
         };
-        let s = RocksStore::open(dir.path(), options).unwrap();
-        let (a, b) = (Namespace::new("a").unwrap(), Namespace::new("b").unwrap());
-        let ev = |user: &str| EventData {
+        RocksStore::open(dir, options).unwrap()
+    }
+
+    fn ev(user: &str) -> EventData {
+        EventData {
             kind: "k".into(),
             key: "k".into(),
             payload: b"p".to_vec(),
             content_type: None,
             user: Some(user.into()),
-        };
+        }
+    }
+
+    #[tokio::test]
+    async fn records_appended_after_the_scan_are_erased_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        let (a, b) = (Namespace::new("a").unwrap(), Namespace::new("b").unwrap());
         s.append(&a, ev("alice"), true).await.unwrap();
         let found = find(&s.inner.db, "alice").unwrap();
         assert_eq!((found.events.len(), found.outbox.len()), (1, 1));
@@ -600,5 +618,22 @@ mod tests {
         assert_eq!(out.iter().map(|e| e.0).collect::<Vec<_>>(), [3]);
         // 1 and 2 are erased: nothing waits before bob's entry.
         assert_eq!(s.outbox_positions().unwrap(), (4, 2));
+    }
+
+    #[tokio::test]
+    async fn outbox_entries_of_events_appended_between_the_two_scans_are_judged_by_their_event() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        let a = Namespace::new("a").unwrap();
+        s.append(&a, ev("alice"), true).await.unwrap();
+        let mut found = find_events(&s.inner.db, "alice").unwrap();
+        assert_eq!(found.events.len(), 1);
+        // Appended after the event scan, before the outbox scan: their
+        // outbox entries refer to events that scan never saw.
+        s.append(&a, ev("bob"), true).await.unwrap();
+        s.append(&a, ev("alice"), true).await.unwrap();
+        find_outbox(&s.inner.db, "alice", &mut found).unwrap();
+        assert_eq!(found.outbox, [1, 3]);
+        assert_eq!(found.outbox_scanned, 3);
     }
 }
