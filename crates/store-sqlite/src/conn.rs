@@ -61,10 +61,11 @@ pub(crate) struct Control {
     /// none runs.
     budget: AtomicU64,
     /// Deadline of the running statement in ns since `epoch`, fixed the
-    /// first time the progress handler runs (`NO_DEADLINE` until then): a
-    /// statement done within one progress interval (most) never reads the
-    /// clock, and one that is not starts its budget at most one interval,
-    /// a few µs, late.
+    /// first time the progress handler runs during it (`NO_DEADLINE` until
+    /// then). SQLite counts a cached statement's VM steps across its runs
+    /// and calls the handler every `PROGRESS_OPS` of them, so a point query
+    /// reads the clock once in dozens of runs instead of on every run; a
+    /// statement's budget starts at most one interval, a few µs, late.
     deadline: AtomicU64,
     /// Set while the host itself runs BEGIN/COMMIT/ROLLBACK.
     host: AtomicBool,
