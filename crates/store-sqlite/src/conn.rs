@@ -69,9 +69,6 @@ pub(crate) struct Control {
     deadline: AtomicU64,
     /// Set while the host itself runs BEGIN/COMMIT/ROLLBACK.
     host: AtomicBool,
-    /// Whether `denied` holds a reason, so a statement's start need not
-    /// lock it to clear it.
-    has_denied: AtomicBool,
     /// Why the authorizer last refused something (for the error message).
     denied: Mutex<Option<String>>,
 }
@@ -83,7 +80,6 @@ impl Control {
             budget: AtomicU64::new(NO_DEADLINE),
             deadline: AtomicU64::new(NO_DEADLINE),
             host: AtomicBool::new(false),
-            has_denied: AtomicBool::new(false),
             denied: Mutex::new(None),
         }
     }
@@ -98,9 +94,7 @@ impl Control {
         self.budget
             .store(budget.min(NO_DEADLINE - 1), Ordering::Relaxed);
         self.deadline.store(NO_DEADLINE, Ordering::Relaxed);
-        if self.has_denied.swap(false, Ordering::Relaxed)
-            && let Ok(mut denied) = self.denied.lock()
-        {
+        if let Ok(mut denied) = self.denied.lock() {
             *denied = None;
         }
     }
@@ -126,7 +120,6 @@ impl Control {
     }
 
     pub(crate) fn take_denied(&self) -> Option<String> {
-        self.has_denied.store(false, Ordering::Relaxed);
         self.denied.lock().ok().and_then(|mut d| d.take())
     }
 
@@ -135,7 +128,6 @@ impl Control {
             && denied.is_none()
         {
             *denied = Some(why);
-            self.has_denied.store(true, Ordering::Relaxed);
         }
         Authorization::Deny
     }
