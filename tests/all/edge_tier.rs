@@ -506,6 +506,104 @@ async fn sql_types_round_trip_parameters_are_inert_and_batches_are_atomic() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_statements_run_many_times_and_are_capped_per_instance() {
+    let node = edge_node(&probe("p"));
+    let keel = node.start();
+    let post = |path: &'static str, body: Value| keel.post(path, body.to_string());
+    let r = post(
+        "/p/sql/execute",
+        json!({"sql": "CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT, tag BLOB)"}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+
+    // One prepared INSERT, run three times; the third run's text is inert.
+    let evil = "x'); DROP TABLE notes; --";
+    let r = post(
+        "/p/sql/prepared",
+        json!({
+            "sql": "INSERT INTO notes (body, tag) VALUES (?1, ?2)",
+            "op": "execute",
+            "runs": [["one", {"blob": "01"}], ["two", null], [evil, {"blob": "ff"}]],
+        }),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        r.json(),
+        json!([
+            {"rows_affected": 1, "last_insert_id": 1},
+            {"rows_affected": 1, "last_insert_id": 2},
+            {"rows_affected": 1, "last_insert_id": 3},
+        ])
+    );
+
+    // One prepared SELECT, run with two parameter lists: the flat values
+    // split into rows by `columns` answer what the ad hoc query answers.
+    let select = "SELECT id, body, tag FROM notes WHERE id >= ?1 ORDER BY id";
+    let r = post(
+        "/p/sql/prepared",
+        json!({"sql": select, "runs": [[2], [4]]}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let columns = json!(["id", "body", "tag"]);
+    assert_eq!(
+        r.json(),
+        json!([
+            {"columns": columns, "rows": [[2, "two", null], [3, evil, {"blob": "ff"}]]},
+            {"columns": columns, "rows": []},
+        ])
+    );
+    let adhoc = post("/p/sql/query", json!({"sql": select, "params": [2]})).await;
+    assert_eq!(adhoc.json(), r.json()[0]);
+
+    // Typed errors, and nothing changes.
+    for (body, case) in [
+        (json!({"sql": "SELEC 1", "runs": []}), "invalid"),
+        (
+            json!({"sql": "SELECT * FROM nowhere", "runs": []}),
+            "invalid",
+        ),
+        (json!({"sql": "PRAGMA user_version", "runs": []}), "invalid"),
+        (json!({"sql": select, "runs": [[]]}), "invalid"),
+        (
+            json!({"sql": "DELETE FROM notes WHERE id > ?1", "runs": [[0]]}),
+            "invalid",
+        ),
+        (
+            json!({"sql": "DELETE FROM notes RETURNING id", "runs": [[]]}),
+            "invalid",
+        ),
+        (
+            json!({"sql": "SELECT id FROM notes", "op": "execute", "runs": [[]]}),
+            "invalid",
+        ),
+    ] {
+        let r = post("/p/sql/prepared", body.clone()).await;
+        assert_error(&r, 400, case);
+        assert!(!r.body.contains("panic"), "{body}: {}", r.body);
+    }
+    let r = post("/p/sql/query", json!({"sql": "SELECT count(*) FROM notes"})).await;
+    assert_eq!(r.json()["rows"], json!([[3]]), "nothing was deleted");
+
+    // An instance's open prepared statements may hold 1 MiB of host memory:
+    // five 200 KiB statements fit, a sixth is refused with `limit`;
+    // statements dropped as they go release their share; the next request
+    // (a new instance) starts from nothing.
+    let big = format!("SELECT 1 AS one -- {}", "x".repeat(200 * 1024 - 19));
+    let many = |count: u32, keep: bool| json!({"sql": big, "count": count, "keep": keep});
+    let r = post("/p/sql/prepare-many", many(5, true)).await;
+    assert_eq!((r.status, r.body.as_str()), (200, "5"), "{}", r.body);
+    let r = post("/p/sql/prepare-many", many(6, true)).await;
+    assert_error(&r, 413, "limit");
+    let r = post("/p/sql/prepare-many", many(50, false)).await;
+    assert_eq!((r.status, r.body.as_str()), (200, "50"), "{}", r.body);
+    let r = post("/p/sql/prepare-many", many(5, true)).await;
+    assert_eq!((r.status, r.body.as_str()), (200, "5"), "{}", r.body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_are_gapless_and_local_event_ids_name_the_edge() {
     let node = edge_node(&probe("p"));
     let keel = node.start();
@@ -667,7 +765,7 @@ async fn edge_operations_state_cache_preferences_and_activity() {
 async fn bench_routes_loop_and_answer_the_count() {
     let node = edge_node(&probe("p"));
     let keel = node.start();
-    for kind in ["kv-set", "kv-get", "sql-query", "sql-query"] {
+    for kind in ["kv-set", "kv-get", "sql-query", "sql-query", "sql-prepared"] {
         let r = keel.post(&format!("/p/bench/{kind}?n=250"), "").await;
         assert_eq!((r.status, r.body.as_str()), (200, "250"), "{kind}");
     }

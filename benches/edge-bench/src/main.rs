@@ -4,8 +4,9 @@
 //!
 //! - `kv.get` / `kv.set` through a guest (edge-probe, N calls per request so
 //!   HTTP is amortised) vs the rocksdb crate called directly;
-//! - `sql.query` through a guest vs rusqlite called directly, with its default
-//!   VFS and with keel's `unix-excl`;
+//! - `sql.query` through a guest, ad hoc and through a prepared statement,
+//!   vs rusqlite called directly, with its default VFS and with keel's
+//!   `unix-excl`;
 //! - `record-local-event` durable appends with 64 concurrent writers (group
 //!   commit) vs one fsync per event.
 //!
@@ -83,6 +84,18 @@ fn main() -> anyhow::Result<()> {
     paired(
         "sql.query by primary key vs native with keel's `unix-excl` VFS (ops/s)",
         || rt.block_on(guest_ops(&base, "sql-query", 1000, window)),
+        || native_sql_query(d, SqliteLocking::ProcessExclusive, window),
+    )?;
+    // The same query through a statement the guest prepared once: no SQL
+    // text per call, the row's values as one flat list.
+    paired(
+        "sql.query by primary key, prepared statement (ops/s)",
+        || rt.block_on(guest_ops(&base, "sql-prepared", 1000, window)),
+        || native_sql_query(d, SqliteLocking::Default, window),
+    )?;
+    paired(
+        "sql.query by primary key, prepared statement, vs native with keel's `unix-excl` VFS (ops/s)",
+        || rt.block_on(guest_ops(&base, "sql-prepared", 1000, window)),
         || native_sql_query(d, SqliteLocking::ProcessExclusive, window),
     )?;
     // Where the guest's difference is: the store layer (limits, reader
@@ -248,9 +261,10 @@ fn native_sql_query(dir: &Path, locking: SqliteLocking, window: Duration) -> any
     let mut ops = 0u64;
     while started.elapsed() < window {
         for i in 0..1000i64 {
-            let mut stmt = conn.prepare_cached("SELECT id, value FROM bench WHERE id = ?1")?;
-            let rows: Vec<(i64, Vec<u8>)> = stmt
-                .query_map([i % 100], |r| Ok((r.get(0)?, r.get(1)?)))?
+            // What the guest's query returns: one BLOB column.
+            let mut stmt = conn.prepare_cached("SELECT value FROM bench WHERE id = ?1")?;
+            let rows: Vec<Vec<u8>> = stmt
+                .query_map([i % 100], |r| r.get(0))?
                 .collect::<Result<_, _>>()?;
             std::hint::black_box(rows);
         }

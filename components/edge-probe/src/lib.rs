@@ -14,6 +14,8 @@
 //! | `POST /sql/execute` `{"sql", "params"}` | `sql.execute` | `{"rows_affected", "last_insert_id"}` |
 //! | `POST /sql/query` `{"sql", "params"}` | `sql.query` | `{"columns": [..], "rows": [[..]]}` |
 //! | `POST /sql/batch` `[{"sql", "params"}, ..]` | `sql.execute-batch` | list of execute results |
+//! | `POST /sql/prepared` `{"sql", "runs": [[params], ..], "op": "query"/"execute"}` | `sql.prepare`, then `prepared.query` / `.execute` per run | list of results (as `/sql/query`, `/sql/execute`) |
+//! | `POST /sql/prepare-many` `{"sql", "count", "keep"}` | `count` x `sql.prepare`, each kept open (or dropped) | `count` |
 //! | `POST /events` `{kind, key, payload, user?, content_type?}` | `events.append` | `{"sequence": n}` |
 //! | `GET /events?from=N&limit=M` | `events.read` | list of events |
 //! | `GET /events-last` | `events.last-sequence` | number / `null` |
@@ -27,7 +29,7 @@
 //! | `GET /edge/prefs/<user>` | `get-user-preferences` | `{"name": "value", ..}` |
 //! | `PUT /edge/prefs/<user>/<name>` (body; empty = remove) | `set-user-preference` | 204 |
 //! | `POST /edge/activity/<user>` `{kind, attributes: {..}}` | `record-user-activity` | 204 |
-//! | `POST /bench/{kv-get,kv-set,sql-query}?n=N` | N calls in a loop | N |
+//! | `POST /bench/{kv-get,kv-set,sql-query,sql-prepared}?n=N` | N calls in a loop | N |
 //!
 //! SQL values in JSON: `null`, integers, floats (`real`), strings (`text`)
 //! and `{"blob": "<hex>"}`, both ways. Platform errors answer
@@ -230,6 +232,56 @@ fn sql_route(op: &str, body: &Value) -> Outcome {
                 json!({"columns": result.columns, "rows": rows}),
             ))
         }
+        "prepared" => {
+            let sql = str_field(body, "sql")?;
+            let runs = body["runs"]
+                .as_array()
+                .ok_or_else(|| Failure::bad_request("`runs` must be a list of parameter lists"))?;
+            let execute = match &body["op"] {
+                Value::Null => false,
+                Value::String(op) if op == "query" => false,
+                Value::String(op) if op == "execute" => true,
+                _ => return Err(Failure::bad_request("`op` is \"query\" or \"execute\"")),
+            };
+            let statement = sql::prepare(&sql)?;
+            let columns = statement.columns();
+            let mut results = Vec::with_capacity(runs.len());
+            for run in runs {
+                let params = run
+                    .as_array()
+                    .ok_or_else(|| Failure::bad_request("each run is a list of parameters"))?
+                    .iter()
+                    .map(value_in)
+                    .collect::<Result<Vec<_>, _>>()?;
+                results.push(if execute {
+                    execute_result(statement.execute(&params)?)
+                } else {
+                    let values = statement.query(&params)?;
+                    let width = columns.len().max(1);
+                    let rows: Vec<Value> = values
+                        .chunks(width)
+                        .map(|row| row.iter().cloned().map(value_out).collect())
+                        .collect();
+                    json!({"columns": columns, "rows": rows})
+                });
+            }
+            Ok(Reply::Json(results.into()))
+        }
+        "prepare-many" => {
+            let sql = str_field(body, "sql")?;
+            let count = body["count"]
+                .as_u64()
+                .ok_or_else(|| Failure::bad_request("`count` must be a number"))?;
+            let keep = body["keep"].as_bool().unwrap_or(true);
+            let mut open = Vec::new();
+            for _ in 0..count {
+                let statement = sql::prepare(&sql)?;
+                if keep {
+                    open.push(statement);
+                }
+            }
+            Ok(Reply::Json(count.into()))
+        }
         "batch" => {
             let list = body
                 .as_array()
@@ -360,11 +412,21 @@ fn bench(kind: &str, n: u64) -> Outcome {
                 }
             }
         }
+        "sql-prepared" => {
+            ensure_bench_table()?;
+            let query = sql::prepare("SELECT v FROM bench WHERE id = ?1")?;
+            for i in 0..n {
+                let values = query.query(&[sql::Value::Integer((i % 100) as i64)])?;
+                if values.len() != 1 {
+                    return Err(Failure::new(500, "internal", "bench row missing"));
+                }
+            }
+        }
         other => {
             return Err(Failure::new(
                 404,
                 "no-route",
-                format!("no benchmark {other:?}; kv-get, kv-set, sql-query"),
+                format!("no benchmark {other:?}; kv-get, kv-set, sql-query, sql-prepared"),
             ));
         }
     }

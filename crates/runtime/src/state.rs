@@ -35,7 +35,13 @@ pub struct HostState {
     /// This instance runs the component's `cache-loader.load`: its own
     /// `cache.get` must not call the loader again (it would wait for itself).
     pub(crate) in_cache_loader: bool,
+    /// Host memory held by this instance's open `sql.prepared` statements
+    /// (their SQL and column names), capped at [`PREPARED_SQL_BUDGET`].
+    pub(crate) prepared_sql_bytes: usize,
 }
+
+/// How much host memory one instance's prepared SQL statements may hold.
+pub(crate) const PREPARED_SQL_BUDGET: usize = 1 << 20;
 
 impl HostState {
     pub(crate) fn new(
@@ -70,6 +76,7 @@ impl HostState {
             limits,
             deadline,
             in_cache_loader: false,
+            prepared_sql_bytes: 0,
         }
     }
 }
@@ -79,6 +86,12 @@ impl HostState {
     /// it across awaits without borrowing the store).
     pub(crate) fn component(&self) -> Arc<ComponentContext> {
         self.component.clone()
+    }
+
+    /// The calling component's context and this instance's resources,
+    /// borrowed together.
+    pub(crate) fn component_and_table(&mut self) -> (&ComponentContext, &mut ResourceTable) {
+        (&self.component, &mut self.table)
     }
 }
 

@@ -29,8 +29,8 @@ mod tests;
 
 use conn::{Conn, Role};
 use keel_store::{
-    ExecuteResult, Namespace, QueryResult, SqlStatement, SqlStore, SqlValue, StoreError,
-    StoreLimits, StoreResult, UserTable, WriteFuture,
+    ExecuteResult, Namespace, PreparedSql, QueryResult, SqlStatement, SqlStore, SqlValue,
+    StoreError, StoreLimits, StoreResult, UserTable, WriteFuture,
 };
 use rustc_hash::FxHashMap;
 use sql::{Lead, Param};
@@ -218,44 +218,118 @@ fn query_rows(
 ) -> StoreResult<QueryResult> {
     let fail = |e| error::map(e, &reader.ctl, limits);
     let mut stmt = reader.conn.prepare_cached(sql).map_err(fail)?;
+    check_read_only(&stmt)?;
+    check_param_count(&stmt, params)?;
+    let mut rows = Vec::new();
+    let mut row = Vec::new();
+    read_rows(&mut stmt, params, limits, fail, &mut row, |row| {
+        rows.push(std::mem::take(row))
+    })?;
+    // Read after stepping: a schema change re-prepares the statement.
+    let columns = column_names(&stmt)?;
+    Ok(QueryResult { columns, rows })
+}
+
+/// A prepared statement's run on a reader: every row's values in one list.
+fn run_prepared_query(
+    reader: &Conn,
+    prepared: &PreparedSql,
+    params: &[SqlValue],
+    limits: &StoreLimits,
+) -> StoreResult<Vec<SqlValue>> {
+    if prepared.columns.is_empty() {
+        return Err(StoreError::Invalid(
+            "statement returns no rows; use execute".into(),
+        ));
+    }
+    sql::check_params(params, limits)?;
+    reader.ctl.start(limits.statement_timeout);
+    let result = (|| {
+        let fail = |e| error::map(e, &reader.ctl, limits);
+        let mut stmt = reader.conn.prepare_cached(&prepared.sql).map_err(fail)?;
+        check_read_only(&stmt)?;
+        check_param_count(&stmt, params)?;
+        let mut values = Vec::new();
+        read_rows(&mut stmt, params, limits, fail, &mut values, |_| {})?;
+        // SQLite re-prepares a statement after a schema change when it
+        // steps it; `SELECT *` may then have other columns than the guest
+        // was told, so compare after stepping.
+        if stmt.column_count() != prepared.columns.len() {
+            return Err(StoreError::Invalid(format!(
+                "the statement's result changed from {} to {} columns since it was prepared (schema change); prepare it again",
+                prepared.columns.len(),
+                stmt.column_count()
+            )));
+        }
+        Ok(values)
+    })();
+    reader.ctl.stop();
+    result
+}
+
+/// Compiles `sql` on a reader (the authorizer is the writer's) without
+/// running it.
+fn run_prepare(reader: &Conn, sql: String, limits: &StoreLimits) -> StoreResult<PreparedSql> {
+    check_sql(&sql)?;
+    reader.ctl.start(limits.statement_timeout);
+    let result = reader
+        .conn
+        .prepare_cached(&sql)
+        .map_err(|e| error::map(e, &reader.ctl, limits))
+        .and_then(|stmt| column_names(&stmt));
+    reader.ctl.stop();
+    Ok(PreparedSql {
+        sql,
+        columns: result?,
+    })
+}
+
+fn check_read_only(stmt: &rusqlite::Statement<'_>) -> StoreResult<()> {
     if !stmt.readonly() {
         return Err(StoreError::Invalid(
             "statement writes to the database; use execute".into(),
         ));
     }
-    check_param_count(&stmt, params)?;
-    let mut out = Vec::new();
+    Ok(())
+}
+
+/// Steps `stmt`, pushing each value of the current row onto `values` and
+/// calling `row_done` after each row; enforces the row and byte caps.
+fn read_rows(
+    stmt: &mut rusqlite::Statement<'_>,
+    params: &[SqlValue],
+    limits: &StoreLimits,
+    fail: impl Fn(rusqlite::Error) -> StoreError,
+    values: &mut Vec<SqlValue>,
+    mut row_done: impl FnMut(&mut Vec<SqlValue>),
+) -> StoreResult<()> {
+    let mut count = 0usize;
     let mut bytes = 0usize;
-    {
-        let mut rows = stmt
-            .query(rusqlite::params_from_iter(params.iter().map(Param)))
-            .map_err(fail)?;
-        while let Some(row) = rows.next().map_err(fail)? {
-            if out.len() >= limits.max_rows {
+    let mut rows = stmt
+        .query(rusqlite::params_from_iter(params.iter().map(Param)))
+        .map_err(&fail)?;
+    while let Some(row) = rows.next().map_err(&fail)? {
+        if count >= limits.max_rows {
+            return Err(StoreError::Limit(format!(
+                "query returns more than {} rows",
+                limits.max_rows
+            )));
+        }
+        count += 1;
+        for i in 0..row.as_ref().column_count() {
+            let value = row.get_ref(i).map_err(&fail)?;
+            bytes = bytes.saturating_add(sql::value_ref_bytes(value));
+            if bytes > limits.max_result_bytes {
                 return Err(StoreError::Limit(format!(
-                    "query returns more than {} rows",
-                    limits.max_rows
+                    "query result exceeds {} bytes",
+                    limits.max_result_bytes
                 )));
             }
-            let width = row.as_ref().column_count();
-            let mut values = Vec::with_capacity(width);
-            for i in 0..width {
-                let value = row.get_ref(i).map_err(fail)?;
-                bytes = bytes.saturating_add(sql::value_ref_bytes(value));
-                if bytes > limits.max_result_bytes {
-                    return Err(StoreError::Limit(format!(
-                        "query result exceeds {} bytes",
-                        limits.max_result_bytes
-                    )));
-                }
-                values.push(sql::from_value_ref(value));
-            }
-            out.push(values);
+            values.push(sql::from_value_ref(value));
         }
+        row_done(values);
     }
-    // Read after stepping: a schema change re-prepares the statement.
-    let columns = column_names(&stmt)?;
-    Ok(QueryResult { columns, rows: out })
+    Ok(())
 }
 
 /// One statement on the writer, in whatever transaction is open (none:
@@ -395,19 +469,50 @@ fn blocking<T: Send + 'static>(
     })
 }
 
-impl SqlStore for SqliteStore {
-    fn query(&self, ns: &Namespace, sql: &str, params: Vec<SqlValue>) -> StoreResult<QueryResult> {
+impl SqliteStore {
+    /// Runs `f` inline on a pooled reader of `ns`'s database.
+    fn on_reader<T>(
+        &self,
+        ns: &Namespace,
+        op: &str,
+        f: impl FnOnce(&Conn, &StoreLimits) -> StoreResult<T>,
+    ) -> StoreResult<T> {
         let limits = &self.inner.limits;
         let result = self.inner.database(ns).and_then(|db| {
             let reader = db.take_reader(limits)?;
-            let result = run_query(&reader, sql, &params, limits);
+            let result = f(&reader, limits);
             db.return_reader(reader);
             result
         });
         if let Err(e) = &result {
-            log_failure(ns, "query", e);
+            log_failure(ns, op, e);
         }
         result
+    }
+}
+
+impl SqlStore for SqliteStore {
+    fn query(&self, ns: &Namespace, sql: &str, params: Vec<SqlValue>) -> StoreResult<QueryResult> {
+        self.on_reader(ns, "query", |reader, limits| {
+            run_query(reader, sql, &params, limits)
+        })
+    }
+
+    fn prepare(&self, ns: &Namespace, sql: String) -> StoreResult<PreparedSql> {
+        self.on_reader(ns, "prepare", |reader, limits| {
+            run_prepare(reader, sql, limits)
+        })
+    }
+
+    fn query_prepared(
+        &self,
+        ns: &Namespace,
+        prepared: &PreparedSql,
+        params: Vec<SqlValue>,
+    ) -> StoreResult<Vec<SqlValue>> {
+        self.on_reader(ns, "query_prepared", |reader, limits| {
+            run_prepared_query(reader, prepared, &params, limits)
+        })
     }
 
     fn execute(

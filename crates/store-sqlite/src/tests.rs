@@ -1315,3 +1315,157 @@ async fn the_wal_index_is_shared_in_memory_between_writer_and_readers() {
     // `unix-excl`: no `-shm` file, so no `fcntl` read-mark locks per read.
     assert!(!sql.join("a.db-shm").exists(), "WAL index on the heap");
 }
+
+#[tokio::test]
+async fn prepared_statements_return_flat_rows_and_check_what_query_and_execute_check() {
+    let limits = StoreLimits {
+        max_rows: 10,
+        max_result_bytes: 1000,
+        statement_timeout: Duration::from_millis(200),
+        ..StoreLimits::default()
+    };
+    let (_dir, store) = open(limits);
+    let a = ns("a");
+    exec(
+        &store,
+        &a,
+        "CREATE TABLE t(id INTEGER PRIMARY KEY, name TEXT)",
+    )
+    .await;
+    exec(&store, &a, "INSERT INTO t(name) VALUES ('a'), ('b'), ('c')").await;
+
+    // Rows come back flat, as many values per row as there are columns.
+    let select = store
+        .prepare(
+            &a,
+            "SELECT id, name FROM t WHERE id >= ?1 ORDER BY id".into(),
+        )
+        .unwrap();
+    assert_eq!(select.columns, ["id", "name"]);
+    let values = store
+        .query_prepared(&a, &select, vec![SqlValue::Integer(2)])
+        .unwrap();
+    assert_eq!(
+        values,
+        [
+            SqlValue::Integer(2),
+            text("b"),
+            SqlValue::Integer(3),
+            text("c")
+        ]
+    );
+    // The same statement runs again with other parameters, and sees writes
+    // made since it was prepared.
+    exec(&store, &a, "INSERT INTO t(name) VALUES ('d')").await;
+    let values = store
+        .query_prepared(&a, &select, vec![SqlValue::Integer(4)])
+        .unwrap();
+    assert_eq!(values, [SqlValue::Integer(4), text("d")]);
+    assert!(
+        store.query_prepared(&a, &select, vec![]).is_err_and(
+            |e| matches!(&e, StoreError::Invalid(m) if m.contains("takes 1 parameters"))
+        )
+    );
+
+    // What prepare refuses, it refuses as query or execute would.
+    for (sql, expected) in [
+        ("", "empty SQL statement"),
+        ("SELEC 1", "syntax error"),
+        ("SELECT * FROM missing", "no such table"),
+        ("PRAGMA user_version", "not allowed"),
+        ("ATTACH 'x.db' AS x", "not allowed"),
+        ("SELECT 1; SELECT 2", "one SQL statement"),
+    ] {
+        let e = store.prepare(&a, sql.into()).unwrap_err();
+        assert!(
+            matches!(&e, StoreError::Invalid(m) if m.contains(expected)),
+            "{sql}: {e:?}"
+        );
+    }
+
+    // A write prepares (for execute) but never runs as a query.
+    let insert = store
+        .prepare(&a, "INSERT INTO t(name) VALUES (?1)".into())
+        .unwrap();
+    assert!(insert.columns.is_empty());
+    let e = store
+        .query_prepared(&a, &insert, vec![text("x")])
+        .unwrap_err();
+    assert!(
+        matches!(&e, StoreError::Invalid(m) if m.contains("use execute")),
+        "{e:?}"
+    );
+    let returning = store
+        .prepare(&a, "INSERT INTO t(name) VALUES (?1) RETURNING id".into())
+        .unwrap();
+    assert_eq!(returning.columns, ["id"]);
+    let e = store
+        .query_prepared(&a, &returning, vec![text("x")])
+        .unwrap_err();
+    assert!(
+        matches!(&e, StoreError::Invalid(m) if m.contains("use execute")),
+        "{e:?}"
+    );
+    assert_eq!(count(&store, &a, "t"), 4, "nothing written by a query");
+    let r = store
+        .execute(&a, insert.sql.clone(), vec![text("e")])
+        .await
+        .unwrap();
+    assert_eq!(r.rows_affected, 1);
+
+    // The caps of query.
+    let rows = |n: u32| {
+        format!(
+            "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < {n}) SELECT x FROM c"
+        )
+    };
+    let ten = store.prepare(&a, rows(10)).unwrap();
+    assert_eq!(store.query_prepared(&a, &ten, vec![]).unwrap().len(), 10);
+    let eleven = store.prepare(&a, rows(11)).unwrap();
+    let e = store.query_prepared(&a, &eleven, vec![]).unwrap_err();
+    assert!(
+        matches!(&e, StoreError::Limit(m) if m.contains("10 rows")),
+        "{e:?}"
+    );
+    let big = store
+        .prepare(
+            &a,
+            "SELECT zeroblob(600) UNION ALL SELECT zeroblob(600)".into(),
+        )
+        .unwrap();
+    let e = store.query_prepared(&a, &big, vec![]).unwrap_err();
+    assert!(
+        matches!(&e, StoreError::Limit(m) if m.contains("1000 bytes")),
+        "{e:?}"
+    );
+    let endless = store
+        .prepare(
+            &a,
+            "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c"
+                .into(),
+        )
+        .unwrap();
+    let e = store.query_prepared(&a, &endless, vec![]).unwrap_err();
+    assert_eq!(e, StoreError::Limit("statement exceeded 200ms".into()));
+
+    // A schema change that changes the statement's columns is reported,
+    // never answered with rows of another width.
+    let star = store
+        .prepare(&a, "SELECT * FROM t WHERE id = 1".into())
+        .unwrap();
+    assert_eq!(star.columns, ["id", "name"]);
+    assert_eq!(store.query_prepared(&a, &star, vec![]).unwrap().len(), 2);
+    exec(&store, &a, "ALTER TABLE t ADD COLUMN extra").await;
+    let e = store.query_prepared(&a, &star, vec![]).unwrap_err();
+    assert!(
+        matches!(&e, StoreError::Invalid(m) if m.contains("prepare it again")),
+        "{e:?}"
+    );
+    let star = store
+        .prepare(&a, "SELECT * FROM t WHERE id = 1".into())
+        .unwrap();
+    assert_eq!(
+        store.query_prepared(&a, &star, vec![]).unwrap(),
+        [SqlValue::Integer(1), text("a"), SqlValue::Null]
+    );
+}

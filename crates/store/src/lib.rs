@@ -321,6 +321,20 @@ pub trait UserDataStore: Send + Sync + 'static {
 /// One SQLite (or other) database per component (`sql`).
 pub trait SqlStore: Send + Sync + 'static {
     fn query(&self, ns: &Namespace, sql: &str, params: Vec<SqlValue>) -> StoreResult<QueryResult>;
+    /// Compiles `sql` without running it: the errors are those `query` or
+    /// `execute` would report for the text itself (syntax, unknown tables,
+    /// what the authorizer refuses).
+    fn prepare(&self, ns: &Namespace, sql: String) -> StoreResult<PreparedSql>;
+    /// Runs a prepared read-only statement that returns rows, as `query`
+    /// (same caps), and returns the values of every row, row after row
+    /// (`prepared.columns.len()` values each). `Invalid` if the schema
+    /// changed the statement's columns since `prepare`.
+    fn query_prepared(
+        &self,
+        ns: &Namespace,
+        prepared: &PreparedSql,
+        params: Vec<SqlValue>,
+    ) -> StoreResult<Vec<SqlValue>>;
     fn execute(
         &self,
         ns: &Namespace,

@@ -104,6 +104,16 @@ pub struct SqlStatement {
     pub params: Vec<SqlValue>,
 }
 
+/// A statement [`crate::SqlStore::prepare`] checked, to be run many times
+/// by [`crate::SqlStore::query_prepared`] or
+/// [`crate::SqlStore::execute`] (with `sql`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PreparedSql {
+    pub sql: String,
+    /// Names of the result columns; empty if the statement returns no rows.
+    pub columns: Vec<String>,
+}
+
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct QueryResult {
     pub columns: Vec<String>,

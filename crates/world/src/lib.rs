@@ -31,6 +31,10 @@ pub mod bindings {
             "keel:platform/kv.exists": trappable,
             "keel:platform/kv.list-keys": trappable,
             "keel:platform/sql.query": trappable,
+            "keel:platform/sql.prepare": trappable,
+            "keel:platform/sql.[method]prepared.columns": trappable,
+            "keel:platform/sql.[method]prepared.query": trappable,
+            "keel:platform/sql.[drop]prepared": trappable,
             "keel:platform/events.read": trappable,
             "keel:platform/events.last-sequence": trappable,
             "keel:platform/edge-operations.local-node": trappable,
@@ -46,6 +50,8 @@ pub mod bindings {
             default: async | trappable,
         },
         exports: { default: async },
+        // A guest's prepared statement is the store's own description of it.
+        with: { "keel:platform/sql.prepared": keel_store::PreparedSql },
         // Lets tests and adapters compare results (`assert_eq!`); `Eq` is
         // impossible because some records carry `f64`.
         additional_derives: [PartialEq],
