@@ -222,8 +222,9 @@ fn query_rows(
     check_param_count(&stmt, params)?;
     let mut rows = Vec::new();
     let mut row = Vec::new();
+    // `row` is a reused buffer; each row gets its own exact-size copy.
     read_rows(&mut stmt, params, limits, fail, &mut row, |row| {
-        rows.push(std::mem::take(row))
+        rows.push(row.drain(..).collect())
     })?;
     // Read after stepping: a schema change re-prepares the statement.
     let columns = column_names(&stmt)?;
