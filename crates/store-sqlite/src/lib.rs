@@ -222,9 +222,8 @@ fn query_rows(
     check_param_count(&stmt, params)?;
     let mut rows = Vec::new();
     let mut row = Vec::new();
-    // `row` is a reused buffer; each row gets its own exact-size copy.
     read_rows(&mut stmt, params, limits, fail, &mut row, |row| {
-        rows.push(row.drain(..).collect())
+        rows.push(std::mem::take(row))
     })?;
     // Read after stepping: a schema change re-prepares the statement.
     let columns = column_names(&stmt)?;
@@ -317,7 +316,10 @@ fn read_rows(
             )));
         }
         count += 1;
-        for i in 0..row.as_ref().column_count() {
+        let width = row.as_ref().column_count();
+        // One allocation per row when `row_done` takes the row away.
+        values.reserve(width);
+        for i in 0..width {
             let value = row.get_ref(i).map_err(&fail)?;
             bytes = bytes.saturating_add(sql::value_ref_bytes(value));
             if bytes > limits.max_result_bytes {
