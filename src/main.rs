@@ -276,6 +276,7 @@ fn up(
             "component loaded"
         );
     }
+    let services = runtime.services().cloned();
     let server = keel_http::Server::bind(&config.server, runtime, metrics)
         .with_context(|| format!("binding {}", config.server.listen))?;
     // Starting freed a lot of heap and ran a lot of code serving never
@@ -295,6 +296,9 @@ fn up(
     println!("keel listening on http://{addr}");
     let _ = std::io::stdout().flush();
     server.run(&shutdown)?;
+    if let Some(services) = services {
+        services.stop_background();
+    }
     tracing::info!("drained; exiting");
     Ok(ExitCode::SUCCESS)
 }

@@ -56,34 +56,46 @@ pub struct Services {
     /// When the services were opened (the node's uptime).
     pub started: std::time::Instant,
     /// Runs the bus connection and the sync tasks, apart from the serving
-    /// threads (which run one current-thread runtime per core).
-    background: Option<tokio::runtime::Runtime>,
+    /// threads (which run one current-thread runtime per core). Taken out
+    /// by [`Services::stop_background`].
+    background: std::sync::Mutex<Option<tokio::runtime::Runtime>>,
+    background_handle: tokio::runtime::Handle,
 }
 
 impl Drop for Services {
     fn drop(&mut self) {
-        let Some(rt) = self.background.take() else {
-            return;
-        };
-        if tokio::runtime::Handle::try_current().is_ok() {
-            // Blocking on a runtime from async context panics.
-            rt.shutdown_background();
-        } else {
-            // Stop the feeds and the forwarder (they read RocksDB) before
-            // the store closes and the process exits: a task still inside
-            // RocksDB during exit aborts the process.
-            rt.shutdown_timeout(std::time::Duration::from_secs(5));
-        }
+        self.stop_background();
     }
 }
 
 impl Services {
     /// The background runtime (bus, sync, feeds).
     pub(crate) fn background(&self) -> &tokio::runtime::Handle {
-        self.background
-            .as_ref()
-            .expect("the background runtime lives as long as Services")
-            .handle()
+        &self.background_handle
+    }
+
+    /// Stops the background runtime's tasks (the feeds and the outbox
+    /// forwarder read RocksDB): a task still inside RocksDB while the
+    /// process exits aborts it ("pthread lock: Invalid argument", as C++
+    /// destructors run). Call after the drain, before returning from
+    /// `main`: tasks hold `Services` themselves (subscriptions reach
+    /// components, which hold their context), so dropping the last handle
+    /// of it is not guaranteed to happen. Idempotent.
+    pub fn stop_background(&self) {
+        let Some(rt) = self
+            .background
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+        else {
+            return;
+        };
+        if tokio::runtime::Handle::try_current().is_ok() {
+            // Blocking on a runtime from async context panics.
+            rt.shutdown_background();
+        } else {
+            rt.shutdown_timeout(std::time::Duration::from_secs(5));
+        }
     }
 
     /// Opens the backends `[infrastructure]` selects, under `data-dir`.
@@ -341,7 +353,8 @@ impl Services {
                 crate::cluster::expected_nodes(config.regions.as_deref()),
             )),
             started,
-            background: Some(background),
+            background_handle: background.handle().clone(),
+            background: std::sync::Mutex::new(Some(background)),
         }))
     }
 }
