@@ -217,9 +217,7 @@ fn query_rows(
     limits: &StoreLimits,
 ) -> StoreResult<QueryResult> {
     let fail = |e| error::map(e, &reader.ctl, limits);
-    let mut stmt = reader.conn.prepare_cached(sql).map_err(fail)?;
-    check_read_only(&stmt)?;
-    check_param_count(&stmt, params)?;
+    let mut stmt = cached_query(reader, sql, params, limits)?;
     let mut rows = Vec::new();
     let mut row = Vec::new();
     read_rows(&mut stmt, params, limits, fail, &mut row, |row| {
@@ -244,27 +242,53 @@ fn run_prepared_query(
     }
     sql::check_params(params, limits)?;
     reader.ctl.start(limits.statement_timeout);
-    let result = (|| {
-        let fail = |e| error::map(e, &reader.ctl, limits);
-        let mut stmt = reader.conn.prepare_cached(&prepared.sql).map_err(fail)?;
-        check_read_only(&stmt)?;
-        check_param_count(&stmt, params)?;
-        let mut values = Vec::new();
-        read_rows(&mut stmt, params, limits, fail, &mut values, |_| {})?;
-        // SQLite re-prepares a statement after a schema change when it
-        // steps it; `SELECT *` may then have other columns than the guest
-        // was told, so compare after stepping.
-        if stmt.column_count() != prepared.columns.len() {
-            return Err(StoreError::Invalid(format!(
-                "the statement's result changed from {} to {} columns since it was prepared (schema change); prepare it again",
-                prepared.columns.len(),
-                stmt.column_count()
-            )));
-        }
-        Ok(values)
-    })();
+    let result = prepared_rows(reader, prepared, params, limits);
     reader.ctl.stop();
     result
+}
+
+fn prepared_rows(
+    reader: &Conn,
+    prepared: &PreparedSql,
+    params: &[SqlValue],
+    limits: &StoreLimits,
+) -> StoreResult<Vec<SqlValue>> {
+    let fail = |e| error::map(e, &reader.ctl, limits);
+    let mut stmt = cached_query(reader, &prepared.sql, params, limits)?;
+    let mut values = Vec::new();
+    read_rows(&mut stmt, params, limits, fail, &mut values, |_| {})?;
+    // SQLite re-prepares a statement after a schema change when it steps
+    // it; `SELECT *` may then have other columns than the guest was told,
+    // so compare after stepping.
+    if stmt.column_count() != prepared.columns.len() {
+        return Err(StoreError::Invalid(format!(
+            "the statement's result changed from {} to {} columns since it was prepared (schema change); prepare it again",
+            prepared.columns.len(),
+            stmt.column_count()
+        )));
+    }
+    Ok(values)
+}
+
+/// `sql` from the reader's statement cache, if it only reads and takes
+/// `params`.
+fn cached_query<'c>(
+    reader: &'c Conn,
+    sql: &str,
+    params: &[SqlValue],
+    limits: &StoreLimits,
+) -> StoreResult<rusqlite::CachedStatement<'c>> {
+    let stmt = reader
+        .conn
+        .prepare_cached(sql)
+        .map_err(|e| error::map(e, &reader.ctl, limits))?;
+    if !stmt.readonly() {
+        return Err(StoreError::Invalid(
+            "statement writes to the database; use execute".into(),
+        ));
+    }
+    check_param_count(&stmt, params)?;
+    Ok(stmt)
 }
 
 /// Compiles `sql` on a reader (the authorizer is the writer's) without
@@ -282,15 +306,6 @@ fn run_prepare(reader: &Conn, sql: String, limits: &StoreLimits) -> StoreResult<
         sql,
         columns: result?,
     })
-}
-
-fn check_read_only(stmt: &rusqlite::Statement<'_>) -> StoreResult<()> {
-    if !stmt.readonly() {
-        return Err(StoreError::Invalid(
-            "statement writes to the database; use execute".into(),
-        ));
-    }
-    Ok(())
 }
 
 /// Steps `stmt`, pushing each value of the current row onto `values` and

@@ -78,6 +78,7 @@ impl sql::Host for HostState {
         &mut self,
         sql: String,
     ) -> wasmtime::Result<Result<Resource<PreparedSql>, WitError>> {
+        // Refused before compiling what could not be kept anyway.
         if self.prepared_sql_bytes + sql.len() > PREPARED_SQL_BUDGET {
             return Ok(Err(over_budget()));
         }
