@@ -89,7 +89,7 @@ impl Control {
     }
 
     /// Starts the wall-clock budget of one guest statement.
-    pub(crate) fn start(&self, budget: Duration) {
+    fn start(&self, budget: Duration) {
         let budget = u64::try_from(budget.as_nanos()).unwrap_or(NO_DEADLINE - 1);
         self.budget
             .store(budget.min(NO_DEADLINE - 1), Ordering::Relaxed);
@@ -99,7 +99,7 @@ impl Control {
         }
     }
 
-    pub(crate) fn stop(&self) {
+    fn stop(&self) {
         self.budget.store(NO_DEADLINE, Ordering::Relaxed);
     }
 
@@ -215,6 +215,15 @@ pub(crate) struct Conn {
 }
 
 impl Conn {
+    /// Runs `f`, one guest statement's work, under a wall-clock `budget`
+    /// (enforced by the progress handler).
+    pub(crate) fn budgeted<T>(&self, budget: Duration, f: impl FnOnce() -> T) -> T {
+        self.ctl.start(budget);
+        let result = f();
+        self.ctl.stop();
+        result
+    }
+
     /// Runs host-issued transaction control (allowed by the authorizer only
     /// here) with no statement deadline.
     pub(crate) fn host<T>(

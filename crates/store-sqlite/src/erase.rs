@@ -255,9 +255,9 @@ fn select_rows(
             continue;
         }
         let sql = format!("SELECT * FROM {} WHERE {} = ?1", t.sql_table, t.sql_column);
-        reader.ctl.start(limits.statement_timeout);
-        let rows = query_rows(reader, &sql, &params, limits);
-        reader.ctl.stop();
+        let rows = reader.budgeted(limits.statement_timeout, || {
+            query_rows(reader, &sql, &params, limits)
+        });
         out.push((
             t.table.clone(),
             rows.map_err(|e| prefixed(&format!("table {:?}", t.table), e))?,

@@ -204,10 +204,9 @@ fn run_query(
 ) -> StoreResult<QueryResult> {
     check_sql(sql)?;
     sql::check_params(params, limits)?;
-    reader.ctl.start(limits.statement_timeout);
-    let result = query_rows(reader, sql, params, limits);
-    reader.ctl.stop();
-    result
+    reader.budgeted(limits.statement_timeout, || {
+        query_rows(reader, sql, params, limits)
+    })
 }
 
 fn query_rows(
@@ -241,10 +240,9 @@ fn run_prepared_query(
         ));
     }
     sql::check_params(params, limits)?;
-    reader.ctl.start(limits.statement_timeout);
-    let result = prepared_rows(reader, prepared, params, limits);
-    reader.ctl.stop();
-    result
+    reader.budgeted(limits.statement_timeout, || {
+        prepared_rows(reader, prepared, params, limits)
+    })
 }
 
 fn prepared_rows(
@@ -295,17 +293,14 @@ fn cached_query<'c>(
 /// running it.
 fn run_prepare(reader: &Conn, sql: String, limits: &StoreLimits) -> StoreResult<PreparedSql> {
     check_sql(&sql)?;
-    reader.ctl.start(limits.statement_timeout);
-    let result = reader
-        .conn
-        .prepare_cached(&sql)
-        .map_err(|e| error::map(e, &reader.ctl, limits))
-        .and_then(|stmt| column_names(&stmt));
-    reader.ctl.stop();
-    Ok(PreparedSql {
-        sql,
-        columns: result?,
-    })
+    let columns = reader.budgeted(limits.statement_timeout, || {
+        reader
+            .conn
+            .prepare_cached(&sql)
+            .map_err(|e| error::map(e, &reader.ctl, limits))
+            .and_then(|stmt| column_names(&stmt))
+    })?;
+    Ok(PreparedSql { sql, columns })
 }
 
 /// Steps `stmt`, pushing each value of the current row onto `values` and
@@ -359,10 +354,9 @@ fn run_statement(
     limits: &StoreLimits,
 ) -> StoreResult<ExecuteResult> {
     let lead = check_sql(sql)?;
-    writer.ctl.start(limits.statement_timeout);
-    let result = write_statement(writer, lead, sql, params, limits);
-    writer.ctl.stop();
-    result
+    writer.budgeted(limits.statement_timeout, || {
+        write_statement(writer, lead, sql, params, limits)
+    })
 }
 
 fn write_statement(
