@@ -125,13 +125,22 @@ async fn run(
     let mut removing: Option<Removal> = None;
     let mut prepared: Option<Prepared> = None;
     loop {
-        if let Ok(d) = outbox.outbox_depth() {
-            metrics.depth.set(i64::try_from(d).unwrap_or(i64::MAX));
-        }
+        // The positions are kept in memory: cheap to ask every round.
+        let appended = match outbox.outbox_positions() {
+            Ok((last, acked)) => {
+                metrics
+                    .depth
+                    .set(i64::try_from(last.saturating_sub(acked)).unwrap_or(i64::MAX));
+                last
+            }
+            Err(_) => u64::MAX,
+        };
         // A batch prepared while the previous one was in flight is used
         // only if it starts right after what the region acknowledged.
         let (mut batch, mut msgs) = match prepared.take() {
             Some(p) if p.batch.first().map(|e| e.0) == Some(sent + 1) => (p.batch, Some(p.msgs)),
+            // Nothing appended after what was sent: no need to read.
+            _ if appended <= sent => (Vec::new(), None),
             _ => match outbox.outbox_peek(sent, BATCH) {
                 Ok(b) => (b, None),
                 Err(e) => {
@@ -237,6 +246,12 @@ async fn run(
         let last = batch[batch.len() - 1].0;
         let send = send_both(&routes, &batch, msgs);
         let prepare = async {
+            if outbox
+                .outbox_positions()
+                .is_ok_and(|(appended, _)| appended <= last)
+            {
+                return None;
+            }
             let next = outbox.outbox_peek(last, BATCH).ok()?;
             if next.is_empty() {
                 return None;

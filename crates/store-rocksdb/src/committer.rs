@@ -21,6 +21,7 @@ use rocksdb::{ColumnFamily, DB, WriteBatch, WriteOptions};
 use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use tokio::sync::{Notify, oneshot};
 
@@ -107,6 +108,7 @@ type Fault = Box<dyn FnMut() -> StoreResult<()> + Send>;
 struct Shared {
     db: Arc<DB>,
     state: Mutex<State>,
+    outbox: OutboxPositions,
     /// Wakes the committer when it waits for work.
     work: Condvar,
     /// Runs before each group's write; an error fails the group as a
@@ -120,6 +122,52 @@ impl Shared {
         // Jobs run under the lock with their panics caught (`Txn::stage`),
         // and nothing else under it can leave the state half-changed.
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The outbox's `(last appended, last acknowledged)` sequences as of the
+/// last committed group, kept in memory so the forwarder can ask for them
+/// on every round (and skip reading an outbox it knows is empty) without
+/// two RocksDB reads each time. Every write of the two keys goes through
+/// the committer, which stores their new values once the group is
+/// written, before its callers learn it.
+struct OutboxPositions {
+    last: AtomicU64,
+    acked: AtomicU64,
+}
+
+impl OutboxPositions {
+    fn read_from(db: &DB) -> StoreResult<OutboxPositions> {
+        let meta = handle(db, Cf::Meta)?;
+        let read = |k: &[u8]| -> StoreResult<u64> {
+            match db.get_pinned_cf(meta, k).map_err(map_err)? {
+                Some(v) => crate::keys::decode_u64(&v),
+                None => Ok(0),
+            }
+        };
+        Ok(OutboxPositions {
+            last: AtomicU64::new(read(crate::keys::meta_outbox_seq())?),
+            acked: AtomicU64::new(read(crate::keys::meta_outbox_acked())?),
+        })
+    }
+
+    /// After `overlay` is written. `last` first: a reader that sees the
+    /// new `acked` sees a `last` at least as new.
+    fn committed(&self, overlay: &Overlay) {
+        let meta = &overlay[Cf::Meta as usize];
+        if meta.is_empty() {
+            return;
+        }
+        let value = |k: &[u8]| match meta.get(k) {
+            Some(Some(v)) => crate::keys::decode_u64(v).ok(),
+            _ => None,
+        };
+        if let Some(last) = value(crate::keys::meta_outbox_seq()) {
+            self.last.store(last, Ordering::Release);
+        }
+        if let Some(acked) = value(crate::keys::meta_outbox_acked()) {
+            self.acked.store(acked, Ordering::Release);
+        }
     }
 }
 
@@ -153,7 +201,9 @@ impl Committer {
         for cf in Cf::ALL {
             handle(&db, cf)?;
         }
+        let outbox = OutboxPositions::read_from(&db)?;
         let shared = Arc::new(Shared {
+            outbox,
             db,
             state: Mutex::new(State {
                 open: Group::default(),
@@ -220,6 +270,15 @@ impl Committer {
         F: FnOnce(&mut Txn) -> StoreResult<R> + Send + 'static,
     {
         self.enqueue(f, true, true)
+    }
+
+    /// `(last appended, last acknowledged)` outbox sequences, as of the
+    /// last committed write. Acked first: a concurrent ack can then only
+    /// make `last` look further ahead, never `acked` beyond `last`.
+    pub fn outbox_positions(&self) -> (u64, u64) {
+        let p = &self.shared.outbox;
+        let acked = p.acked.load(Ordering::Acquire);
+        (p.last.load(Ordering::Acquire), acked)
     }
 
     /// Runs `fault` before each group's write from now on (tests only).
@@ -353,6 +412,9 @@ fn run(shared: &Shared, outbox_signal: &Notify) {
             .and_then(|()| commit(db, &overlay, if sync { &synced } else { &unsynced }));
         if let Err(e) = &result {
             tracing::error!(error = %e, jobs = jobs.len(), "store write failed; callers get `unavailable`");
+        }
+        if result.is_ok() {
+            shared.outbox.committed(&overlay);
         }
         st = shared.lock();
         st.in_flight = None;

@@ -174,6 +174,6 @@ pub fn meta_outbox_seq() -> &'static [u8] {
 }
 
 /// Highest outbox sequence the region acknowledged.
-pub fn meta_outbox_acked() -> Vec<u8> {
-    b"outboxacked".to_vec()
+pub fn meta_outbox_acked() -> &'static [u8] {
+    b"outboxacked"
 }

@@ -453,18 +453,7 @@ impl Outbox for RocksStore {
     }
 
     fn outbox_positions(&self) -> StoreResult<(u64, u64)> {
-        let db = &self.inner.db;
-        let meta = committer::handle(db, Cf::Meta)?;
-        let read = |k: &[u8]| -> StoreResult<u64> {
-            match db.get_cf(meta, k).map_err(map_err)? {
-                Some(v) => keys::decode_u64(&v),
-                None => Ok(0),
-            }
-        };
-        // Acked first: a concurrent ack can then only make `last` look
-        // further ahead, never `acked` beyond `last`.
-        let acked = read(&keys::meta_outbox_acked())?;
-        Ok((read(keys::meta_outbox_seq())?, acked))
+        Ok(self.inner.committer.outbox_positions())
     }
 
     fn outbox_signal(&self) -> Arc<tokio::sync::Notify> {

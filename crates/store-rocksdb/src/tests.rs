@@ -263,7 +263,10 @@ async fn forwarded_writes_land_in_the_outbox_in_the_same_batch() {
     // Sequences continue after a restart.
     drop(s);
     let s = RocksStore::open(dir.path(), options(true)).unwrap();
+    // (last appended, last acknowledged), read back at open.
+    assert_eq!(s.outbox_positions().unwrap(), (2, 2));
     s.append(&a, event("e", b"3"), true).await.unwrap();
+    assert_eq!(s.outbox_positions().unwrap(), (3, 2));
     assert_eq!(s.outbox_peek(0, 10).unwrap()[0].0, 3);
     assert_eq!(s.outbox_depth().unwrap(), 1);
 }
