@@ -343,7 +343,7 @@ fn erase(
         tx.delete(Cf::Outbox, keys::u64_key(seq));
     }
     let acked_key = keys::meta_outbox_acked();
-    let acked = tx.get_u64(Cf::Meta, &acked_key)?;
+    let acked = tx.get_u64(Cf::Meta, acked_key)?;
     let last = tx.get_u64(Cf::Meta, keys::meta_outbox_seq())?;
     let moved = crate::skip_outbox_gap(tx, acked, last)?;
     if moved > acked {

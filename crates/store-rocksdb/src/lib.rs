@@ -429,7 +429,7 @@ impl Outbox for RocksStore {
         // holds the next writes up for an fsync of its own.
         self.inner.committer.write_unsynced(move |tx: &mut Txn| {
             let acked_key = keys::meta_outbox_acked();
-            let acked = tx.get_u64(Cf::Meta, &acked_key)?;
+            let acked = tx.get_u64(Cf::Meta, acked_key)?;
             let last = tx.get_u64(Cf::Meta, keys::meta_outbox_seq())?;
             let through = through.min(last);
             if through <= acked {
