@@ -5,13 +5,14 @@
 #    rusqlite crates called directly; durable event appends with 64 writers
 #    (group commit) vs one fsync per event. Same run, same machine.
 # 2. wrk: p50/p99 latency of one edge operation per HTTP request through the
-#    edge-probe component (read: get-local-state; durable write:
-#    record-local-event, fsynced before the response; baseline: the probe's
-#    /edge/node, no store call), with one request in flight (the operation's
-#    latency) and with 8 (the box saturated: wrk shares its 2 cores, so
-#    that p99 is mostly queueing). Last row: the disk's own fdatasync
-#    latency with the idle gap of a request in flight (edge-bench
-#    fsync-latency), the floor under the durable write's p99.
+#    edge-probe component, for each of the six `edge-operations` functions
+#    (the durable writes, record-local-event and record-user-activity, are
+#    fsynced before the response; authenticate-user verifies an HS256 JWT;
+#    baseline: the probe's /edge/node, no store call), with one request in
+#    flight (the operation's latency) and with 8 (the box saturated: wrk
+#    shares its 2 cores, so that p99 is mostly queueing). Last row: the
+#    disk's own fdatasync latency with the idle gap of a request in flight
+#    (edge-bench fsync-latency), the floor under the durable writes' p99.
 #
 # Usage: benches/edge.sh [SECONDS]   (default 3)
 set -euo pipefail
@@ -39,10 +40,16 @@ echo "== store calls through a guest vs native (5 interleaved rounds of 1s each)
 "$TARGET_DIR/release/edge-bench" "$KEEL" "$PROBE" 1
 
 echo "== one edge operation per HTTP request (wrk, 1 thread, 1 and 8 connections)" >&2
+SECRET=edge-bench-hs256-secret-of-32-bytes-or-more
 cat >"$WORK/keel.toml" <<TOML
 [server]
 listen = "127.0.0.1:0"
 data-dir = "data"
+
+[auth]
+[[auth.keys]]
+algorithm = "HS256"
+secret = "$SECRET"
 
 [components.probe]
 wasm = "$PROBE"
@@ -54,12 +61,28 @@ PIDS+=($!)
 for _ in $(seq 1 500); do grep -q "keel listening" "$WORK/out" && break; sleep 0.01; done
 BASE=$(sed -n 's/^keel listening on //p' "$WORK/out")/probe
 curl -fsS -X PUT --data-binary 'hello' "$BASE/edge/state/k" >/dev/null
-printf 'wrk.method = "POST"\nwrk.body = "{\\"kind\\":\\"bench\\",\\"key\\":\\"k\\",\\"payload\\":\\"0123456789abcdef\\"}"\n' >"$WORK/post.lua"
+curl -fsS -X PUT --data-binary 'dark' "$BASE/edge/prefs/u1/theme" >/dev/null
+TOKEN=$("$TARGET_DIR/release/edge-bench" jwt "$SECRET" u1)
+wrk_script() { # file method body [header]
+  {
+    printf 'wrk.method = "%s"\nwrk.body = %s\n' "$2" "$3"
+    [ -z "${4:-}" ] || printf 'wrk.headers["%s"] = "%s"\n' "${4%%:*}" "${4#*: }"
+  } >"$WORK/$1"
+}
+wrk_script event.lua POST '"{\"kind\":\"bench\",\"key\":\"k\",\"payload\":\"0123456789abcdef\"}"'
+wrk_script cache.lua PUT '"0123456789abcdef"'
+wrk_script auth.lua POST '""' "Authorization: Bearer $TOKEN"
+wrk_script activity.lua POST '"{\"kind\":\"view\",\"attributes\":{\"page\":\"home\"}}"'
 echo "| operation (HTTP, loopback) | connections | req/s | p50 | p99 |"
 echo "|---|---:|---|---|---|"
 lat() { # name connections url [script]
   wrk -t1 -c"$2" -d1s ${4:+-s "$4"} "$3" >/dev/null
   wrk -t1 -c"$2" -d"${SECS}s" --latency ${4:+-s "$4"} "$3" >"$WORK/wrk"
+  if grep -q "Non-2xx" "$WORK/wrk"; then
+    echo "$1: error responses" >&2
+    cat "$WORK/wrk" >&2
+    exit 1
+  fi
   local rps p50 p99
   rps=$(awk '/Requests\/sec/ {print $2}' "$WORK/wrk")
   p50=$(awk '$1=="50%" {print $2}' "$WORK/wrk")
@@ -69,6 +92,10 @@ lat() { # name connections url [script]
 for c in 1 8; do
   lat "no store call (/edge/node)" "$c" "$BASE/edge/node"
   lat "get-local-state" "$c" "$BASE/edge/state/k"
-  lat "record-local-event (fsynced)" "$c" "$BASE/edge/event" "$WORK/post.lua"
+  lat "update-local-cache" "$c" "$BASE/edge/cache/k" "$WORK/cache.lua"
+  lat "authenticate-user (HS256)" "$c" "$BASE/edge/auth" "$WORK/auth.lua"
+  lat "get-user-preferences" "$c" "$BASE/edge/prefs/u1"
+  lat "record-local-event (fsynced)" "$c" "$BASE/edge/event" "$WORK/event.lua"
+  lat "record-user-activity (fsynced)" "$c" "$BASE/edge/activity/u1" "$WORK/activity.lua"
 done
 "$TARGET_DIR/release/edge-bench" fsync-latency 3000 300

@@ -19,6 +19,9 @@
 //! one 300 B append at a time, `gap` apart (the time a request spends
 //! elsewhere). An idle thread waiting on the disk wakes later than a busy
 //! one, so the disk's own tail depends on that gap.
+//!
+//! `edge-bench jwt <secret> <user>` prints an HS256 bearer token for `user`
+//! signed with `secret`, valid for an hour (the `authenticate-user` row).
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -45,6 +48,11 @@ fn main() -> anyhow::Result<()> {
         let appends: usize = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(3000);
         let gap: u64 = args.get(3).map(|s| s.parse()).transpose()?.unwrap_or(300);
         return fsync_latency(appends, Duration::from_micros(gap));
+    }
+    if args.get(1).map(String::as_str) == Some("jwt") {
+        anyhow::ensure!(args.len() == 4, "usage: edge-bench jwt <secret> <user>");
+        println!("{}", hs256_token(&args[2], &args[3])?);
+        return Ok(());
     }
     anyhow::ensure!(
         args.len() >= 3,
@@ -337,6 +345,19 @@ fn fsync_latency(appends: usize, gap: Duration) -> anyhow::Result<()> {
         at(0.99).as_micros()
     );
     Ok(())
+}
+
+/// An HS256 JWT for `user`, expiring in an hour.
+fn hs256_token(secret: &str, user: &str) -> anyhow::Result<String> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let claims = serde_json::json!({ "sub": user, "iat": now, "exp": now + 3600 });
+    Ok(jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )?)
 }
 
 fn native_fsync_per_event(dir: &Path, window: Duration) -> anyhow::Result<f64> {
