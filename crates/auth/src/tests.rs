@@ -2,15 +2,21 @@ use super::*;
 use jsonwebtoken::{EncodingKey, Header, encode};
 use keel_config::KeelConfig;
 use serde_json::json;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// "Now" for every test that does not use the real clock.
 const NOW: u64 = 1_700_000_000;
 const HS_SECRET: &[u8] = b"0123456789abcdef0123456789abcdef-test-secret";
 
+/// The run-time `CARGO_MANIFEST_DIR` first: one build in a shared target
+/// dir serves several clones (CI), and the compile-time one may name a clone
+/// that is gone.
 fn keys_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/keys")
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+        .join("tests/keys")
 }
 
 fn read(name: &str) -> Vec<u8> {

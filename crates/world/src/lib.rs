@@ -145,11 +145,15 @@ fn is_compatible_version(version: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::Path;
     use wit_parser::{Resolve, WorldItem};
 
+    /// Run-time `CARGO_MANIFEST_DIR` first: the compile-time value may name
+    /// another clone that shares the target dir (CI).
     fn wit_dir() -> std::path::PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../wit")
+        std::env::var_os("CARGO_MANIFEST_DIR")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into())
+            .join("../../wit")
     }
 
     fn parse_wit() -> (Resolve, wit_parser::PackageId) {
