@@ -11,6 +11,12 @@
 //! outbox entries wakes the forwarder once it is durable, whether or not
 //! its callers still wait.
 //!
+//! An unsynced job does not wake a committer that waits briefly: it waits
+//! up to [`UNSYNCED_DELAY`] in the open group for a synced write to share
+//! it with. After a group that added outbox entries the committer waits
+//! briefly, so the forwarder's acknowledgement of those entries rides on
+//! the next event's group instead of a wake-up and a write of its own.
+//!
 //! A job that must see the database quiet ([`Committer::write_alone`]) is
 //! queued instead, and so is every job called after it until it is
 //! written: queued jobs run on the committer thread, in call order.
@@ -23,12 +29,19 @@ use std::collections::{HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 use tokio::sync::{Notify, oneshot};
 
 /// Most queued jobs the committer runs in one group: bounds the latency of
 /// the first. (Groups staged by their callers are bounded by the writers in
 /// flight.)
 const MAX_QUEUED_GROUP: usize = 1024;
+
+/// Longest an unsynced job waits in the open group for a synced one: far
+/// longer than the gap between a busy edge's writes, short enough for the
+/// forwarder, which only awaits an acknowledgement's write before the
+/// next one or when it has nothing to send.
+const UNSYNCED_DELAY: Duration = Duration::from_millis(1);
 
 /// One write: runs against a group's [`Txn`] (on its caller's thread, or
 /// on the committer's if it was queued), then learns whether the group
@@ -78,8 +91,30 @@ struct Queued {
 struct Group {
     overlay: Overlay,
     jobs: Vec<Box<dyn Job>>,
-    /// Whether any job needs the group fsynced.
+    /// Whether any job needs the group fsynced (and so written now).
     synced: bool,
+    /// When the first unsynced job joined.
+    unsynced_since: Option<Instant>,
+}
+
+impl Group {
+    /// Whether the committer should write it now rather than wait for more.
+    fn due(&self, delay: Duration) -> bool {
+        !self.jobs.is_empty()
+            && (self.synced || self.unsynced_since.is_some_and(|t| t.elapsed() >= delay))
+    }
+}
+
+/// What the committer thread is doing, for callers deciding whether to
+/// wake it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Waiting {
+    /// Working, or about to look at the state again.
+    No,
+    /// Until woken.
+    Forever,
+    /// Until woken or a timeout: only a synced or queued job wakes it.
+    Briefly,
 }
 
 struct State {
@@ -97,7 +132,10 @@ struct State {
     /// A job's writes until it succeeds (see [`Txn::stage`]); kept for its
     /// capacity.
     scratch: Vec<Op>,
-    committer_waiting: bool,
+    waiting: Waiting,
+    /// [`UNSYNCED_DELAY`]; longer in tests that must see an unsynced job
+    /// wait for a synced one.
+    unsynced_delay: Duration,
     shut_down: bool,
 }
 
@@ -211,7 +249,8 @@ impl Committer {
                 running_queued: false,
                 in_flight: None,
                 scratch: Vec::new(),
-                committer_waiting: false,
+                waiting: Waiting::No,
+                unsynced_delay: UNSYNCED_DELAY,
                 shut_down: false,
             }),
             work: Condvar::new(),
@@ -247,7 +286,9 @@ impl Committer {
     /// Like [`Committer::write`], but the future resolves once `f`'s writes
     /// are applied (readable, and in the WAL in the OS's cache, so they
     /// survive the process being killed); they reach the disk with the next
-    /// synced group. A group made only of these skips the fsync. For writes
+    /// synced group. `f` waits up to [`UNSYNCED_DELAY`] in the open group
+    /// for a synced write to share it with; a group made only of these
+    /// skips the fsync. For writes
     /// whose loss in a machine crash is harmless because they are redone
     /// (removing outbox entries the region already has: they are sent
     /// again and dropped as duplicates).
@@ -281,6 +322,17 @@ impl Committer {
         (p.last.load(Ordering::Acquire), acked)
     }
 
+    /// How long unsynced jobs wait for a synced one from now on (tests
+    /// only).
+    #[cfg(test)]
+    pub fn set_unsynced_delay(&self, delay: Duration) {
+        let mut st = self.shared.lock();
+        st.unsynced_delay = delay;
+        // A brief wait may have started with the old delay.
+        st.waiting = Waiting::No;
+        self.shared.work.notify_one();
+    }
+
     /// Runs `fault` before each group's write from now on (tests only).
     #[cfg(test)]
     pub fn inject_fault(&self, fault: impl FnMut() -> StoreResult<()> + Send + 'static) {
@@ -303,8 +355,9 @@ impl Committer {
         if st.shut_down {
             return crate::ready(Err(StoreError::Unavailable("store is shut down".into())));
         }
-        if alone || st.running_queued || !st.queued.is_empty() {
+        let wake = if alone || st.running_queued || !st.queued.is_empty() {
             st.queued.push_back(Queued { job, alone, synced });
+            st.waiting != Waiting::No
         } else {
             let mut tx = Txn {
                 db: &self.shared.db,
@@ -314,9 +367,17 @@ impl Committer {
             };
             job.run(&mut tx);
             st.open.jobs.push(job);
-            st.open.synced |= synced;
-        }
-        if std::mem::take(&mut st.committer_waiting) {
+            if synced {
+                st.open.synced = true;
+            } else {
+                st.open.unsynced_since.get_or_insert_with(Instant::now);
+            }
+            // A committer waiting for ever must learn of an unsynced job
+            // too, to wait for it with a timeout.
+            st.waiting == Waiting::Forever || (st.waiting == Waiting::Briefly && synced)
+        };
+        if wake {
+            st.waiting = Waiting::No;
             self.shared.work.notify_one();
         }
         drop(guard);
@@ -361,9 +422,15 @@ fn run(shared: &Shared, outbox_signal: &Notify) {
     // capacity; and the scratch writes of the queued jobs run here.
     let mut spare = Group::default();
     let mut scratch = Vec::new();
+    // After a group that added outbox entries: their acknowledgement is
+    // on its way, so wait briefly for it before waiting for ever.
+    let mut ack_expected = false;
     let mut st = shared.lock();
     loop {
-        let group = if !st.open.jobs.is_empty() {
+        // Queued jobs were called after the open group's: it goes first.
+        let open_due = st.open.due(st.unsynced_delay)
+            || (!st.open.jobs.is_empty() && (st.shut_down || !st.queued.is_empty()));
+        let group = if open_due {
             std::mem::replace(&mut st.open, std::mem::take(&mut spare))
         } else if let Some(first) = st.queued.pop_front() {
             let mut jobs = vec![first];
@@ -393,17 +460,37 @@ fn run(shared: &Shared, outbox_signal: &Notify) {
             st.running_queued = false;
             group
         } else if st.shut_down {
+            // Nothing staged (shutting down makes the open group due).
             return;
         } else {
-            st.committer_waiting = true;
-            st = shared.work.wait(st).unwrap_or_else(PoisonError::into_inner);
-            st.committer_waiting = false;
+            let timeout = match st.open.unsynced_since {
+                Some(since) => Some(st.unsynced_delay.saturating_sub(since.elapsed())),
+                None if ack_expected => Some(st.unsynced_delay),
+                None => None,
+            };
+            ack_expected = false;
+            st = match timeout {
+                Some(timeout) => {
+                    st.waiting = Waiting::Briefly;
+                    shared
+                        .work
+                        .wait_timeout(st, timeout)
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0
+                }
+                None => {
+                    st.waiting = Waiting::Forever;
+                    shared.work.wait(st).unwrap_or_else(PoisonError::into_inner)
+                }
+            };
+            st.waiting = Waiting::No;
             continue;
         };
         let Group {
             overlay,
             mut jobs,
             synced: sync,
+            unsynced_since: _,
         } = group;
         let overlay = Arc::new(overlay);
         st.in_flight = Some(overlay.clone());
@@ -433,7 +520,8 @@ fn run(shared: &Shared, outbox_signal: &Notify) {
         // Here, not in each writer's future: one wake-up per group, and also
         // for writes whose callers stopped waiting. After the callers, so
         // their threads wake first (the forwarder's work can wait).
-        if result.is_ok() && adds_outbox_entries(&overlay) {
+        ack_expected = result.is_ok() && adds_outbox_entries(&overlay);
+        if ack_expected {
             outbox_signal.notify_one();
         }
         // Callers only read `in_flight` under the lock, and it is unset.
@@ -442,7 +530,7 @@ fn run(shared: &Shared, outbox_signal: &Notify) {
         spare = Group {
             overlay,
             jobs,
-            synced: false,
+            ..Group::default()
         };
         st = shared.lock();
     }

@@ -1443,6 +1443,49 @@ async fn a_write_staged_on_a_group_that_fails_fails_with_it() {
     assert_eq!(read.await.unwrap(), None, "neither write reached the disk");
 }
 
+/// An outbox acknowledgement (an unsynced write) waits in the open group
+/// for the next synced write and is written with it: one group, not two.
+/// Alone, it is written after the delay; a store dropped meanwhile writes
+/// it before it closes.
+#[tokio::test]
+async fn an_unsynced_write_waits_for_a_synced_one_to_share_its_group() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let s = RocksStore::open(dir.path(), options(true)).unwrap();
+    let a = ns("a");
+    s.append(&a, event("e", b"1"), true).await.unwrap();
+    s.append(&a, event("e", b"2"), true).await.unwrap();
+    let committer = &s.inner.committer;
+    let groups = Arc::new(AtomicUsize::new(0));
+    let counted = groups.clone();
+    committer.inject_fault(move || {
+        counted.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    });
+    // Far longer than the test: only a synced write can take it along.
+    committer.set_unsynced_delay(std::time::Duration::from_secs(600));
+    let ack = s.outbox_ack(1);
+    let event = s.append(&a, event("e", b"3"), true);
+    event.await.unwrap();
+    ack.await.unwrap();
+    assert_eq!(groups.load(Ordering::SeqCst), 1, "one group for both");
+    assert_eq!(s.outbox_positions().unwrap(), (3, 1));
+
+    // Alone, it is written once the delay is over.
+    committer.set_unsynced_delay(std::time::Duration::from_millis(1));
+    s.outbox_ack(2).await.unwrap();
+    assert_eq!(groups.load(Ordering::SeqCst), 2);
+    assert_eq!(s.outbox_positions().unwrap(), (3, 2));
+
+    // Waiting when the store is dropped: written before it closes.
+    committer.set_unsynced_delay(std::time::Duration::from_secs(600));
+    let ack = s.outbox_ack(3);
+    drop(s);
+    ack.await.unwrap();
+    let s = RocksStore::open(dir.path(), options(true)).unwrap();
+    assert_eq!(s.outbox_positions().unwrap(), (3, 3));
+}
+
 /// A `write_alone` job reads the database with every write called before
 /// it committed, and every write called after it runs after it, whichever
 /// future is awaited first.
