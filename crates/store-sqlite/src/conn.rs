@@ -71,6 +71,9 @@ pub(crate) struct Control {
     host: AtomicBool,
     /// Why the authorizer last refused something (for the error message).
     denied: Mutex<Option<String>>,
+    /// Whether `denied` may hold a reason: lets `start` skip its lock on
+    /// every statement (a refusal is rare).
+    any_denied: AtomicBool,
 }
 
 impl Control {
@@ -81,6 +84,7 @@ impl Control {
             deadline: AtomicU64::new(NO_DEADLINE),
             host: AtomicBool::new(false),
             denied: Mutex::new(None),
+            any_denied: AtomicBool::new(false),
         }
     }
 
@@ -94,8 +98,13 @@ impl Control {
         self.budget
             .store(budget.min(NO_DEADLINE - 1), Ordering::Relaxed);
         self.deadline.store(NO_DEADLINE, Ordering::Relaxed);
-        if let Ok(mut denied) = self.denied.lock() {
-            *denied = None;
+        // A plain load on the hot path; only a connection whose
+        // authorizer refused something pays for the lock.
+        if self.any_denied.load(Ordering::Relaxed) {
+            self.any_denied.store(false, Ordering::Relaxed);
+            if let Ok(mut denied) = self.denied.lock() {
+                *denied = None;
+            }
         }
     }
 
@@ -128,6 +137,7 @@ impl Control {
             && denied.is_none()
         {
             *denied = Some(why);
+            self.any_denied.store(true, Ordering::Relaxed);
         }
         Authorization::Deny
     }
