@@ -91,6 +91,10 @@ struct Queued {
 struct Group {
     overlay: Overlay,
     jobs: Vec<Box<dyn Job>>,
+    /// Unsynced jobs staged by callers: completed after `jobs` (and the
+    /// forwarder's wake-up), so a request's thread wakes before the
+    /// forwarder's.
+    unsynced_jobs: Vec<Box<dyn Job>>,
     /// Whether any job needs the group fsynced (and so written now).
     synced: bool,
     /// When the first unsynced job joined.
@@ -98,9 +102,13 @@ struct Group {
 }
 
 impl Group {
+    fn is_empty(&self) -> bool {
+        self.jobs.is_empty() && self.unsynced_jobs.is_empty()
+    }
+
     /// Whether the committer should write it now rather than wait for more.
     fn due(&self, delay: Duration) -> bool {
-        !self.jobs.is_empty()
+        !self.is_empty()
             && (self.synced || self.unsynced_since.is_some_and(|t| t.elapsed() >= delay))
     }
 }
@@ -366,10 +374,11 @@ impl Committer {
                 staged: &mut st.scratch,
             };
             job.run(&mut tx);
-            st.open.jobs.push(job);
             if synced {
+                st.open.jobs.push(job);
                 st.open.synced = true;
             } else {
+                st.open.unsynced_jobs.push(job);
                 st.open.unsynced_since.get_or_insert_with(Instant::now);
             }
             // A committer waiting for ever must learn of an unsynced job
@@ -429,7 +438,7 @@ fn run(shared: &Shared, outbox_signal: &Notify) {
     loop {
         // Queued jobs were called after the open group's: it goes first.
         let open_due = st.open.due(st.unsynced_delay)
-            || (!st.open.jobs.is_empty() && (st.shut_down || !st.queued.is_empty()));
+            || (!st.open.is_empty() && (st.shut_down || !st.queued.is_empty()));
         let group = if open_due {
             std::mem::replace(&mut st.open, std::mem::take(&mut spare))
         } else if let Some(first) = st.queued.pop_front() {
@@ -489,6 +498,7 @@ fn run(shared: &Shared, outbox_signal: &Notify) {
         let Group {
             overlay,
             mut jobs,
+            mut unsynced_jobs,
             synced: sync,
             unsynced_since: _,
         } = group;
@@ -498,7 +508,7 @@ fn run(shared: &Shared, outbox_signal: &Notify) {
         let result = injected_fault(shared)
             .and_then(|()| commit(db, &overlay, if sync { &synced } else { &unsynced }));
         if let Err(e) = &result {
-            tracing::error!(error = %e, jobs = jobs.len(), "store write failed; callers get `unavailable`");
+            tracing::error!(error = %e, jobs = jobs.len() + unsynced_jobs.len(), "store write failed; callers get `unavailable`");
         }
         if result.is_ok() {
             shared.outbox.committed(&overlay);
@@ -514,7 +524,10 @@ fn run(shared: &Shared, outbox_signal: &Notify) {
         for job in jobs.drain(..) {
             job.complete(result.clone());
         }
-        for job in staged_on_failed.into_iter().flat_map(|g| g.jobs) {
+        for job in staged_on_failed
+            .into_iter()
+            .flat_map(|g| g.jobs.into_iter().chain(g.unsynced_jobs))
+        {
             job.complete(result.clone());
         }
         // Here, not in each writer's future: one wake-up per group, and also
@@ -524,12 +537,16 @@ fn run(shared: &Shared, outbox_signal: &Notify) {
         if ack_expected {
             outbox_signal.notify_one();
         }
+        for job in unsynced_jobs.drain(..) {
+            job.complete(result.clone());
+        }
         // Callers only read `in_flight` under the lock, and it is unset.
         let mut overlay = Arc::try_unwrap(overlay).unwrap_or_default();
         overlay.iter_mut().for_each(HashMap::clear);
         spare = Group {
             overlay,
             jobs,
+            unsynced_jobs,
             ..Group::default()
         };
         st = shared.lock();
