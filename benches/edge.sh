@@ -15,6 +15,8 @@
 #    (edge-bench fsync-latency), the floor under the durable writes' p99.
 #
 # Usage: benches/edge.sh [SECONDS]   (default 3)
+# PROFILE=profiling benches/edge.sh uses that cargo profile's build (release
+# code with symbols) instead of `release`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 unset RUST_BACKTRACE RUST_LIB_BACKTRACE
@@ -30,14 +32,16 @@ cleanup() {
 trap cleanup EXIT
 command -v wrk >/dev/null || { echo "wrk missing: run scripts/bootstrap.sh" >&2; exit 1; }
 
-echo "== building release binaries" >&2
-cargo build --release --workspace --bins >&2
-KEEL=$TARGET_DIR/release/keel
+PROFILE=${PROFILE:-release}
+echo "== building $PROFILE binaries" >&2
+cargo build --profile "$PROFILE" --workspace --bins >&2
+BIN=$TARGET_DIR/$PROFILE
+KEEL=$BIN/keel
 PROBE=$PWD/components/target/wasm/edge-probe.wasm
 [ -f "$PROBE" ] || { echo "$PROBE missing: run make guests" >&2; exit 1; }
 
 echo "== store calls through a guest vs native (5 interleaved rounds of 1s each)" >&2
-"$TARGET_DIR/release/edge-bench" "$KEEL" "$PROBE" 1
+"$BIN/edge-bench" "$KEEL" "$PROBE" 1
 
 echo "== one edge operation per HTTP request (wrk, 1 thread, 1 and 8 connections)" >&2
 SECRET=edge-bench-hs256-secret-of-32-bytes-or-more
@@ -62,7 +66,7 @@ for _ in $(seq 1 500); do grep -q "keel listening" "$WORK/out" && break; sleep 0
 BASE=$(sed -n 's/^keel listening on //p' "$WORK/out")/probe
 curl -fsS -X PUT --data-binary 'hello' "$BASE/edge/state/k" >/dev/null
 curl -fsS -X PUT --data-binary 'dark' "$BASE/edge/prefs/u1/theme" >/dev/null
-TOKEN=$("$TARGET_DIR/release/edge-bench" jwt "$SECRET" u1)
+TOKEN=$("$BIN/edge-bench" jwt "$SECRET" u1)
 wrk_script() { # file method body [header]
   {
     printf 'wrk.method = "%s"\nwrk.body = %s\n' "$2" "$3"
@@ -98,4 +102,4 @@ for c in 1 8; do
   lat "record-local-event (fsynced)" "$c" "$BASE/edge/event" "$WORK/event.lua"
   lat "record-user-activity (fsynced)" "$c" "$BASE/edge/activity/u1" "$WORK/activity.lua"
 done
-"$TARGET_DIR/release/edge-bench" fsync-latency 3000 300
+"$BIN/edge-bench" fsync-latency 3000 300
