@@ -9,14 +9,8 @@ use std::time::Duration;
 const NOW: u64 = 1_700_000_000;
 const HS_SECRET: &[u8] = b"0123456789abcdef0123456789abcdef-test-secret";
 
-/// The run-time `CARGO_MANIFEST_DIR` first: one build in a shared target
-/// dir serves several clones (CI), and the compile-time one may name a clone
-/// that is gone.
 fn keys_dir() -> PathBuf {
-    std::env::var_os("CARGO_MANIFEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
-        .join("tests/keys")
+    keel_test_support::workspace_root().join("crates/auth/tests/keys")
 }
 
 fn read(name: &str) -> Vec<u8> {

@@ -147,13 +147,8 @@ mod tests {
     use super::*;
     use wit_parser::{Resolve, WorldItem};
 
-    /// Run-time `CARGO_MANIFEST_DIR` first: the compile-time value may name
-    /// another clone that shares the target dir (CI).
     fn wit_dir() -> std::path::PathBuf {
-        std::env::var_os("CARGO_MANIFEST_DIR")
-            .map(std::path::PathBuf::from)
-            .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into())
-            .join("../../wit")
+        keel_test_support::workspace_root().join("wit")
     }
 
     fn parse_wit() -> (Resolve, wit_parser::PackageId) {

@@ -269,7 +269,8 @@ fn residency_spellings_round_trip() {
 #[test]
 fn deployment_regions_toml_is_the_seed_in_supported_form() {
     // Run-time first: the compile-time value may name another clone that
-    // shares the target dir (CI).
+    // shares the target dir (CI). What `keel_test_support::workspace_root`
+    // does; this crate cannot use it (test-support depends on it).
     let path = std::env::var_os("CARGO_MANIFEST_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into())
